@@ -1,0 +1,62 @@
+"""Tiny offline tokenizer and models shared by the tests (no hub access).
+
+The tokenizer is a byte-level BPE trained on a small fixed corpus, so every string
+round-trips (newlines, '#', digits) and piecewise tokenization of a sample equals
+tokenization of the whole text, as SPEC 1 requires of real GPT-2 tokenizers.
+"""
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+
+CORPUS = [
+    "Every wumpus is a yumpus. Every yumpus is a rempus. Tom is a wumpus.",
+    "Is Tom a rempus or a gorpus? Tom is a rempus.",
+    "Alex is a lempus. Every lempus is a zumpus. Sally is a brimpus. << >>",
+    "### 12 + 30 = 42 <<3*4=12>> <<12+30=42>> #### 42",
+    "question answer steps\n\n1 2 3 4 5 6 7 8 9 0",
+]
+
+
+def make_tokenizer(corpus=CORPUS, vocab_size=400):
+    """A GPT-2 style byte-level BPE tokenizer with EOS as BOS/EOS, no pad token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+
+
+def make_gpt2(vocab_size, seed=0, n_layer=2, n_embd=64, **kw):
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, n_layer=n_layer, n_embd=n_embd, n_head=4, n_positions=512, **kw)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def make_llama(vocab_size, seed=0, **kw):
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
+    )
+    return LlamaForCausalLM(cfg).eval()
