@@ -1,0 +1,213 @@
+"""Coconut against a naive reference: equal loss, gradients and greedy generations.
+
+The reference is the obviously-correct algorithm: one example at a time, no padding,
+and for every latent a full forward over the whole prefix (no cache), then one more
+full forward for the loss. Decoding recomputes the whole sequence for each token.
+"""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import make_gpt2, make_llama
+
+from coconut import Coconut, LatentLayoutError, align_latents, latent_columns
+
+VOCAB = 64
+LATENT, START, END, EOS = 61, 62, 63, 0
+TOLERANCE = 1e-4
+
+
+def naive_embeds(model, ids, detach=False):
+    """(seq, hidden) input embeddings of one unpadded example with latents filled."""
+    embeds = model.get_input_embeddings()(ids[None])[0]
+    for pos in (ids == LATENT).nonzero().flatten().tolist():
+        hidden = model(inputs_embeds=embeds[None, :pos], output_hidden_states=True).hidden_states[-1]
+        thought = hidden[0, -1:].detach() if detach else hidden[0, -1:]
+        embeds = torch.cat([embeds[:pos], thought, embeds[pos + 1 :]])
+    return embeds
+
+
+def naive_loss(model, examples, detach=False):
+    """Mean cross-entropy over every supervised token of all examples."""
+    total, count = 0.0, 0
+    for ids, labels in examples:
+        logits = model(inputs_embeds=naive_embeds(model, ids, detach)[None]).logits[0]
+        total = total + F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+        count += int((labels[1:] != -100).sum())
+    return total / count
+
+
+def naive_generate(model, ids, max_new_tokens):
+    """Published batch-1 semantics: first token always kept, stop at the next EOS."""
+    embeds = naive_embeds(model, ids)
+    tokens = ids.tolist()
+    for step in range(max_new_tokens):
+        token = int(model(inputs_embeds=embeds[None]).logits[0, -1].argmax())
+        if step > 0 and token == EOS:
+            break
+        tokens.append(token)
+        embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([token]))])
+    return tokens
+
+
+def make_example(rng, n_latents, question_len, answer_len):
+    question = [rng.randrange(1, 60) for _ in range(question_len)]
+    marked = [START] + [LATENT] * n_latents + [END] if n_latents else []
+    answer = [rng.randrange(1, 60) for _ in range(answer_len)] + [EOS]
+    ids = question + marked + answer
+    labels = [-100] * (len(question) + len(marked)) + answer
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def collate(examples):
+    """Left-pad to align first latents, then right-pad (SPEC 3), written plainly."""
+    firsts = [ids.tolist().index(LATENT) for ids, _ in examples if LATENT in ids.tolist()]
+    target = max(firsts, default=0)
+    rows = []
+    for ids, labels in examples:
+        shift = target - ids.tolist().index(LATENT) if LATENT in ids.tolist() else 0
+        rows.append(([EOS] * shift + ids.tolist(), [-100] * shift + labels.tolist(), [0] * shift + [1] * len(ids),
+                     [0] * shift + list(range(len(ids)))))
+    width = max(len(r[0]) for r in rows)
+    pads = (EOS, -100, 0, 0)
+    cols = [[r[k] + [pads[k]] * (width - len(r[k])) for r in rows] for k in range(4)]
+    return dict(zip(("input_ids", "labels", "attention_mask", "position_ids"), map(torch.tensor, cols)))
+
+
+def mixed_batch(seed, c_thought):
+    rng = random.Random(seed)
+    return [make_example(rng, c_thought * rng.randrange(0, 4), rng.randrange(3, 9), rng.randrange(1, 5))
+            for _ in range(5)] + [make_example(rng, 6, 4, 2), make_example(rng, 0, 5, 3)]
+
+
+MODELS = {"gpt2": lambda: make_gpt2(VOCAB), "llama": lambda: make_llama(VOCAB)}
+
+
+def relative_difference(a, b):
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("c_thought", [1, 2])
+def test_loss_and_gradients_match_naive_reference(arch, c_thought):
+    base = MODELS[arch]()
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    examples = mixed_batch(seed=c_thought, c_thought=c_thought)
+
+    expected = naive_loss(base, examples)
+    expected_grads = torch.autograd.grad(expected, list(base.parameters()), allow_unused=True)
+    out = coconut(**collate(examples))
+    grads = torch.autograd.grad(out.loss, list(base.parameters()), allow_unused=True)
+
+    assert abs(out.loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
+    checked = 0
+    for got, want in zip(grads, expected_grads):
+        if want is None:
+            assert got is None or got.abs().max() == 0
+            continue
+        assert relative_difference(got, want) < TOLERANCE
+        checked += 1
+    assert checked > 10
+
+
+def test_gradient_flows_through_the_continuous_thoughts():
+    """Our gradients match the reference and differ from a detached-thought variant."""
+    base = make_gpt2(VOCAB)
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    examples = mixed_batch(seed=7, c_thought=1)
+    params = list(base.parameters())
+    ours = torch.autograd.grad(coconut(**collate(examples)).loss, params)
+    detached = torch.autograd.grad(naive_loss(base, examples, detach=True), params)
+    wte = 0  # the embedding matrix: reached through the thoughts' inputs too
+    assert relative_difference(ours[wte], detached[wte]) > 1e-2
+
+
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("c_thought", [1, 2])
+def test_batched_generation_matches_naive_reference(arch, c_thought):
+    base = MODELS[arch]()
+    coconut = Coconut(base, LATENT, START, END, EOS).eval()
+    rng = random.Random(10 + c_thought)
+    prompts = []
+    for n in [0, 1, 3, 6, 2, 0]:
+        ids, _ = make_example(rng, n * c_thought if n < 6 else 6, rng.randrange(2, 10), 1)
+        prompts.append(ids[: len(ids) - 2])  # question + markers, no answer
+    batch = collate([(p, p) for p in prompts])
+    with torch.no_grad():
+        got = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
+        expected = [naive_generate(base, p, 12) for p in prompts]
+    width = max(map(len, expected))
+    assert got.shape == (len(prompts), width)
+    for row, want in zip(got.tolist(), expected):
+        assert row == want + [EOS] * (width - len(want))
+
+
+def test_generation_accepts_any_padding():
+    """Left-padded or right-padded prompts without the collator's layout give the same rows."""
+    base = make_gpt2(VOCAB)
+    coconut = Coconut(base, LATENT, START, END, EOS).eval()
+    rng = random.Random(3)
+    prompts = [make_example(rng, n, q, 1)[0][:-2] for n, q in [(2, 7), (4, 3), (0, 5)]]
+    width = max(map(len, prompts))
+    left = torch.stack([F.pad(p, (width - len(p), 0), value=EOS) for p in prompts])
+    left_mask = torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in prompts])
+    with torch.no_grad():
+        got = coconut.generate(left, left_mask, max_new_tokens=6)
+    for row, prompt in zip(got.tolist(), prompts):
+        assert row[: len(prompt)] == prompt.tolist()
+        assert row[: len(naive := naive_generate(base, prompt, 6))] == naive
+
+
+def test_generation_stops_when_every_row_hit_eos():
+    base = make_gpt2(VOCAB)
+    with torch.no_grad():  # every hidden state becomes ln_f's bias, which points at EOS
+        base.transformer.ln_f.weight.zero_()
+        base.transformer.wte.weight[EOS] = 50 * base.transformer.ln_f.bias
+    coconut = Coconut(base, LATENT, START, END, EOS).eval()
+    calls = []
+    base.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad():
+        out = coconut.generate(ids, torch.ones_like(ids), max_new_tokens=50)
+    # the first EOS is kept (published behaviour), the second stops both rows
+    assert out.tolist() == [[5, 6, 7, EOS], [8, 9, 10, EOS]]
+    assert len(calls) == 2  # the prompt pass and one decoding pass, not 50
+
+
+def test_align_latents_matches_the_collator_layout():
+    rng = random.Random(4)
+    examples = [make_example(rng, n, q, 2) for n, q in [(3, 4), (0, 6), (1, 9)]]
+    batch = collate(examples)
+    # scramble to right padding, then re-align
+    rows = [ids for ids, _ in examples]
+    width = max(map(len, rows))
+    right = torch.stack([F.pad(r, (0, width - len(r)), value=EOS) for r in rows])
+    mask = torch.stack([F.pad(torch.ones_like(r), (0, width - len(r))) for r in rows])
+    ids, attention, positions = align_latents(right, mask, LATENT, EOS)
+    assert ids.tolist() == batch["input_ids"].tolist()
+    assert attention.tolist() == batch["attention_mask"].tolist()
+    assert positions.tolist() == batch["position_ids"].tolist()
+
+
+def test_misaligned_latents_are_refused():
+    ids = torch.tensor([[1, LATENT, LATENT, 2], [1, 2, LATENT, 3]])
+    with pytest.raises(LatentLayoutError):
+        latent_columns(ids, LATENT)
+
+
+def test_passes_cover_the_sequence_in_n_plus_one_pieces():
+    assert Coconut._segments(10, [4, 5, 6], 4) == [(0, 4), (4, 5), (5, 6), (6, 10)]
+    assert Coconut._segments(10, [], 1) == [(0, 10)]
+    # another rank needs more passes: split the tail, then empty passes
+    assert Coconut._segments(10, [8], 4) == [(0, 8), (8, 9), (9, 10), None]
+
+
+def test_bf16_forward_runs_and_stays_close():
+    base = make_llama(VOCAB)
+    rng = random.Random(5)
+    batch = collate(mixed_batch(5, 1)[:3])
+    fp32 = Coconut(base, LATENT, START, END, EOS)(**batch).loss.item()
+    bf16 = Coconut(base.to(torch.bfloat16), LATENT, START, END, EOS)(**batch).loss.item()
+    assert abs(bf16 - fp32) < 0.05 * fp32

@@ -1,0 +1,392 @@
+"""Tests for utils.py: loading, typing and validating run configs; set_seed."""
+
+import dataclasses
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils import Config, ConfigError, load_config, set_seed  # noqa: E402
+
+# args/prosqa_coconut.yaml as published (SPEC 6), including the `!!float` spelling.
+PROSQA_COCONUT_YAML = """\
+project: coconut
+save_path: /checkpoints
+name: prosqa-coconut
+
+only_eval: False
+
+coconut: True
+cot: False
+no_thoughts: False
+no_cot: False
+
+c_thought: 1
+epochs_per_stage: 5
+max_latent_stage: 6
+pad_latent_to_max: True
+
+save_only_improve: False
+uniform_prob: 0.0
+model_id: openai-community/gpt2
+load_model_path: None
+seed: 0
+resume: 0
+bf16: False
+train_path: data/prosqa_train.json
+val_path: data/prosqa_valid.json
+reset_optimizer: True
+batch_size_training: 32
+debug: False
+gradient_accumulation_steps: 1
+num_epochs: 50
+lr: !!float "1e-4"
+weight_decay: 0.01
+"""
+
+# The smallest valid config: one method and the data paths.
+MINIMAL = {"coconut": True, "train_path": "data/t.json", "val_path": "data/v.json"}
+
+
+def write(tmp_path, text, name="x.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def load_with(tmp_path, **overrides):
+    """Load the published prosqa config with some lines replaced or added."""
+    lines = [
+        line
+        for line in PROSQA_COCONUT_YAML.splitlines()
+        if line.split(":")[0] not in overrides
+    ]
+    lines += [f"{key}: {value}" for key, value in overrides.items()]
+    return load_config(write(tmp_path, "\n".join(lines) + "\n"))
+
+
+def error_of(tmp_path, **overrides) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_with(tmp_path, **overrides)
+    message = str(info.value)
+    assert "\n" not in message, "ConfigError messages must be one line"
+    return message
+
+
+# --- loading the published config --------------------------------------------------
+
+
+def test_published_prosqa_config_loads_with_every_value(tmp_path):
+    config = load_config(write(tmp_path, PROSQA_COCONUT_YAML))
+    assert config.project == "coconut"
+    assert config.save_path == "/checkpoints"
+    assert config.name == "prosqa-coconut"
+    assert config.coconut is True and config.cot is False
+    assert config.no_thoughts is False and config.no_cot is False
+    assert config.c_thought == 1
+    assert config.epochs_per_stage == 5
+    assert config.max_latent_stage == 6
+    assert config.pad_latent_to_max is True
+    assert config.uniform_prob == 0.0
+    assert config.model_id == "openai-community/gpt2"
+    assert config.train_path == "data/prosqa_train.json"
+    assert config.val_path == "data/prosqa_valid.json"
+    assert config.reset_optimizer is True
+    assert config.batch_size_training == 32
+    assert config.num_epochs == 50
+    assert config.lr == pytest.approx(1e-4) and isinstance(config.lr, float)
+    assert config.weight_decay == pytest.approx(0.01)
+    assert config.method == "coconut"
+    assert config.save_dir.endswith("checkpoints/prosqa-coconut")
+
+
+@pytest.mark.parametrize(
+    "overrides, method, max_new_tokens",
+    [
+        # gsm_cot: stage 0 forever, c_thought 0 and max_latent_stage 0 must be allowed
+        (dict(coconut="False", cot="True", c_thought="0", epochs_per_stage="1",
+              max_latent_stage="0", num_epochs="25", save_only_improve="True",
+              reset_optimizer="False", val_path="data/gsm_valid.json"), "cot", 64),
+        # gsm_coconut: resumes into stage 1 from a CoT checkpoint
+        (dict(c_thought="2", epochs_per_stage="3", max_latent_stage="3", num_epochs="25",
+              resume="3", load_model_path="YOUR_PATH_TO_THE_COT_CHECKPOINT",
+              val_path="data/gsm_valid.json"), "coconut", 64),
+        # prontoqa_coconut_eval
+        (dict(only_eval="True", load_model_path="ckpt/prontoqa/checkpoint_50",
+              val_path="data/prontoqa_test.json"), "coconut", 128),
+    ],
+)
+def test_other_published_configs_load(tmp_path, overrides, method, max_new_tokens):
+    config = load_with(tmp_path, **overrides)
+    assert config.method == method
+    assert config.max_new_tokens == max_new_tokens
+
+
+def test_keys_left_out_get_the_defaults(tmp_path):
+    config = load_config(write(tmp_path, "cot: True\ntrain_path: t.json\nval_path: v.json\n"))
+    assert config.project == "coconut"
+    assert config.save_path == "checkpoints"
+    assert config.name == "run"
+    assert config.only_eval is False
+    assert config.c_thought == 1
+    assert config.epochs_per_stage == 1
+    assert config.max_latent_stage == 1
+    assert config.model_id == "openai-community/gpt2"
+    assert config.load_model_path is None
+    assert config.seed == 0 and config.resume == 0
+    assert config.batch_size_training == 1
+    assert config.gradient_accumulation_steps == 1
+    assert config.num_epochs == 1
+    assert config.lr == pytest.approx(1e-4)
+    assert config.weight_decay == pytest.approx(0.01)
+    assert config.batch_size_eval == 16
+    assert config.pause_as_thought is False and config.no_curriculum is False
+
+
+def test_load_model_path_none_string_and_null_mean_none(tmp_path):
+    assert load_with(tmp_path, load_model_path="None").load_model_path is None
+    assert load_with(tmp_path, load_model_path="null").load_model_path is None
+    path = load_with(tmp_path, load_model_path="ckpt/gsm-cot/checkpoint_6").load_model_path
+    assert path == "ckpt/gsm-cot/checkpoint_6"
+
+
+def test_plain_1e_minus_4_which_yaml_reads_as_a_string_is_a_float(tmp_path):
+    config = load_with(tmp_path, lr="1e-4")
+    assert config.lr == pytest.approx(1e-4) and isinstance(config.lr, float)
+
+
+def test_integer_values_for_float_keys_become_floats(tmp_path):
+    config = load_with(tmp_path, weight_decay="0", uniform_prob="1")
+    assert config.weight_decay == 0.0 and isinstance(config.weight_decay, float)
+    assert config.uniform_prob == 1.0 and isinstance(config.uniform_prob, float)
+
+
+def test_to_dict_has_every_key_with_its_value(tmp_path):
+    config = load_config(write(tmp_path, PROSQA_COCONUT_YAML))
+    d = config.to_dict()
+    assert set(d) == {f.name for f in dataclasses.fields(Config)}
+    assert d["max_latent_stage"] == 6 and d["name"] == "prosqa-coconut"
+    assert d["max_new_tokens"] == 128
+
+
+# --- max_new_tokens -----------------------------------------------------------------
+
+
+def test_max_new_tokens_defaults_to_64_for_gsm(tmp_path):
+    assert load_with(tmp_path, val_path="data/gsm_valid.json").max_new_tokens == 64
+
+
+def test_max_new_tokens_defaults_to_128_otherwise(tmp_path):
+    assert load_with(tmp_path, val_path="data/prosqa_valid.json").max_new_tokens == 128
+
+
+def test_explicit_max_new_tokens_wins_over_the_default(tmp_path):
+    config = load_with(tmp_path, val_path="data/gsm_valid.json", max_new_tokens="300")
+    assert config.max_new_tokens == 300
+
+
+# --- method flags and the curriculum --------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["cot", "no_cot", "no_thoughts", "pause_as_thought"])
+def test_method_is_the_one_flag_set(flag):
+    config = Config.from_dict({**MINIMAL, "coconut": False, flag: True})
+    assert config.method == flag
+
+
+def test_two_method_flags_are_rejected(tmp_path):
+    message = error_of(tmp_path, cot="True")
+    assert "only one of coconut, cot, no_cot, no_thoughts, pause_as_thought" in message
+    assert "(got coconut, cot)" in message
+    assert "x.yaml" in message
+
+
+def test_pause_as_thought_counts_as_a_method(tmp_path):
+    assert "(got coconut, pause_as_thought)" in error_of(tmp_path, pause_as_thought="True")
+
+
+def test_no_method_flag_is_rejected(tmp_path):
+    message = error_of(tmp_path, coconut="False")
+    assert "one of coconut, cot, no_cot, no_thoughts, pause_as_thought must be True" in message
+
+
+@pytest.mark.parametrize("method", ["coconut", "pause_as_thought", "no_thoughts"])
+def test_no_curriculum_goes_with_curriculum_methods(method):
+    config = Config.from_dict({**MINIMAL, "coconut": False, method: True, "no_curriculum": True})
+    assert config.no_curriculum is True
+
+
+@pytest.mark.parametrize("method", ["cot", "no_cot"])
+def test_no_curriculum_without_a_curriculum_is_rejected(method):
+    with pytest.raises(ConfigError, match="'no_curriculum'.*" + method):
+        Config.from_dict({**MINIMAL, "coconut": False, method: True, "no_curriculum": True})
+
+
+def test_scheduled_stage_follows_the_curriculum():
+    config = Config.from_dict({**MINIMAL, "epochs_per_stage": 3, "max_latent_stage": 2})
+    assert [config.scheduled_stage(e) for e in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+
+
+def test_scheduled_stage_is_zero_for_cot_and_no_cot():
+    for method in ("cot", "no_cot"):
+        config = Config.from_dict({**MINIMAL, "coconut": False, method: True, "epochs_per_stage": 1})
+        assert config.scheduled_stage(7) == 0
+
+
+def test_scheduled_stage_without_curriculum_is_past_the_last_latent_stage():
+    config = Config.from_dict({**MINIMAL, "no_curriculum": True, "max_latent_stage": 6})
+    assert config.scheduled_stage(0) == 7 and config.scheduled_stage(12) == 7
+
+
+# --- rejections -------------------------------------------------------------------------
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    message = error_of(tmp_path, c_thougth="1")
+    assert "unknown key 'c_thougth'" in message
+    assert "did you mean 'c_thought'?" in message
+    assert "x.yaml" in message
+
+
+def test_unknown_key_without_a_close_one_has_no_suggestion(tmp_path):
+    message = error_of(tmp_path, zzzzzz="1")
+    assert "unknown key 'zzzzzz'" in message and "did you mean" not in message
+
+
+def test_non_numeric_float_is_rejected(tmp_path):
+    message = error_of(tmp_path, lr="abc")
+    assert "key 'lr' must be a number, got 'abc'" in message
+
+
+@pytest.mark.parametrize("value", ["'True'", "1", "yes please"])
+def test_bool_keys_need_yaml_booleans(tmp_path, value):
+    assert "key 'bf16' must be True or False" in error_of(tmp_path, bf16=value)
+
+
+@pytest.mark.parametrize("value", ["2.5", "true", "'3'"])
+def test_int_keys_need_integers(tmp_path, value):
+    assert "key 'c_thought' must be an integer" in error_of(tmp_path, c_thought=value)
+
+
+def test_bool_is_not_a_number_for_float_keys(tmp_path):
+    assert "key 'lr' must be a number, got True" in error_of(tmp_path, lr="True")
+
+
+def test_string_keys_need_strings(tmp_path):
+    assert "key 'name' must be a string, got 123" in error_of(tmp_path, name="123")
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("c_thought", "-1", ">= 0, got -1"),
+        ("epochs_per_stage", "0", ">= 1, got 0"),
+        ("max_latent_stage", "-1", ">= 0, got -1"),
+        ("num_epochs", "0", ">= 1, got 0"),
+        ("resume", "-2", ">= 0, got -2"),
+        ("seed", "-1", ">= 0, got -1"),
+        ("batch_size_training", "0", ">= 1, got 0"),
+        ("batch_size_eval", "0", ">= 1, got 0"),
+        ("gradient_accumulation_steps", "0", ">= 1, got 0"),
+        ("lr", "0", "> 0, got 0.0"),
+        ("lr", "-1e-3", "> 0, got -0.001"),
+        ("weight_decay", "-0.1", ">= 0, got -0.1"),
+        ("uniform_prob", "-0.5", ">= 0, got -0.5"),
+        ("uniform_prob", "1.5", "<= 1, got 1.5"),
+        ("max_new_tokens", "0", ">= 1, got 0"),
+    ],
+)
+def test_out_of_range_values_are_rejected(tmp_path, key, value, expected):
+    message = error_of(tmp_path, **{key: value})
+    assert f"key '{key}' must be {expected}" in message
+    assert "x.yaml" in message
+
+
+def test_infinite_float_is_rejected(tmp_path):
+    assert "key 'lr' must be a finite number" in error_of(tmp_path, lr=".inf")
+
+
+def test_val_path_is_required():
+    with pytest.raises(ConfigError, match="'val_path' is required"):
+        Config.from_dict({"coconut": True, "train_path": "t.json"})
+
+
+def test_train_path_is_required_unless_only_eval():
+    with pytest.raises(ConfigError, match="'train_path' is required"):
+        Config.from_dict({"coconut": True, "val_path": "v.json"})
+    config = Config.from_dict({"coconut": True, "val_path": "v.json", "only_eval": True})
+    assert config.train_path is None
+
+
+def test_key_written_twice_is_rejected(tmp_path):
+    text = PROSQA_COCONUT_YAML + "lr: 0.5\n"
+    with pytest.raises(ConfigError, match="x.yaml: invalid YAML: key 'lr' appears twice"):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file_is_a_one_line_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: file not found$"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_invalid_yaml_is_a_one_line_config_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "coconut: True\n  cot: [False\n"))
+    message = str(info.value)
+    assert "x.yaml: invalid YAML" in message and "line" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text, kind", [("- coconut\n- cot\n", "list"), ("just words\n", "str")])
+def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path, text, kind):
+    with pytest.raises(ConfigError, match=f"x.yaml: must be a mapping of key: value, got {kind}"):
+        load_config(write(tmp_path, text))
+
+
+def test_empty_yaml_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="x.yaml: file is empty"):
+        load_config(write(tmp_path, ""))
+
+
+def test_from_dict_errors_name_no_file():
+    with pytest.raises(ConfigError, match=r"^config: unknown key 'epoch'"):
+        Config.from_dict({**MINIMAL, "epoch": 3})
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# --- set_seed ---------------------------------------------------------------------------
+
+
+def test_set_seed_makes_python_numpy_and_torch_repeat():
+    import torch
+
+    def draw():
+        numpy_draw = None
+        try:
+            import numpy as np
+
+            numpy_draw = np.random.rand()
+        except ImportError:
+            pass
+        return random.random(), numpy_draw, torch.rand(3).tolist()
+
+    set_seed(1234)
+    first = draw()
+    set_seed(1234)
+    assert draw() == first
+    set_seed(4321)
+    assert draw() != first
+
+
+def test_utils_imports_neither_model_nor_data_code():
+    import utils
+
+    source = Path(utils.__file__).read_text()
+    for module in ("coconut", "dataset", "transformers"):
+        assert f"import {module}" not in source and f"from {module}" not in source

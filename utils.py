@@ -1,0 +1,333 @@
+"""Run configuration and small shared helpers for Coconut training (SPEC 5, 10).
+
+A run is described by one YAML file (see args/). This module turns it into a typed,
+validated `Config`, so a typo or a wrong type stops the run at once with a one-line
+message naming the key and the file, instead of silently training the wrong thing
+(the published code accepted anything). It also holds `set_seed`.
+
+It imports neither the model (coconut.py) nor the data code (dataset.py): everything
+else depends on it, it depends on nothing of ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import operator
+import os
+import random
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import yaml
+
+# The training methods; a config turns exactly one of them on.
+METHOD_FLAGS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought")
+
+# Methods that run the latent curriculum, so that "w/o curriculum" (jump straight to the
+# last stage) means something for them.
+CURRICULUM_METHODS = ("coconut", "pause_as_thought", "no_thoughts")
+
+# The published code guessed the generation budget from the validation file's name;
+# we keep that as the default of the `max_new_tokens` key.
+GSM_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the key (and file)."""
+
+
+@dataclass
+class Config:
+    """Every key a run's YAML may set, with the published defaults (SPEC 5).
+
+    Build it with `load_config(path)` or `Config.from_dict(d)`, which check types and
+    values; constructing it directly skips those checks (call `validate()` yourself).
+    """
+
+    # Logging and output
+    project: str = "coconut"
+    save_path: str = "checkpoints"
+    name: str = "run"
+    only_eval: bool = False
+    debug: bool = False
+    save_only_improve: bool = False
+
+    # Method (exactly one True) and curriculum
+    coconut: bool = False
+    cot: bool = False
+    no_thoughts: bool = False
+    no_cot: bool = False
+    pause_as_thought: bool = False  # ablation: <|latent|> stays an ordinary token
+    no_curriculum: bool = False  # ablation: train at the last stage from epoch 0
+    c_thought: int = 1
+    epochs_per_stage: int = 1
+    max_latent_stage: int = 1
+    pad_latent_to_max: bool = False
+    uniform_prob: float = 0.0
+
+    # Model and data
+    model_id: str = "openai-community/gpt2"
+    load_model_path: Optional[str] = None
+    train_path: Optional[str] = None
+    val_path: Optional[str] = None
+
+    # Optimisation
+    seed: int = 0
+    resume: int = 0
+    bf16: bool = False
+    reset_optimizer: bool = False
+    batch_size_training: int = 1
+    gradient_accumulation_steps: int = 1
+    num_epochs: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+
+    # Evaluation
+    max_new_tokens: Optional[int] = None  # None: 64 if "gsm" in val_path else 128
+    batch_size_eval: int = 16  # generation batch size per process
+
+    def __post_init__(self):
+        if self.max_new_tokens is None and self.val_path is not None:
+            self.max_new_tokens = default_max_new_tokens(self.val_path)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: Optional[str] = None) -> "Config":
+        """Check `raw` (a parsed YAML mapping) key by key and build a validated Config.
+
+        `source` (the file name) only goes into error messages.
+        """
+        prefix = _error_prefix(source)
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{prefix}must be a mapping of key: value, got {type(raw).__name__}")
+        hints = _field_types()
+        values = {}
+        for key, value in raw.items():
+            if key not in hints:
+                raise ConfigError(prefix + _unknown_key_message(key, hints))
+            values[key] = _coerce(key, value, hints[key], prefix)
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source: Optional[str] = None) -> None:
+        """Check the values and their combinations; raise ConfigError on the first problem."""
+        prefix = _error_prefix(source)
+        for message in _value_problems(self):
+            raise ConfigError(prefix + message)
+
+    @property
+    def method(self) -> str:
+        """The name of the one method flag that is on, e.g. "coconut" or "cot"."""
+        on = [flag for flag in METHOD_FLAGS if getattr(self, flag)]
+        if len(on) != 1:
+            raise ConfigError(_method_flags_message(on))
+        return on[0]
+
+    @property
+    def save_dir(self) -> str:
+        """Where this run's checkpoints go: save_path/name."""
+        return os.path.join(self.save_path, self.name)
+
+    def scheduled_stage(self, epoch: int) -> int:
+        """The curriculum stage trained at `epoch` (0-based), SPEC 2.
+
+        cot and no_cot have no curriculum (stage 0 forever); "w/o curriculum" starts
+        at the stage past the last latent stage, where all steps are replaced.
+        """
+        if self.cot or self.no_cot:
+            return 0
+        if self.no_curriculum:
+            return self.max_latent_stage + 1
+        return epoch // self.epochs_per_stage
+
+    def to_dict(self) -> dict:
+        """A plain dict of every key, e.g. for wandb.init(config=...)."""
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str) -> Config:
+    """Read a YAML config file into a validated Config; ConfigError on any problem."""
+    prefix = _error_prefix(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=_StrictLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"{prefix}file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{prefix}cannot read file: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{prefix}invalid YAML: {_one_line_yaml_error(e)}") from None
+    if raw is None:
+        raise ConfigError(f"{prefix}file is empty, expected a mapping of key: value")
+    return Config.from_dict(raw, source=path)
+
+
+def default_max_new_tokens(val_path: str) -> int:
+    """The published heuristic: GSM8k answers are short, the others need room."""
+    return GSM_MAX_NEW_TOKENS if "gsm" in val_path else DEFAULT_MAX_NEW_TOKENS
+
+
+def set_seed(seed: int) -> None:
+    """Seed python's random, numpy (if installed) and torch on CPU and every GPU."""
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        np.random.seed(seed)
+    import torch  # lazily: reading a config should not need torch
+
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)  # a no-op without CUDA
+
+
+# ---------------------------------------------------------------------------------
+# Loading and type checks
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line_yaml_error(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
+
+
+def _error_prefix(source: Optional[str]) -> str:
+    return f"config {source}: " if source else "config: "
+
+
+def _field_types() -> dict:
+    # Resolved from the annotations so the dataclass stays the one list of keys.
+    return typing.get_type_hints(Config)
+
+
+def _unknown_key_message(key: Any, known) -> str:
+    message = f"unknown key {key!r}"
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key, list(known), n=1)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+    return message
+
+
+def _coerce(key: str, value: Any, annotation: Any, prefix: str) -> Any:
+    """Check one value against its field's type; return it in that type."""
+    optional = typing.get_origin(annotation) is typing.Union
+    base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+
+    # Users write `load_model_path: None`, which YAML reads as the string "None".
+    if optional and (value is None or value == "None"):
+        return None
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{prefix}key {key!r} must be {expected}, got {value!r}")
+
+    if base is bool:
+        # Strings like "True" are refused: they mean the YAML was quoted by mistake.
+        if not isinstance(value, bool):
+            raise fail("True or False")
+        return value
+    if base is int:
+        # bool is a subclass of int; `c_thought: true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if base is float:
+        return _coerce_float(value, fail)
+    if base is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    raise TypeError(f"Config field {key!r} has an unsupported type {annotation!r}")
+
+
+def _coerce_float(value: Any, fail) -> float:
+    # PyYAML follows YAML 1.1, which reads `1e-4` (no dot) as the string "1e-4";
+    # published configs work around it with `!!float`. Accept numeric strings too.
+    if isinstance(value, bool):
+        raise fail("a number")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise fail("a number") from None
+    if not isinstance(value, (int, float)):
+        raise fail("a number")
+    if not math.isfinite(value):
+        raise fail("a finite number")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------
+# Value checks
+
+_COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
+
+# key -> bounds its value must satisfy (None values, i.e. "use the default", skip them)
+_BOUNDS = {
+    "c_thought": [(">=", 0)],
+    "epochs_per_stage": [(">=", 1)],
+    "max_latent_stage": [(">=", 0)],
+    "num_epochs": [(">=", 1)],
+    "resume": [(">=", 0)],
+    "seed": [(">=", 0)],  # numpy refuses negative seeds
+    "batch_size_training": [(">=", 1)],
+    "batch_size_eval": [(">=", 1)],
+    "gradient_accumulation_steps": [(">=", 1)],
+    "lr": [(">", 0)],
+    "weight_decay": [(">=", 0)],
+    "uniform_prob": [(">=", 0), ("<=", 1)],
+    "max_new_tokens": [(">=", 1)],
+}
+
+
+def _value_problems(config: Config):
+    """Yield a message for every problem with the values of a type-correct Config."""
+    for key, bounds in _BOUNDS.items():
+        value = getattr(config, key)
+        for op, bound in bounds:
+            if value is not None and not _COMPARISONS[op](value, bound):
+                yield f"key {key!r} must be {op} {bound}, got {value!r}"
+
+    on = [flag for flag in METHOD_FLAGS if getattr(config, flag)]
+    if len(on) != 1:
+        yield _method_flags_message(on)
+    elif config.no_curriculum and on[0] not in CURRICULUM_METHODS:
+        yield (
+            f"key 'no_curriculum' needs one of {', '.join(CURRICULUM_METHODS)} "
+            f"(got {on[0]}, which has no curriculum)"
+        )
+
+    # Evaluation always reads val_path; only an evaluation-only run may omit train_path.
+    if config.val_path is None:
+        yield "key 'val_path' is required"
+    if config.train_path is None and not config.only_eval:
+        yield "key 'train_path' is required (unless only_eval is True)"
+
+
+def _method_flags_message(on) -> str:
+    flags = ", ".join(METHOD_FLAGS)
+    if not on:
+        return f"one of {flags} must be True"
+    return f"only one of {flags} may be True (got {', '.join(on)})"
