@@ -251,18 +251,21 @@ class Coconut(nn.Module):
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         next_token = logits.argmax(-1)  # (batch,)
         attention_mask = prompt_mask
-        for step in range(max_new_tokens):
-            if step > 0:  # published: the first token is kept even when it is EOS
+        step = 0
+        while True:  # under synced_gpus a finished process keeps stepping until all are done
+            if 0 < step < max_new_tokens:  # published: the first token is kept even when it is EOS
                 done |= next_token == self.eos_token_id
-            token = torch.where(done, torch.full_like(next_token, self.eos_token_id), next_token)
-            generated[:, step] = token
-            n_kept += (~done).long()
-            if self._stop(bool(done.all()) or step == max_new_tokens - 1, synced_gpus, input_ids.device):
+            if step < max_new_tokens:
+                token = torch.where(done, torch.full_like(next_token, self.eos_token_id), next_token)
+                generated[:, step] = token
+                n_kept += (~done).long()
+            if self._stop(bool(done.all()) or step >= max_new_tokens - 1, synced_gpus, input_ids.device):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             positions = (lengths + step)[:, None]
             out = self._base_pass(self.embedding(token[:, None]), attention_mask, positions, cache, logits_to_keep=1)
             next_token = out.logits[:, -1].argmax(-1)
+            step += 1
         return self._assemble(input_ids, prompt_mask, generated, n_kept)
 
     @staticmethod

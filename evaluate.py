@@ -1,0 +1,107 @@
+"""Validation for run.py: loss on the staged validation set, and generation accuracy.
+
+Accuracy (SPEC 4): the answer is the decoded text after the last '#', commas
+removed, stripped; CoT match compares the generated lines after the first line and
+before '#' with the reference steps. Generation is batched (`batch_size_eval`), every
+process takes an equal share of the questions (padded with repeats that are not
+counted), and counts are summed over processes.
+"""
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from coconut import Coconut
+from distributed import DistEnv, all_reduce_sum, gathered_root, unwrap
+
+
+def extract_answer(text: str) -> str:
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def extract_cot(text: str) -> str:
+    return "\n".join(text.split("\n")[1:]).split("#")[0].strip()
+
+
+def reference_answers(examples: list) -> tuple:
+    answers = [ex["answer"].replace(",", "").strip() for ex in examples]
+    cots = ["\n".join(ex["steps"]) for ex in examples]
+    return answers, cots
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k != "idx"}
+
+
+@torch.no_grad()
+def validation_loss(model, dataset, collator, batch_size: int, env: DistEnv) -> float:
+    """Mean of per-batch losses over all processes (each process gets an equal share)."""
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=False) if env.distributed else None
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, sampler=sampler)
+    unwrap(model).eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        total += float(model(**to_device(batch, env.device)).loss)
+        count += 1
+    total, count = all_reduce_sum([total, count], env)
+    return total / max(count, 1)
+
+
+def generator_for(model, base_causallm, tokens, eos_id) -> Coconut:
+    """The Coconut model itself, or a plain-decoding view (no latent id) of the base model."""
+    inner = unwrap(model)
+    if isinstance(inner, Coconut):
+        return inner
+    return Coconut(base_causallm, -1, tokens.start_id, tokens.end_id, eos_id)
+
+
+def _rank_share(n: int, env: DistEnv, batch_size: int) -> tuple:
+    """Indices this process answers, padded to the same batch count on every process."""
+    own = list(range(env.rank, n, env.world_size))
+    per_rank = math.ceil(n / env.world_size)
+    n_batches = max(1, math.ceil(per_rank / batch_size))
+    padded = own + [own[0] if own else 0] * (n_batches * batch_size - len(own))
+    return own, padded, n_batches
+
+
+@torch.no_grad()
+def generation_accuracy(model, generator, dataset, collator, tokenizer, examples, config, env: DistEnv, log) -> dict:
+    """Greedy answers for every question; returns counts summed over processes."""
+    answers, cots = reference_answers(examples)
+    own, padded, n_batches = _rank_share(len(dataset), env, config.batch_size_eval)
+    unwrap(model).eval()
+    correct = cot_correct = 0
+    bar = tqdm(total=n_batches, desc="Test Accuracy", colour="blue", dynamic_ncols=True, disable=not env.is_main)
+    with gathered_root(model):
+        for b in range(n_batches):
+            rows = padded[b * config.batch_size_eval : (b + 1) * config.batch_size_eval]
+            batch = collator([dataset[i] for i in rows])
+            outputs = generator.generate(
+                batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device),
+                max_new_tokens=config.max_new_tokens, synced_gpus=env.distributed,
+            )
+            for k, (row, output) in enumerate(zip(rows, outputs)):
+                if b * config.batch_size_eval + k >= len(own):
+                    continue  # padding: a repeat that keeps the processes in step
+                idx = int(batch["idx"][k])
+                text = tokenizer.decode(output, skip_special_tokens=True)
+                correct += extract_answer(text) == answers[idx]
+                cot_correct += extract_cot(text) == cots[idx]
+                if env.is_main and b == 0 and k < 2:
+                    log(f"Question {idx}: Answer = '{answers[idx]}' CoT = '{cots[idx]}'")
+                    log(f"Full output: '{tokenizer.decode(output)}'")
+                    log(f"Extracted Output: '{extract_answer(text)}'")
+            bar.update(1)
+    bar.close()
+    correct, cot_correct, total = all_reduce_sum([correct, cot_correct, len(own)], env)
+    return {"correct": int(correct), "cot_correct": int(cot_correct), "total": int(total)}
+
+
+def report(counts: dict, log) -> dict:
+    """Print the published log lines; return the metrics for wandb."""
+    c, cc, t = counts["correct"], counts["cot_correct"], max(counts["total"], 1)
+    log(f"Accuracy on validation set: {c} / {counts['total']} = {c / t}")
+    log(f"CoT match on validation set: {cc} / {counts['total']} = {cc / t}")
+    return {"eval/acc": c / t, "eval/cot_em": cc / t}

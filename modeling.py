@@ -1,0 +1,142 @@
+"""Tokenizer and model construction for run.py (SPEC 1 and the loading rules of SPEC 5).
+
+- `model_id` is a hub id or a local folder; a local folder with a config but no
+  weights builds the model from scratch (said in the log).
+- The three latent tokens are added to the tokenizer (ids: start, end, latent, in
+  that order, as published). Methods that use them resize the embeddings and start
+  the new rows as copies of the row of `<<` (the mean row when `<<` is not one token).
+- `load_model_path`: a plain state dict loads into the base model (before the resize,
+  so a CoT checkpoint feeds a coconut run); a coconut state dict (`base_causallm.*`)
+  loads into the Coconut wrapper, and into a non-coconut run is an error.
+"""
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from coconut import Coconut
+
+START, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+WRAPPER_PREFIX = "base_causallm."
+# the published wrapper registered the input embedding as `embedding`, a second name
+# for a weight `base_causallm.*` already holds
+PUBLISHED_ALIAS_KEYS = ("embedding.weight",)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+class ModelLoadError(ValueError):
+    """One line naming the file or key that cannot be loaded."""
+
+
+@dataclass
+class LatentTokens:
+    start_id: int
+    end_id: int
+    latent_id: int
+
+
+@dataclass
+class BuiltModel:
+    model: torch.nn.Module  # what trains and is saved: Coconut or the base model
+    base_causallm: torch.nn.Module
+    tokenizer: object
+    tokens: LatentTokens
+    loaded_from: Optional[str]
+
+
+def uses_latent_tokens(config) -> bool:
+    """Methods whose data carries the three new tokens (published: not cot/no_cot/no_thoughts)."""
+    return not (config.cot or config.no_cot or config.no_thoughts)
+
+
+def build_tokenizer(model_id: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # special, so decoding with skip_special_tokens drops them from answers
+    tokenizer.add_tokens([START, END, LATENT], special_tokens=True)
+    ids = LatentTokens(*tokenizer.convert_tokens_to_ids([START, END, LATENT]))
+    return tokenizer, ids
+
+
+def has_weights(model_id: str) -> bool:
+    if not os.path.isdir(model_id):
+        return True  # a hub id: from_pretrained fetches the weights
+    return any(glob.glob(os.path.join(model_id, p)) for p in WEIGHT_PATTERNS)
+
+
+def load_base_model(model_id: str, log) -> torch.nn.Module:
+    if has_weights(model_id):
+        return AutoModelForCausalLM.from_pretrained(model_id)
+    log(f"no weights in {model_id}: training {AutoConfig.from_pretrained(model_id).model_type} from scratch")
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_id))
+
+
+def init_new_token_rows(model, tokenizer, tokens: LatentTokens, log) -> None:
+    """Resize and start the three new rows as copies of `<<` (stabilises training)."""
+    model.resize_token_embeddings(len(tokenizer))
+    source = tokenizer.encode("<<", add_special_tokens=False)
+    matrices = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not matrices[0]:
+        matrices.append(head.weight)
+    new_ids = [tokens.start_id, tokens.end_id, tokens.latent_id]
+    if len(source) != 1:
+        log("'<<' is not one token of this tokenizer: new token rows start as the mean embedding")
+    with torch.no_grad():
+        for weight in matrices:
+            old_rows = weight[: min(new_ids)]
+            row = weight[source[0]].clone() if len(source) == 1 else old_rows.mean(0)
+            for token_id in new_ids:
+                weight[token_id] = row
+
+
+def is_wrapper_state(state: dict) -> bool:
+    return any(k.startswith(WRAPPER_PREFIX) for k in state)
+
+
+def load_state_checked(module, state: dict, path: str) -> None:
+    """load_state_dict that tolerates only tied or published alias keys."""
+    state = {k: v for k, v in state.items() if k not in PUBLISHED_ALIAS_KEYS}
+    result = module.load_state_dict(state, strict=False)
+    tied = _tied_keys(module)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        keys = (missing or result.unexpected_keys)[:3]
+        kind = "is missing" if missing else "has unexpected"
+        raise ModelLoadError(f"{path}: checkpoint {kind} keys {keys} for this model")
+
+
+def _tied_keys(module) -> set:
+    """Names of parameters that share storage with another, earlier-named parameter."""
+    seen, tied = {}, set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.setdefault(id(param), name)
+    return tied
+
+
+def build_model(config, state: Optional[dict], state_path: Optional[str], log) -> BuiltModel:
+    """Tokenizer, base model, new tokens, optional weights, and the wrapper if coconut."""
+    tokenizer, tokens = build_tokenizer(config.model_id)
+    base = load_base_model(config.model_id, log)
+    wrapper_state = state is not None and is_wrapper_state(state)
+    if wrapper_state and not config.coconut:
+        raise ModelLoadError(f"{state_path}: coconut weights (base_causallm.*) cannot load into a {config.method} run")
+    if state is not None and not wrapper_state:
+        load_state_checked(base, state, state_path)  # e.g. a CoT checkpoint to skip stage 0
+    if uses_latent_tokens(config):
+        init_new_token_rows(base, tokenizer, tokens, log)
+    model = base
+    if config.coconut:
+        model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokenizer.eos_token_id)
+    if wrapper_state:
+        load_state_checked(model, state, state_path)
+    if config.bf16:
+        model = model.to(torch.bfloat16)
+    return BuiltModel(model, base, tokenizer, tokens, state_path if state is not None else None)

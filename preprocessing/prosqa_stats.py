@@ -1,0 +1,124 @@
+"""Print ProsQA statistics for one or two data files, side by side.
+
+    python preprocessing/prosqa_stats.py data/prosqa_valid.json
+    python preprocessing/prosqa_stats.py generated.json data/prosqa_valid.json
+
+Rows: graph size (nodes, edges), hops to the answer, people per graph, where the
+answer sits in the question, vocabulary, and how the question was picked (the
+asked person's index, whether the answer is the deepest concept reachable only
+from that person that is a category of nothing). Used to tune prosqa.py against
+the published files (the paper: 22.8 nodes, 36 edges, 40/43/14/2.4% of
+examples at 3/4/5/6 steps, 2 to 6 people, 17 names and 38 concept words).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from collections import Counter
+
+
+def bfs(children, source):
+    """Hop distance from source to every node it reaches."""
+    dist, queue = {source: 0}, [source]
+    for u in queue:
+        for v in children[u]:
+            if v not in dist:
+                dist[v] = dist[u] + 1
+                queue.append(v)
+    return dist
+
+
+def example_stats(ex):
+    """The per-example numbers the table summarises."""
+    n, edges = len(ex["idx_to_symbol"]), ex["edges"]
+    children, indegree = [[] for _ in range(n)], [0] * n
+    for u, v in edges:
+        children[u].append(v)
+        indegree[v] += 1
+    people = [v for v in range(n) if indegree[v] == 0]
+    root, target = ex["root"], ex["target"]
+    near = bfs(children, root)
+    others = [p for p in people if p != root and ex["neg_target"] in bfs(children, p)]
+    far = bfs(children, others[0]) if others else {}
+    only_root = [v for v in range(n) if v in near and v not in far and indegree[v] and not children[v]]
+    deepest = max(near[v] for v in only_root) if only_root else -1
+    question = ex["question"]
+    choice = question[question.rindex(" Is "):]
+    target_word = ex["idx_to_symbol"][target]
+    return {
+        "nodes": n,
+        "edges": len(edges),
+        "steps": len(ex["steps"]),
+        "people": len(people),
+        "answer_first": choice.split(" a ", 1)[1].startswith(target_word + " or "),
+        "root_is_1": root == 1,
+        "target_deepest": near.get(target) == deepest,
+        "neg_depth": far.get(ex["neg_target"], 0),
+        "facts_match_edges": question.count(".") == len(edges),
+        "names": {ex["idx_to_symbol"][p] for p in people},
+        "words": {ex["idx_to_symbol"][v] for v in range(n) if indegree[v]},
+    }
+
+
+def summarise(rows, step_values, people_values):
+    """Table rows (label -> text) for one file's example stats."""
+    total = len(rows)
+
+    def mean_range(key):
+        vals = [r[key] for r in rows]
+        return f"{statistics.mean(vals):.2f} ({min(vals)}-{max(vals)})"
+
+    def share(key):
+        return f"{100 * sum(r[key] for r in rows) / total:.1f}%"
+
+    out = {"examples": str(total), "nodes mean (range)": mean_range("nodes"),
+           "edges mean (range)": mean_range("edges"), "steps mean (range)": mean_range("steps")}
+    steps = Counter(r["steps"] for r in rows)
+    for k in step_values:
+        out[f"  steps = {k}"] = f"{100 * steps[k] / total:.1f}%"
+    out["people mean (range)"] = mean_range("people")
+    people = Counter(r["people"] for r in rows)
+    for k in people_values:
+        out[f"  people = {k}"] = f"{100 * people[k] / total:.1f}%"
+    out["answer first in question"] = share("answer_first")
+    out["asked person is node 1"] = share("root_is_1")
+    out["answer = deepest own sink"] = share("target_deepest")
+    out["distractor depth mean"] = f"{statistics.mean(r['neg_depth'] for r in rows):.2f}"
+    out["one fact per edge"] = share("facts_match_edges")
+    out["distinct names"] = str(len(set().union(*(r["names"] for r in rows))))
+    out["distinct concept words"] = str(len(set().union(*(r["words"] for r in rows))))
+    return out
+
+
+def format_table(columns, headers):
+    """Align the rows of several summaries side by side."""
+    labels = list(columns[0])
+    width = max(len(k) for k in labels) + 2
+    colw = [max(len(h), *(len(c[k]) for k in labels)) + 2 for h, c in zip(headers, columns)]
+    lines = ["".ljust(width) + "".join(h.rjust(w) for h, w in zip(headers, colw))]
+    for k in labels:
+        lines.append(k.ljust(width) + "".join(c[k].rjust(w) for c, w in zip(columns, colw)))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", metavar="FILE", help="one or two ProsQA JSON files")
+    args = parser.parse_args(argv)
+    if len(args.files) > 2:
+        parser.error("give one or two files")
+    per_file = []
+    for path in args.files:
+        with open(path) as f:
+            per_file.append([example_stats(ex) for ex in json.load(f)])
+    step_values = sorted({r["steps"] for rows in per_file for r in rows})
+    people_values = sorted({r["people"] for rows in per_file for r in rows})
+    columns = [summarise(rows, step_values, people_values) for rows in per_file]
+    print(format_table(columns, args.files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""Tests for checkpoint.py: layout, weights_only loading, resume choice, crash safety, RNG.
+
+All on real files under tmp_path. The crash tests kill real writer processes with
+SIGKILL at random moments and check that no half-written checkpoint is ever chosen.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    capture_rng_state,
+    find_resume_point,
+    list_checkpoints,
+    load_model_state,
+    load_train_state,
+    prune_train_states,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def model_state(marker=1.0):
+    """A small state dict with the awkward parts of a real one (bf16, tied weights)."""
+    wte = torch.full((16, 8), float(marker))
+    return {
+        "base_causallm.transformer.wte.weight": wte,
+        "base_causallm.lm_head.weight": wte,  # tied: same storage, as in GPT-2
+        "base_causallm.transformer.h.0.attn.bias": torch.ones(4, dtype=torch.bfloat16),
+        "base_causallm.transformer.h.0.step": torch.tensor(3, dtype=torch.int64),
+    }
+
+
+def optimizer_state():
+    """A real AdamW state dict after one step."""
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    sum((p**2).sum() for p in params).backward()
+    opt.step()
+    return opt.state_dict()
+
+
+def train_state(**extra):
+    return {
+        "epoch": 4,
+        "best_acc": 0.375,
+        "stage": 1,
+        "optimizer": optimizer_state(),
+        "rng": capture_rng_state(),
+        **extra,
+    }
+
+
+def assert_same(a, b):
+    """Deep equality for nested dicts/lists/tuples of tensors and plain values."""
+    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys())
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def one_line_naming(err, path):
+    msg = str(err)
+    assert "\n" not in msg, msg
+    assert str(path) in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------------------------
+# Round trip and layout
+
+
+def test_round_trip_model_and_train_state(tmp_path):
+    model, state = model_state(2.5), train_state(note="x", losses=[1.0, 0.5])
+    path = save_checkpoint(tmp_path / "run", 3, model, state)
+
+    assert path == str(tmp_path / "run" / "checkpoint_3")
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint_3", "checkpoint_3.state"]
+    assert_same(load_model_state(path), model)
+    assert_same(load_train_state(tmp_path / "run", 3), state)
+    # Tied weights stay tied (one storage, as torch.save of the model's state dict).
+    loaded = load_model_state(path)
+    w = loaded["base_causallm.transformer.wte.weight"]
+    assert w.untyped_storage().data_ptr() == loaded["base_causallm.lm_head.weight"].untyped_storage().data_ptr()
+
+
+def test_files_are_plain_and_load_with_weights_only(tmp_path):
+    model, state = model_state(), train_state()
+    save_checkpoint(tmp_path, 1, model, state)
+
+    # The model file is exactly the state dict, as the published code wrote it.
+    raw_model = torch.load(tmp_path / "checkpoint_1", weights_only=True)
+    assert_same(raw_model, model)
+    raw_state = torch.load(tmp_path / "checkpoint_1.state", weights_only=True)
+    assert isinstance(raw_state, dict)
+    for key, value in state.items():
+        assert_same(raw_state[key], value)
+    # The saved states can be handed straight back to torch.
+    params = [torch.nn.Parameter(torch.zeros(5, 3)), torch.nn.Parameter(torch.zeros(3))]
+    torch.optim.AdamW(params).load_state_dict(raw_state["optimizer"])
+
+
+def test_save_rejects_values_that_weights_only_cannot_load(tmp_path):
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=r"best_acc.*numpy"):
+        save_checkpoint(tmp_path, 1, model_state(), {"best_acc": np.float64(0.5)})
+    with pytest.raises(TypeError, match=r"extra"):
+        save_checkpoint(tmp_path, 1, model_state(), {"extra": [1, object()]})
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path, 1, {"w": [1.0]}, None)
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_list_checkpoints_ignores_other_files(tmp_path):
+    for epoch in (10, 2, 1):
+        save_checkpoint(tmp_path, epoch, model_state(), train_state())
+    for name in ("checkpoint_2.bak", "notes.txt", ".checkpoint_11.tmp-123-abcd",
+                 ".checkpoint_11.state.tmp-9-ff", "checkpoint_4.state", "checkpoint_",
+                 "checkpoint_x", "checkpoint_05", "checkpoint_-1", "xcheckpoint_7", "checkpoint_7 "):
+        (tmp_path / name).write_bytes(b"junk")
+    (tmp_path / "checkpoint_9x").mkdir()
+    (tmp_path / "checkpoint_12").mkdir()
+
+    assert list_checkpoints(tmp_path) == [1, 2, 10]
+    assert list_checkpoints(tmp_path / "missing") == []
+
+
+def test_find_resume_point_picks_newest(tmp_path):
+    for epoch in (1, 3, 2):
+        save_checkpoint(tmp_path, epoch, model_state(epoch), train_state(epoch=epoch))
+    warnings = []
+    epoch, model, state = find_resume_point(tmp_path, warn=warnings.append)
+    assert (epoch, state["epoch"], warnings) == (3, 3, [])
+    assert_same(model, model_state(3))
+    assert find_resume_point(tmp_path / "empty", warn=warnings.append) is None
+    assert warnings == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "not_a_dict", "pickled_object"])
+def test_find_resume_point_skips_damaged_newest(tmp_path, damage):
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1))
+    save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2))
+    newest = tmp_path / "checkpoint_2"
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        newest.write_bytes(os.urandom(len(data)))
+    elif damage == "empty":
+        newest.write_bytes(b"")
+    elif damage == "not_a_dict":
+        torch.save([torch.zeros(2)], newest)
+    else:  # weights_only must refuse arbitrary objects
+        torch.save({"w": torch.zeros(2), "obj": Path("x")}, newest)
+
+    warnings = []
+    epoch, model, state = find_resume_point(tmp_path, warn=warnings.append)
+    assert epoch == 1 and state["epoch"] == 1
+    assert_same(model, model_state(1))
+    assert len(warnings) == 1
+    one_line_naming(warnings[0], newest)
+
+
+def test_find_resume_point_skips_checkpoint_with_damaged_state(tmp_path):
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1))
+    save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2))
+    state_file = tmp_path / "checkpoint_2.state"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+
+    warnings = []
+    epoch, _, state = find_resume_point(tmp_path, warn=warnings.append)
+    assert (epoch, state["epoch"]) == (1, 1)
+    assert len(warnings) == 1
+    one_line_naming(warnings[0], state_file)
+
+
+def test_find_resume_point_none_when_all_damaged(tmp_path):
+    for epoch in (1, 2):
+        (tmp_path / f"checkpoint_{epoch}").write_bytes(b"PK\x03\x04 broken")
+    warnings = []
+    assert find_resume_point(tmp_path, warn=warnings.append) is None
+    assert len(warnings) == 2
+    one_line_naming(warnings[0], tmp_path / "checkpoint_2")
+    one_line_naming(warnings[1], tmp_path / "checkpoint_1")
+
+
+def test_published_layout_resumes_without_train_state(tmp_path):
+    # As the published code wrote them: torch.save(state_dict, save_dir/checkpoint_N).
+    for epoch in (1, 2, 3):
+        torch.save({"transformer.wte.weight": torch.full((4, 4), float(epoch))},
+                   os.path.join(tmp_path, f"checkpoint_{epoch}"))
+    warnings = []
+    epoch, model, state = find_resume_point(tmp_path, warn=warnings.append)
+    assert (epoch, state, warnings) == (3, None, [])
+    assert torch.equal(model["transformer.wte.weight"], torch.full((4, 4), 3.0))
+    assert load_train_state(tmp_path, 2) is None
+
+
+def test_load_model_state_errors_name_the_file(tmp_path):
+    cases = {
+        "missing": None,
+        "garbage": b"not a checkpoint at all",
+        "list": [torch.zeros(1)],
+        "non_tensor_value": {"w": torch.zeros(1), "step": 3},
+        "empty_dict": {},
+        "unsafe_object": {"w": torch.zeros(1), "p": Path("x")},
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            torch.save(content, path)
+        with pytest.raises(CheckpointError) as info:
+            load_model_state(path)
+        assert isinstance(info.value, ValueError)
+        assert info.value.path == str(path)
+        one_line_naming(info.value, path)
+
+
+def test_load_train_state(tmp_path):
+    save_checkpoint(tmp_path, 1, model_state(), train_state(epoch=1))
+    assert load_train_state(tmp_path, 2) is None  # no such file
+    # A .state that belongs to another epoch is refused, not silently paired.
+    os.replace(tmp_path / "checkpoint_1.state", tmp_path / "checkpoint_2.state")
+    with pytest.raises(CheckpointError, match="epoch 1"):
+        load_train_state(tmp_path, 2)
+    (tmp_path / "checkpoint_3.state").write_bytes(b"junk")
+    with pytest.raises(CheckpointError) as info:
+        load_train_state(tmp_path, 3)
+    one_line_naming(info.value, tmp_path / "checkpoint_3.state")
+
+
+def test_save_without_train_state_drops_stale_state(tmp_path):
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1))
+    save_checkpoint(tmp_path, 1, model_state(2), None)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_1"]
+    epoch, model, state = find_resume_point(tmp_path)
+    assert (epoch, state) == (1, None)
+    assert_same(model, model_state(2))
+
+
+def test_prune_train_states(tmp_path):
+    for epoch in (1, 2, 3):
+        save_checkpoint(tmp_path, epoch, model_state(epoch), train_state(epoch=epoch))
+    (tmp_path / "notes.state").write_bytes(b"keep me")
+    removed = prune_train_states(tmp_path, keep_epochs=[3])
+    assert removed == [str(tmp_path / "checkpoint_1.state"), str(tmp_path / "checkpoint_2.state")]
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint_1", "checkpoint_2", "checkpoint_3", "checkpoint_3.state", "notes.state"]
+    assert load_train_state(tmp_path, 3)["epoch"] == 3
+
+
+# ---------------------------------------------------------------------------------
+# Crash safety
+
+
+def test_atomic_save_failing_mid_write_leaves_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint_1"
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")  # a partial write, then the "crash"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save(model_state(1), target)
+    assert os.listdir(tmp_path) == []  # no final file, no temp file
+
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    atomic_torch_save(model_state(1), target)
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with pytest.raises(OSError):
+        atomic_torch_save(model_state(2), target)
+    assert os.listdir(tmp_path) == ["checkpoint_1"]
+    assert_same(load_model_state(target), model_state(1))  # old content intact
+
+
+def test_atomic_save_failing_at_rename(tmp_path, monkeypatch):
+    def failing_replace(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        atomic_torch_save(model_state(), tmp_path / "checkpoint_1")
+    assert os.listdir(tmp_path) == []
+
+
+def test_crash_between_state_and_model_file(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1))
+    real = checkpoint.atomic_torch_save
+    calls = []
+
+    def crash_on_second_file(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the .state, before the model file
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", crash_on_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2))
+    assert calls == [str(tmp_path / "checkpoint_2.state"), str(tmp_path / "checkpoint_2")]
+    assert list_checkpoints(tmp_path) == [1]
+    warnings = []
+    epoch, _, state = find_resume_point(tmp_path, warn=warnings.append)
+    assert (epoch, state["epoch"], warnings) == (1, 1, [])
+
+    # Re-saving an existing epoch and dying half way must not pair old model + new state.
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 1, model_state(5), train_state(epoch=5))
+    assert find_resume_point(tmp_path, warn=warnings.append) is None
+    assert warnings == []
+
+
+def test_save_removes_leftover_temp_files(tmp_path):
+    leftovers = [".checkpoint_3.tmp-123-abcd", ".checkpoint_3.state.tmp-123-beef"]
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"x" * 100)
+    (tmp_path / ".other.tmp-1").write_bytes(b"not ours")
+    save_checkpoint(tmp_path, 4, model_state(), train_state())
+    assert sorted(os.listdir(tmp_path)) == [".other.tmp-1", "checkpoint_4", "checkpoint_4.state"]
+
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from checkpoint import save_checkpoint
+save_dir, n = sys.argv[1], {numel}
+k = 0
+while True:
+    k += 1
+    model = {{"w": torch.full((n,), k, dtype=torch.int64), "b": torch.full((7,), k, dtype=torch.int64)}}
+    state = {{"k": k, "optimizer": {{"m": torch.full((n,), k, dtype=torch.int64)}}}}
+    save_checkpoint(save_dir, k % 3 + 1, model, state)  # also overwrites old epochs
+    print(k, flush=True)
+"""
+
+
+def test_sigkill_during_saves_never_leaves_a_usable_half_checkpoint(tmp_path):
+    numel = 2_000_000  # 16 MB per tensor: a kill usually lands inside a write
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(repo=str(REPO), numel=numel))
+    seed = int(time.time() * 1000) % 100_000
+    rng = random.Random(seed)
+    runs = []
+    for i in range(4):  # several writers at once, each in its own folder
+        folder = tmp_path / f"run{i}"
+        proc = subprocess.Popen([sys.executable, str(script), str(folder)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs.append((folder, proc))
+    try:
+        for folder, proc in runs:
+            assert proc.stdout.readline().strip(), proc.stderr.read()  # first save done
+            time.sleep(rng.uniform(0.0, 0.4))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finally:
+        for _, proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    for folder, proc in runs:
+        context = f"seed {seed}, {folder}: {sorted(os.listdir(folder))}"
+        assert proc.returncode == -signal.SIGKILL, context
+        epochs = list_checkpoints(folder)
+        assert epochs, context
+        for epoch in epochs:  # every final name loads completely, with its own .state
+            model = load_model_state(folder / f"checkpoint_{epoch}")
+            k = int(model["w"][0])
+            assert model["w"].shape == (numel,) and bool((model["w"] == k).all()), context
+            assert k % 3 + 1 == epoch, context
+            state = load_train_state(folder, epoch)
+            assert state is not None and state["k"] == k, f"model {k}, state {state and state['k']}; {context}"
+        warnings = []
+        epoch, model, state = find_resume_point(folder, warn=warnings.append)
+        assert warnings == [], context
+        k = int(model["w"][0])
+        assert state["k"] == k, context  # the .state belongs to this very model file
+        assert bool((state["optimizer"]["m"] == k).all()) and state["optimizer"]["m"].numel() == numel
+        # The next save clears what the killed one left behind.
+        save_checkpoint(folder, 9, {"w": torch.zeros(1)}, None)
+        assert not [n for n in os.listdir(folder) if ".tmp-" in n], context
+
+
+# ---------------------------------------------------------------------------------
+# RNG
+
+
+def draws():
+    out = {"python": [random.random() for _ in range(5)], "torch": torch.rand(5).tolist()}
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        out["numpy"] = np.random.rand(5).tolist()
+    return out
+
+
+def test_rng_capture_restore_reproduces_draws(tmp_path):
+    random.seed(1)
+    torch.manual_seed(1)
+    state = capture_rng_state()
+    first = draws()
+    assert draws() != first  # the generators moved on
+    restore_rng_state(state)
+    assert draws() == first
+
+    # Through a .state file (weights_only) as well.
+    restore_rng_state(state)
+    save_checkpoint(tmp_path, 1, model_state(), {"rng": capture_rng_state()})
+    expected = draws()
+    draws()
+    restore_rng_state(load_train_state(tmp_path, 1)["rng"])
+    assert draws() == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_capture_restore():
+    torch.cuda.init()
+    state = capture_rng_state()
+    assert set(state["cuda"]) == set(range(torch.cuda.device_count()))
+    first = torch.rand(5, device="cuda").tolist()
+    restore_rng_state(state)
+    assert torch.rand(5, device="cuda").tolist() == first
