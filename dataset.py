@@ -151,10 +151,10 @@ def _question_sample(sample, stage, c_thought, max_latent_stage, pad_latent_to_m
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "position_ids": list(range(len(ids))), "idx": sample["idx"]}
 
 
-def get_question_latent_dataset(scheduled_stage, base_dataset_valid, configs, start_id, latent_id, end_id, no_special_marker=False) -> Dataset:
-    """Evaluation prompts at a stage: question + [start] + [latent] * k + [end]."""
-    kwargs = dict(
-        stage=scheduled_stage,
+def _staging_kwargs(stage, configs, start_id, latent_id, end_id, no_special_marker) -> dict:
+    """The settings every staged sample needs, as keyword arguments for map()."""
+    return dict(
+        stage=stage,
         c_thought=configs.c_thought,
         max_latent_stage=configs.max_latent_stage,
         pad_latent_to_max=configs.pad_latent_to_max,
@@ -163,6 +163,11 @@ def get_question_latent_dataset(scheduled_stage, base_dataset_valid, configs, st
         end_id=end_id,
         no_special_marker=no_special_marker,
     )
+
+
+def get_question_latent_dataset(scheduled_stage, base_dataset_valid, configs, start_id, latent_id, end_id, no_special_marker=False) -> Dataset:
+    """Evaluation prompts at a stage: question + [start] + [latent] * k + [end]."""
+    kwargs = _staging_kwargs(scheduled_stage, configs, start_id, latent_id, end_id, no_special_marker)
     return base_dataset_valid.map(
         _question_sample,
         fn_kwargs=kwargs,
@@ -211,20 +216,8 @@ def _cot_sample(sample, stage, c_thought, max_latent_stage, pad_latent_to_max, u
 def get_cot_latent_dataset(scheduled_stage, base_dataset, configs, start_id, latent_id, end_id, no_special_marker=False, shuffle=False, epoch=0) -> Dataset:
     """Training samples at a stage (SPEC 2), deterministic in (configs.seed, epoch)."""
     seed = getattr(configs, "seed", 0)
-    kwargs = dict(
-        stage=scheduled_stage,
-        c_thought=configs.c_thought,
-        max_latent_stage=configs.max_latent_stage,
-        pad_latent_to_max=configs.pad_latent_to_max,
-        uniform_prob=configs.uniform_prob,
-        no_cot=configs.no_cot,
-        seed=seed,
-        epoch=epoch,
-        start_id=start_id,
-        latent_id=latent_id,
-        end_id=end_id,
-        no_special_marker=no_special_marker,
-    )
+    kwargs = _staging_kwargs(scheduled_stage, configs, start_id, latent_id, end_id, no_special_marker)
+    kwargs.update(uniform_prob=configs.uniform_prob, no_cot=configs.no_cot, seed=seed, epoch=epoch)
     staged = base_dataset.map(
         _cot_sample,
         fn_kwargs=kwargs,

@@ -123,8 +123,8 @@ def _tied_keys(module) -> set:
 
 def build_model(config, state: Optional[dict], state_path: Optional[str], log) -> BuiltModel:
     """Tokenizer, base model, new tokens, optional weights, and the wrapper if coconut."""
-    tokenizer, tokens = build_tokenizer(config.model_id)
-    base = load_base_model(config.model_id, log)
+    tokenizer, tokens = build_tokenizer(config.model_path)
+    base = load_base_model(config.model_path, log)
     wrapper_state = state is not None and is_wrapper_state(state)
     if wrapper_state and not config.coconut:
         raise ModelLoadError(f"{state_path}: coconut weights (base_causallm.*) cannot load into a {config.method} run")

@@ -86,6 +86,14 @@ class Config:
     lr: float = 1e-4
     weight_decay: float = 0.01
 
+    # Keys of later published configs, accepted so those YAML files keep working:
+    # `local: True` loads the model from `local_path` instead of `model_id`; the
+    # published special_token and grpo switches must stay False (not implemented).
+    local: bool = False
+    local_path: Optional[str] = None
+    special_token: bool = False
+    grpo: bool = False
+
     # Evaluation
     max_new_tokens: Optional[int] = None  # None: 64 if "gsm" in val_path else 128
     batch_size_eval: int = 16  # generation batch size per process
@@ -126,6 +134,11 @@ class Config:
         if len(on) != 1:
             raise ConfigError(_method_flags_message(on))
         return on[0]
+
+    @property
+    def model_path(self) -> str:
+        """Where the model and tokenizer load from: local_path when `local`, else model_id."""
+        return self.local_path if self.local else self.model_id
 
     @property
     def save_dir(self) -> str:
@@ -318,6 +331,12 @@ def _value_problems(config: Config):
             f"key 'no_curriculum' needs one of {', '.join(CURRICULUM_METHODS)} "
             f"(got {on[0]}, which has no curriculum)"
         )
+
+    if config.local and not config.local_path:
+        yield "key 'local_path' is required when local is True"
+    for unsupported in ("special_token", "grpo"):
+        if getattr(config, unsupported):
+            yield f"key {unsupported!r}: this switch of later published code is not supported; set it to False"
 
     # Evaluation always reads val_path; only an evaluation-only run may omit train_path.
     if config.val_path is None:

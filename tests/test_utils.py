@@ -390,3 +390,23 @@ def test_utils_imports_neither_model_nor_data_code():
     source = Path(utils.__file__).read_text()
     for module in ("coconut", "dataset", "transformers"):
         assert f"import {module}" not in source and f"from {module}" not in source
+
+
+def test_later_published_keys_load_and_local_path_wins(tmp_path):
+    path = tmp_path / "legacy.yaml"
+    path.write_text(
+        "coconut: True\nlocal: True\nlocal_path: /models/gpt2\nspecial_token: False\ngrpo: False\n"
+        "model_id: openai-community/gpt2\ntrain_path: t.json\nval_path: v.json\n"
+    )
+    config = load_config(str(path))
+    assert config.model_path == "/models/gpt2"
+    path.write_text("coconut: True\nmodel_id: m\ntrain_path: t.json\nval_path: v.json\n")
+    assert load_config(str(path)).model_path == "m"
+
+
+@pytest.mark.parametrize("key", ["special_token", "grpo"])
+def test_unsupported_published_switches_are_refused(tmp_path, key):
+    path = tmp_path / "legacy.yaml"
+    path.write_text(f"coconut: True\n{key}: True\ntrain_path: t.json\nval_path: v.json\n")
+    with pytest.raises(ConfigError, match=key):
+        load_config(str(path))

@@ -5,10 +5,9 @@ round-trips (newlines, '#', digits) and piecewise tokenization of a sample equal
 tokenization of the whole text, as SPEC 1 requires of real GPT-2 tokenizers.
 """
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-EOS = "<|endoftext|>"
+from preprocessing.tiny_model import train_tokenizer
 
 CORPUS = [
     "Every wumpus is a yumpus. Every yumpus is a rempus. Tom is a wumpus.",
@@ -21,17 +20,7 @@ CORPUS = [
 
 def make_tokenizer(corpus=CORPUS, vocab_size=400):
     """A GPT-2 style byte-level BPE tokenizer with EOS as BOS/EOS, no pad token."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    return train_tokenizer(corpus, vocab_size)
 
 
 def make_gpt2(vocab_size, seed=0, n_layer=2, n_embd=64, **kw):
