@@ -156,11 +156,12 @@ def save_checkpoint(
     model file is written, and a stale `.state` of that epoch is removed.
 
     The `.state` file is written first, then the model file, both atomically, so a
-    model file present means its `.state` was complete before it (an existing
+    model file present means its `.state` was complete before it. An existing
     `checkpoint_{epoch}` is deleted before the new `.state` is written, so the two
-    always come from the same save). Leftover temporary
-    files of killed earlier saves in `save_dir` are removed first (they can be as big
-    as a model). Creates `save_dir` if missing. Returns the model file's path.
+    always come from the same save (a save that dies half way loses that epoch, and
+    resume falls back to the one before). Leftover temporary files of killed earlier
+    saves in `save_dir` are removed first (they can be as big as a model). Creates
+    `save_dir` if missing. Returns the model file's path.
     """
     _check_epoch(epoch)
     _check_model_state(model_state)
@@ -269,7 +270,8 @@ def _torch_load(path: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, unpickling refused, I/O error, ...
         first_line = next((ln for ln in str(e).splitlines() if ln.strip()), "")
-        raise CheckpointError(path, f"does not load ({type(e).__name__}: {first_line[:200]})") from e
+        reason = f"does not load ({type(e).__name__}: {first_line[:200]})"
+        raise CheckpointError(path, reason) from e
 
 
 def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -285,3 +285,101 @@ class Coconut(nn.Module):
         eos = torch.full_like(prompt_part, self.eos_token_id)
         result = torch.where(cols < lengths + n_kept[:, None], generated_part, eos)
         return torch.where(cols < lengths, prompt_part, result)
+
+    # ----------------------------------------------------------------- export
+    # Written beside the base model's files by save_pretrained: the latent token ids and
+    # the curriculum settings a prompt needs (generate.py, analysis/probe_prosqa.py).
+    COCONUT_CONFIG_NAME = "coconut_config.json"
+    COCONUT_SETTINGS = ("c_thought", "max_latent_stage", "pad_latent_to_max", "method")
+    COCONUT_CONFIG_KEYS = (
+        "latent_token_id", "start_latent_id", "end_latent_id", "eos_token_id",
+        "c_thought", "max_latent_stage", "pad_latent_to_max", "method",
+    )
+
+    def save_pretrained(self, save_directory, tokenizer=None, **kwargs):
+        """Write a standard Hugging Face folder plus `coconut_config.json`.
+
+        The base model goes through its own `save_pretrained` (safetensors; any other
+        keyword argument is passed on), the tokenizer too when given (it should hold
+        the three latent tokens). The keyword arguments c_thought, max_latent_stage,
+        pad_latent_to_max and method are stored in `coconut_config.json` with the
+        token ids; unset ones come from `self.coconut_config` (set by from_pretrained),
+        else 1, 1, False, "coconut". `AutoModelForCausalLM.from_pretrained(folder)`
+        loads the base model; `Coconut.from_pretrained(folder)` loads it all back.
+        """
+        import json
+        import os
+
+        settings = {key: kwargs.pop(key) for key in self.COCONUT_SETTINGS if key in kwargs}
+        config = {
+            "latent_token_id": self.latent_token_id,
+            "start_latent_id": self.start_latent_id,
+            "end_latent_id": self.end_latent_id,
+            "eos_token_id": self.eos_token_id,
+            "c_thought": 1,
+            "max_latent_stage": 1,
+            "pad_latent_to_max": False,
+            "method": "coconut",
+        }
+        config.update(getattr(self, "coconut_config", None) or {})  # keeps the true latent id
+        config.update(settings)
+        os.makedirs(save_directory, exist_ok=True)
+        self.base_causallm.save_pretrained(save_directory, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+        with open(os.path.join(save_directory, self.COCONUT_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump({key: config[key] for key in self.COCONUT_CONFIG_KEYS}, f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def read_coconut_config(cls, path) -> dict:
+        """The checked settings of an exported folder; ValueError (one line) if unusable."""
+        import json
+        import os
+
+        file = os.path.join(os.fspath(path), cls.COCONUT_CONFIG_NAME)
+        if not os.path.isdir(os.fspath(path)):
+            raise FileNotFoundError(f"{path}: no such model folder")
+        if not os.path.isfile(file):
+            raise ValueError(f"{path}: not an exported Coconut model (no {cls.COCONUT_CONFIG_NAME}; write one with export.py)")
+        try:
+            with open(file, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{file}: cannot be read ({' '.join(str(e).split())})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{file}: must hold a JSON object")
+        missing = [key for key in cls.COCONUT_CONFIG_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"{file}: missing key(s) {', '.join(missing)}")
+        for key in cls.COCONUT_CONFIG_KEYS:
+            value = config[key]
+            if key == "method":
+                ok = isinstance(value, str)
+            elif key == "pad_latent_to_max":
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            if not ok:
+                raise ValueError(f"{file}: bad value {value!r} for {key!r}")
+        return config
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """Load a folder written by save_pretrained (export.py): one call, no config.
+
+        Keyword arguments go to `AutoModelForCausalLM.from_pretrained` (e.g. dtype).
+        The settings are attached as `model.coconut_config` (a dict). Only a "coconut"
+        model replaces `<|latent|>` by continuous thoughts; for other methods the
+        wrapper decodes plainly (latent id -1, as evaluate.generator_for does), so for
+        pause_as_thought `<|latent|>` stays an ordinary token. Load the tokenizer with
+        `AutoTokenizer.from_pretrained(path)`.
+        """
+        from transformers import AutoModelForCausalLM
+
+        config = cls.read_coconut_config(path)
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        latent_id = config["latent_token_id"] if config["method"] == "coconut" else -1
+        model = cls(base, latent_id, config["start_latent_id"], config["end_latent_id"], config["eos_token_id"])
+        model.coconut_config = dict(config)
+        return model.eval()

@@ -101,8 +101,8 @@ def test_round_trip_model_and_train_state(tmp_path):
     assert_same(load_train_state(tmp_path / "run", 3), state)
     # Tied weights stay tied (one storage, as torch.save of the model's state dict).
     loaded = load_model_state(path)
-    w = loaded["base_causallm.transformer.wte.weight"]
-    assert w.untyped_storage().data_ptr() == loaded["base_causallm.lm_head.weight"].untyped_storage().data_ptr()
+    wte, head = loaded["base_causallm.transformer.wte.weight"], loaded["base_causallm.lm_head.weight"]
+    assert wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
 
 
 def test_files_are_plain_and_load_with_weights_only(tmp_path):
@@ -137,7 +137,8 @@ def test_list_checkpoints_ignores_other_files(tmp_path):
         save_checkpoint(tmp_path, epoch, model_state(), train_state())
     for name in ("checkpoint_2.bak", "notes.txt", ".checkpoint_11.tmp-123-abcd",
                  ".checkpoint_11.state.tmp-9-ff", "checkpoint_4.state", "checkpoint_",
-                 "checkpoint_x", "checkpoint_05", "checkpoint_-1", "xcheckpoint_7", "checkpoint_7 "):
+                 "checkpoint_x", "checkpoint_05", "checkpoint_-1", "xcheckpoint_7",
+                 "checkpoint_7 "):
         (tmp_path / name).write_bytes(b"junk")
     (tmp_path / "checkpoint_9x").mkdir()
     (tmp_path / "checkpoint_12").mkdir()
@@ -345,48 +346,62 @@ def test_save_removes_leftover_temp_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".other.tmp-1", "checkpoint_4", "checkpoint_4.state"]
 
 
+# Imports torch once, then for each folder read on stdin forks a writer that saves in a
+# loop until the test kills it (forking saves a torch import per kill).
 WRITER = """
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {repo!r})
 from checkpoint import save_checkpoint
-save_dir, n = sys.argv[1], {numel}
-k = 0
+# A SIGKILL, unlike a power cut, keeps what reached the page cache: fsync only adds time
+# here, and skipping it keeps the writer inside torch.save most of the time.
+os.fsync = lambda fd: None
+n = {numel}
 while True:
-    k += 1
-    model = {{"w": torch.full((n,), k, dtype=torch.int64), "b": torch.full((7,), k, dtype=torch.int64)}}
-    state = {{"k": k, "optimizer": {{"m": torch.full((n,), k, dtype=torch.int64)}}}}
-    save_checkpoint(save_dir, k % 3 + 1, model, state)  # also overwrites old epochs
-    print(k, flush=True)
+    folder = sys.stdin.readline().strip()
+    if not folder:
+        break
+    pid = os.fork()
+    if pid == 0:
+        for k in range(1, 1_000_000):
+            model = {{"w": torch.full((n,), k, dtype=torch.int64), "b": torch.full((7,), k)}}
+            state = {{"k": k, "optimizer": {{"m": torch.full((n,), k, dtype=torch.int64)}}}}
+            save_checkpoint(folder, k % 3 + 1, model, state)  # cycles: rewrites old epochs
+            if k == 3:  # every epoch exists: from now on each save rewrites one
+                print("ready", os.getpid(), flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("exit", status, flush=True)
 """
 
 
 def test_sigkill_during_saves_never_leaves_a_usable_half_checkpoint(tmp_path):
-    numel = 2_000_000  # 16 MB per tensor: a kill usually lands inside a write
+    numel = 1_000_000  # 8 MB per tensor: a kill usually lands inside a write
     script = tmp_path / "writer.py"
     script.write_text(WRITER.format(repo=str(REPO), numel=numel))
     seed = int(time.time() * 1000) % 100_000
     rng = random.Random(seed)
-    runs = []
-    for i in range(4):  # several writers at once, each in its own folder
-        folder = tmp_path / f"run{i}"
-        proc = subprocess.Popen([sys.executable, str(script), str(folder)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        runs.append((folder, proc))
+    folders = [tmp_path / f"run{i}" for i in range(6)]
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for folder, proc in runs:
-            assert proc.stdout.readline().strip(), proc.stderr.read()  # first save done
+        for folder in folders:  # one writer per folder, each killed at a random moment
+            proc.stdin.write(f"{folder}\n")
+            proc.stdin.flush()
+            ready, pid = proc.stdout.readline().split()
+            assert ready == "ready", proc.stderr.read()
             time.sleep(rng.uniform(0.0, 0.4))
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.kill(int(pid), signal.SIGKILL)
+            exited, status = proc.stdout.readline().split()
+            assert os.WIFSIGNALED(int(status)) and os.WTERMSIG(int(status)) == signal.SIGKILL
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
     finally:
-        for _, proc in runs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
-    for folder, proc in runs:
+    for folder in folders:
         context = f"seed {seed}, {folder}: {sorted(os.listdir(folder))}"
-        assert proc.returncode == -signal.SIGKILL, context
         epochs = list_checkpoints(folder)
         assert epochs, context
         for epoch in epochs:  # every final name loads completely, with its own .state
@@ -395,13 +410,15 @@ def test_sigkill_during_saves_never_leaves_a_usable_half_checkpoint(tmp_path):
             assert model["w"].shape == (numel,) and bool((model["w"] == k).all()), context
             assert k % 3 + 1 == epoch, context
             state = load_train_state(folder, epoch)
-            assert state is not None and state["k"] == k, f"model {k}, state {state and state['k']}; {context}"
+            saved_k = state and state["k"]
+            assert saved_k == k, f"model {k}, state {saved_k}; {context}"
         warnings = []
         epoch, model, state = find_resume_point(folder, warn=warnings.append)
         assert warnings == [], context
         k = int(model["w"][0])
         assert state["k"] == k, context  # the .state belongs to this very model file
-        assert bool((state["optimizer"]["m"] == k).all()) and state["optimizer"]["m"].numel() == numel
+        moments = state["optimizer"]["m"]
+        assert moments.numel() == numel and bool((moments == k).all()), context
         # The next save clears what the killed one left behind.
         save_checkpoint(folder, 9, {"w": torch.zeros(1)}, None)
         assert not [n for n in os.listdir(folder) if ".tmp-" in n], context

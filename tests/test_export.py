@@ -1,0 +1,229 @@
+"""export.py and Coconut.save_pretrained / from_pretrained.
+
+The tiny models here are shared with test_generate.py and test_probe.py (trained or
+exported once per session, cached under pytest's base temporary folder).
+"""
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+import checkpoint
+import export
+from coconut import Coconut
+from modeling import END, LATENT, START, build_model
+from preprocessing import prosqa
+from utils import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROSQA_TOKENIZER = os.path.join(ROOT, "models", "prosqa-gpt2-tiny")
+COCONUT_KEYS = {"latent_token_id", "start_latent_id", "end_latent_id", "eos_token_id",
+                "c_thought", "max_latent_stage", "pad_latent_to_max", "method"}
+
+
+def _silent(message):
+    pass
+
+
+def _write_yaml(path, config: dict) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return str(path)
+
+
+def _prosqa_model_folder(folder) -> str:
+    """The demo's ProsQA tokenizer with a smaller GPT-2 config (no weights)."""
+    os.makedirs(folder, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(PROSQA_TOKENIZER, name), os.path.join(folder, name))
+    GPT2Config(vocab_size=450, n_layer=2, n_embd=64, n_head=4, n_positions=256,
+               bos_token_id=0, eos_token_id=0).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_prosqa_model(tmp_path_factory) -> SimpleNamespace:
+    """A tiny coconut GPT-2 trained by run.py on ProsQA-style data, and its export.
+
+    Three epochs (stages 0, 1, 2; c_thought 1, max_latent_stage 2, pad_latent_to_max):
+    enough to exercise every path, not to answer well. Cached for the session.
+    """
+    root = tmp_path_factory.getbasetemp() / "tiny-prosqa-coconut"
+    paths = SimpleNamespace(
+        root=str(root), model=str(root / "model"), train=str(root / "train.json"), val=str(root / "val.json"),
+        config=str(root / "coconut.yaml"), checkpoint=str(root / "ckpt" / "tiny" / "checkpoint_3"),
+        export=str(root / "export"),
+    )
+    if (root / "done").exists():
+        return paths
+    import run
+
+    shutil.rmtree(root, ignore_errors=True)
+    _prosqa_model_folder(paths.model)
+    examples = prosqa.generate(38, 0, prosqa.Options(num_nodes=10, max_steps=3))
+    for path, part in ((paths.train, examples[:32]), (paths.val, examples[32:])):
+        with open(path, "w") as f:
+            json.dump(part, f)
+    _write_yaml(paths.config, dict(
+        project="test", save_path=str(root / "ckpt"), name="tiny", coconut=True, c_thought=1,
+        epochs_per_stage=1, max_latent_stage=2, pad_latent_to_max=True, num_epochs=3,
+        model_id=paths.model, train_path=paths.train, val_path=paths.val, batch_size_training=8,
+        lr=1e-3, seed=0, max_new_tokens=8, batch_size_eval=8,
+    ))
+    with mock.patch.dict(os.environ, {"WANDB_MODE": "disabled"}):
+        assert run.main([paths.config]) == 0
+    assert export.main([paths.config, paths.checkpoint, paths.export]) == 0
+    (root / "done").touch()
+    return paths
+
+
+def tiny_cot_model(tmp_path_factory) -> SimpleNamespace:
+    """A cot run's checkpoint (random weights, published layout) and its export."""
+    root = tmp_path_factory.getbasetemp() / "tiny-prosqa-cot"
+    coconut = tiny_prosqa_model(tmp_path_factory)
+    paths = SimpleNamespace(root=str(root), config=str(root / "cot.yaml"),
+                            checkpoint=str(root / "checkpoint_1"), export=str(root / "export"), val=coconut.val)
+    if (root / "done").exists():
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    _write_yaml(paths.config, dict(cot=True, c_thought=0, max_latent_stage=0, model_id=coconut.model,
+                                   train_path=coconut.train, val_path=coconut.val))
+    torch.manual_seed(0)
+    built = build_model(load_config(paths.config), None, None, _silent)
+    checkpoint.save_checkpoint(str(root), 1, built.model.state_dict())
+    assert export.main([paths.config, paths.checkpoint, paths.export]) == 0
+    (root / "done").touch()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_prosqa_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_cot(tmp_path_factory):
+    return tiny_cot_model(tmp_path_factory)
+
+
+def _built(config_path, checkpoint_path):
+    state = checkpoint.load_model_state(checkpoint_path)
+    return build_model(load_config(config_path), state, checkpoint_path, _silent)
+
+
+def _training_batch(tokenizer, val_path, latent_id, start_id, end_id, config, stage):
+    from dataset import MyCollator, get_cot_latent_dataset, get_dataset
+
+    base = get_dataset(val_path, tokenizer)
+    staged = get_cot_latent_dataset(stage, base, config, start_id, latent_id, end_id)
+    batch = MyCollator(tokenizer, latent_id=latent_id)([staged[i] for i in range(len(staged))])
+    batch.pop("idx", None)
+    return batch
+
+
+# ---------------------------------------------------------------------------------
+
+
+def test_export_writes_a_standard_folder(tiny):
+    files = set(os.listdir(tiny.export))
+    assert {"config.json", "model.safetensors", "coconut_config.json", "tokenizer.json"} <= files
+    with open(os.path.join(tiny.export, "coconut_config.json")) as f:
+        settings = json.load(f)
+    assert set(settings) == COCONUT_KEYS
+    tokenizer = AutoTokenizer.from_pretrained(tiny.export)
+    ids = tokenizer.convert_tokens_to_ids([START, END, LATENT])
+    assert ids == [settings["start_latent_id"], settings["end_latent_id"], settings["latent_token_id"]]
+    assert settings["eos_token_id"] == tokenizer.eos_token_id
+    assert (settings["c_thought"], settings["max_latent_stage"], settings["pad_latent_to_max"], settings["method"]) == (1, 2, True, "coconut")
+
+
+def test_round_trip_same_logits_with_latents(tiny):
+    built = _built(tiny.config, tiny.checkpoint)
+    original = built.model.eval()
+    loaded = Coconut.from_pretrained(tiny.export)
+    assert isinstance(loaded, Coconut) and not loaded.training
+    assert loaded.coconut_config["max_latent_stage"] == 2 and loaded.coconut_config["c_thought"] == 1
+    assert (loaded.latent_token_id, loaded.start_latent_id, loaded.end_latent_id, loaded.eos_token_id) == (
+        original.latent_token_id, original.start_latent_id, original.end_latent_id, original.eos_token_id)
+
+    config = load_config(tiny.config)
+    tokens = built.tokens
+    batch = _training_batch(built.tokenizer, tiny.val, tokens.latent_id, tokens.start_id, tokens.end_id, config, stage=2)
+    assert int((batch["input_ids"] == tokens.latent_id).sum()) == 2 * batch["input_ids"].shape[0]
+    with torch.no_grad():
+        before, after = original(**batch), loaded(**batch)
+    torch.testing.assert_close(after.logits, before.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(after.inputs_embeds, before.inputs_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=1e-5)
+
+    prompt = {k: batch[k][:3] for k in ("input_ids", "attention_mask")}
+    assert torch.equal(original.generate(**prompt, max_new_tokens=8), loaded.generate(**prompt, max_new_tokens=8))
+
+
+def test_auto_model_loads_the_base_model(tiny):
+    built = _built(tiny.config, tiny.checkpoint)
+    auto = AutoModelForCausalLM.from_pretrained(tiny.export).eval()
+    ids = torch.tensor([[5, 17, 42, 450, 452, 451, 99]])  # includes the three new rows
+    with torch.no_grad():
+        torch.testing.assert_close(auto(ids).logits, built.base_causallm.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_save_pretrained_round_trip_keeps_settings(tiny, tmp_path):
+    loaded = Coconut.from_pretrained(tiny.export)
+    loaded.save_pretrained(tmp_path / "again", max_latent_stage=1)
+    again = Coconut.from_pretrained(tmp_path / "again")
+    assert again.coconut_config == {**loaded.coconut_config, "max_latent_stage": 1}
+    for (name, p), (_, q) in zip(loaded.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_export_cot_checkpoint(tiny_cot):
+    with open(os.path.join(tiny_cot.export, "coconut_config.json")) as f:
+        settings = json.load(f)
+    assert settings["method"] == "cot" and settings["c_thought"] == 0 and settings["max_latent_stage"] == 0
+    loaded = Coconut.from_pretrained(tiny_cot.export)
+    assert loaded.latent_token_id == -1  # plain decoding, as evaluate.generator_for
+    assert loaded.coconut_config["latent_token_id"] == settings["latent_token_id"]
+    built = _built(tiny_cot.config, tiny_cot.checkpoint)
+    ids = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.base_causallm(ids).logits, built.base_causallm.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_export_untied_llama_round_trip(llama_folder, chain_data, tmp_path):
+    config = _write_yaml(tmp_path / "llama.yaml", dict(coconut=True, c_thought=2, max_latent_stage=1,
+                                                       model_id=llama_folder, train_path=chain_data["train"],
+                                                       val_path=chain_data["val"]))
+    torch.manual_seed(1)
+    built = build_model(load_config(config), None, None, _silent)
+    with torch.no_grad():  # make the new head rows differ from the embedding rows
+        built.base_causallm.get_output_embeddings().weight[-3:].normal_()
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), 1, built.model.state_dict())
+    assert export.main([config, str(tmp_path / "ckpt" / "checkpoint_1"), str(tmp_path / "out")]) == 0
+    loaded = Coconut.from_pretrained(tmp_path / "out")
+    tokens = built.tokens
+    batch = _training_batch(built.tokenizer, chain_data["val"], tokens.latent_id, tokens.start_id, tokens.end_id,
+                            load_config(config), stage=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, built.model.eval()(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_export_bad_input_is_one_line_exit_2(tiny, tiny_cot, tmp_path, capsys):
+    cases = [
+        [tiny.config, str(tmp_path / "missing"), str(tmp_path / "o1")],  # no checkpoint
+        [str(tmp_path / "missing.yaml"), tiny.checkpoint, str(tmp_path / "o2")],  # no config
+        [tiny_cot.config, tiny.checkpoint, str(tmp_path / "o3")],  # coconut weights into a cot run
+    ]
+    for argv in cases:
+        capsys.readouterr()
+        assert export.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert not os.path.exists(argv[2])

@@ -1,0 +1,149 @@
+"""generate.py on the tiny exported models of test_export.py."""
+
+import json
+import re
+
+import pytest
+import torch
+from test_export import tiny_cot_model, tiny_prosqa_model
+
+import generate
+from coconut import Coconut
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_prosqa_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny):
+    return generate.load_exported(tiny.export)
+
+
+@pytest.fixture(scope="module")
+def val(tiny):
+    with open(tiny.val) as f:
+        return json.load(f)
+
+
+def _run(capsys, argv):
+    capsys.readouterr()
+    code = generate.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prompt_is_the_spec_evaluation_prompt(exported, val):
+    tok, s = exported.tokenizer, exported.settings
+    q = val[0]["question"]
+    base = tok.encode(q + "\n", add_special_tokens=True)
+    for stage in (0, 1, 2):
+        expected = base + [s["start_latent_id"]] + [s["latent_token_id"]] * stage + [s["end_latent_id"]]
+        assert generate.prompt_ids(tok, s, q, stage) == expected
+    unpadded = {**s, "pad_latent_to_max": False, "c_thought": 2}
+    assert generate.prompt_ids(tok, unpadded, q, 2, n_steps=1).count(s["latent_token_id"]) == 2  # min(2, 1) * 2
+    assert generate.prompt_ids(tok, {**s, "method": "cot"}, q, 0) == base
+
+
+def test_one_question_prints_output_answer_and_counts(tiny, exported, val, capsys):
+    q = val[0]["question"]
+    code, out, err = _run(capsys, [tiny.export, "--question", q, "--max_new_tokens", "12"])
+    assert code == 0, err
+    assert out.startswith(f"Question: {q}\n")
+    counts = re.search(r"^Tokens: (\d+) latent, (\d+) generated$", out, re.M)
+    assert counts and int(counts.group(1)) == 2 and 1 <= int(counts.group(2)) <= 12
+
+    # the same greedy decoding as Coconut.generate on the SPEC prompt
+    prompt = generate.prompt_ids(exported.tokenizer, exported.settings, q, 2)
+    row = exported.model.generate(torch.tensor([prompt]), max_new_tokens=12)[0, len(prompt):].tolist()
+    kept = generate._kept_generation(row, exported.model.eos_token_id)
+    text = exported.tokenizer.decode(kept, skip_special_tokens=True)
+    assert int(counts.group(2)) == len(kept)
+    assert re.search(r"^Answer: (.*)$", out, re.M).group(1) == generate.extract_answer(text)
+
+
+def test_stage_sets_the_number_of_thoughts(tiny, val, capsys):
+    for stage in (0, 1):
+        code, out, _ = _run(capsys, [tiny.export, "--question", val[1]["question"], "--stage", str(stage),
+                                     "--max_new_tokens", "2"])
+        assert code == 0 and f"Tokens: {stage} latent," in out
+
+
+def test_show_thoughts_are_the_thoughts_under_the_lm_head(tiny, exported, val, capsys):
+    q = val[2]["question"]
+    code, out, _ = _run(capsys, [tiny.export, "--question", q, "--show-thoughts", "--max_new_tokens", "2"])
+    assert code == 0
+    lines = [ln for ln in out.splitlines() if ln.startswith("  thought ")]
+    assert [ln.split(":")[0] for ln in lines] == ["  thought 1", "  thought 2"]
+
+    # independently: the continuous thought is the input embedding at the latent
+    # column; decode it with the output embeddings
+    model = exported.model
+    ids = torch.tensor([generate.prompt_ids(exported.tokenizer, exported.settings, q, 2)])
+    with torch.no_grad():
+        embeds = model(input_ids=ids, attention_mask=torch.ones_like(ids)).inputs_embeds[0]
+        cols = (ids[0] == exported.latent_id).nonzero(as_tuple=True)[0]
+        probs = torch.softmax(model.base_causallm.get_output_embeddings()(embeds[cols]), dim=-1)
+    for line, p in zip(lines, probs):
+        top = p.topk(5)
+        expected = "  ".join(f"{exported.tokenizer.decode([t])!r} {v:.3f}"
+                             for t, v in zip(top.indices.tolist(), top.values.tolist()))
+        assert line.split(": ", 1)[1] == expected
+
+
+def test_questions_file_batched_with_progress_and_output(tiny, exported, val, tmp_path, capsys):
+    out_file = tmp_path / "answers.json"
+    code, out, err = _run(capsys, [tiny.export, "--questions", tiny.val, "--batch_size", "4",
+                                   "--max_new_tokens", "6", "--output", str(out_file)])
+    assert code == 0, err
+    assert "Answering" in err  # the progress bar
+    records = json.loads(out_file.read_text())
+    assert [r["question"] for r in records] == [ex["question"] for ex in val]
+    assert all(r["latent_tokens"] == 2 and 1 <= r["generated_tokens"] <= 6 for r in records)
+    assert re.search(rf"^Accuracy: \d+ / {len(val)} = ", out, re.M)
+    assert out.count("Question: ") == len(val)
+
+    # batching does not change the answers
+    prompts = [generate.prompt_ids(exported.tokenizer, exported.settings, ex["question"], 2) for ex in val[:3]]
+    alone = [generate.answer_batch(exported, [ex["question"]], [p], 6)[0] for ex, p in zip(val, prompts)]
+    assert [(r.output, r.generated_tokens) for r in alone] == [(r["output"], r["generated_tokens"]) for r in records[:3]]
+
+
+def test_cot_model_answers_without_latents(tmp_path_factory, val, capsys):
+    cot = tiny_cot_model(tmp_path_factory)
+    code, out, _ = _run(capsys, [cot.export, "--question", val[0]["question"], "--max_new_tokens", "3", "--show-thoughts"])
+    assert code == 0 and "Tokens: 0 latent," in out and "no continuous thoughts" in out
+    code, _, err = _run(capsys, [cot.export, "--question", "x", "--stage", "1"])
+    assert code == 2 and "max_latent_stage 0" in err
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "not_coconut", "too_long", "stage", "bad_file", "bad_example"])
+def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
+    argv = [tiny.export, "--question", "Is Tom a wumpus?"]
+    if case == "missing_folder":
+        argv[0] = str(tmp_path / "nope")
+    elif case == "not_coconut":
+        argv[0] = tiny.model  # a Hugging Face folder, not an export
+    elif case == "too_long":
+        argv[2] = "Every wumpus is a yumpus. " * 60  # > 256 positions
+    elif case == "stage":
+        argv += ["--stage", "3"]
+    elif case == "bad_file":
+        (tmp_path / "q.json").write_text("{not json")
+        argv[1:3] = ["--questions", str(tmp_path / "q.json")]
+    elif case == "bad_example":
+        (tmp_path / "q.json").write_text(json.dumps([{"question": "ok"}, {"answer": "no question"}]))
+        argv[1:3] = ["--questions", str(tmp_path / "q.json")]
+    code, out, err = _run(capsys, argv)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    expected = {"missing_folder": "no such model folder", "not_coconut": "not an exported Coconut model",
+                "too_long": "context is 256 positions", "stage": "beyond this model's max_latent_stage 2",
+                "bad_file": "not a readable JSON file", "bad_example": "example 1 has no string 'question'"}[case]
+    assert expected in err
+
+
+def test_from_pretrained_refuses_a_plain_folder(tiny):
+    with pytest.raises(ValueError, match="not an exported Coconut model"):
+        Coconut.from_pretrained(tiny.model)

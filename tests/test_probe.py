@@ -1,0 +1,122 @@
+"""analysis/probe_prosqa.py on the tiny exported models of test_export.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_export import ROOT, tiny_cot_model, tiny_prosqa_model
+
+import generate
+from analysis import probe_prosqa
+from preprocessing import prosqa
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_prosqa_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def val(tiny):
+    with open(tiny.val) as f:
+        return json.load(f)
+
+
+def _run(capsys, argv):
+    capsys.readouterr()
+    code = probe_prosqa.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_graph_depths_and_concepts():
+    # Tom(0) -> a(1) -> b(2) -> c(3); Tom -> b; Sam(4) -> d(5)
+    edges = [[0, 1], [1, 2], [2, 3], [0, 2], [4, 5]]
+    assert probe_prosqa.bfs_depths(6, edges, 0) == {0: 0, 1: 1, 2: 1, 3: 2}
+    assert probe_prosqa.concept_nodes(6, edges) == [1, 2, 3, 5]
+    depths = probe_prosqa.bfs_depths(6, edges, 0)
+    assert [probe_prosqa.group_of(v, depths, 1) for v in (1, 2, 3, 5)] == ["frontier", "frontier", "reachable", "unreachable"]
+
+
+def test_probe_table_json_and_plot(tiny, val, tmp_path, capsys):
+    index = 1
+    plot, numbers = tmp_path / "probe.png", tmp_path / "probe.json"
+    code, out, err = _run(capsys, [tiny.export, tiny.val, "--index", str(index), "--plot", str(plot), "--json", str(numbers)])
+    assert code == 0, err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(numbers.read_text())
+    example = val[index]
+
+    # groups follow the graph: BFS depths computed by the generator's own code
+    graph = prosqa.Graph([[] for _ in example["idx_to_symbol"]], [0] * len(example["idx_to_symbol"]))
+    for u, v in example["edges"]:
+        graph.parents[v].append(u)
+        graph.children[u].append(v)
+    depth = prosqa.bfs_distances(graph, example["root"])
+    concepts = {c["node"]: c for c in result["concepts"]}
+    assert set(concepts) == {v for _, v in example["edges"]}  # every concept, no person
+    assert result["frontier_depths"] == [1, 2]
+    for node, c in concepts.items():
+        for t, group in enumerate(c["groups"]):
+            want = "unreachable" if node not in depth else ("frontier" if depth[node] == t + 1 else "reachable")
+            assert group == want, (c["symbol"], t)
+    assert concepts[example["target"]]["role"] == "answer"
+    assert concepts[example["neg_target"]]["role"] == "distractor"
+
+    # values: softmax over the vocabulary of the thought decoded by the LM head
+    exported = generate.load_exported(tiny.export)
+    ids = torch.tensor([generate.prompt_ids(exported.tokenizer, exported.settings, example["question"], 2)])
+    with torch.no_grad():
+        embeds = exported.model(input_ids=ids, attention_mask=torch.ones_like(ids)).inputs_embeds[0]
+        cols = (ids[0] == exported.latent_id).nonzero(as_tuple=True)[0]
+        probs = torch.softmax(exported.model.base_causallm.get_output_embeddings()(embeds[cols]), dim=-1)
+    for c in concepts.values():
+        token = exported.tokenizer.encode(" " + c["symbol"], add_special_tokens=False)[0]
+        assert c["probs"] == pytest.approx(probs[:, token].tolist(), abs=1e-6)
+    for t, masses in enumerate(result["masses"]):
+        frontier = sum(c["probs"][t] for c in concepts.values() if c["groups"][t] == "frontier")
+        assert masses["frontier"] == pytest.approx(frontier)
+
+    # the table: one row per concept, the group sums, frontier cells starred
+    lines = out.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("concept"))
+    assert lines[header].split()[-2:] == ["thought", "2"]
+    rows = lines[header + 1 : header + 1 + len(concepts)]
+    assert [r.split()[0] for r in rows] == [c["symbol"] for c in result["concepts"]]
+    assert sum(r.count("*") for r in rows) == sum(g == "frontier" for c in concepts.values() for g in c["groups"])
+    for label in ("frontier (sum)", "other reachable (sum)", "unreachable (sum)", "frontier share of concepts"):
+        assert any(ln.startswith(label) for ln in lines), label
+
+
+@pytest.mark.parametrize("case", ["index", "no_graph", "stage0", "cot", "not_coconut"])
+def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path_factory, tmp_path, capsys):
+    argv = [tiny.export, tiny.val, "--index", "0"]
+    if case == "index":
+        argv[3] = "99"
+    elif case == "no_graph":
+        (tmp_path / "plain.json").write_text(json.dumps([{"question": "q", "steps": [], "answer": "a"}]))
+        argv[1] = str(tmp_path / "plain.json")
+    elif case == "stage0":
+        argv += ["--stage", "0"]
+    elif case == "cot":
+        argv[0] = tiny_cot_model(tmp_path_factory).export
+    elif case == "not_coconut":
+        argv[0] = tiny.model
+    code, out, err = _run(capsys, argv)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    expected = {"index": "out of range", "no_graph": "has no idx_to_symbol, edges, root",
+                "stage0": "no continuous thoughts", "cot": "trained with cot", "not_coconut": "not an exported Coconut"}[case]
+    assert expected in err
+
+
+def test_runs_as_a_script(tiny, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "probe_prosqa.py"), tiny.export, tiny.val,
+                           "--index", "0", "--plot", str(tmp_path / "p.png")],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "frontier (sum)" in done.stdout and (tmp_path / "p.png").exists()
