@@ -78,7 +78,7 @@ def load_base_model(model_id: str, log) -> torch.nn.Module:
 
 def init_new_token_rows(model, tokenizer, tokens: LatentTokens, log) -> None:
     """Resize and start the three new rows as copies of `<<` (stabilises training)."""
-    model.resize_token_embeddings(len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set below
     source = tokenizer.encode("<<", add_special_tokens=False)
     matrices = [model.get_input_embeddings().weight]
     head = model.get_output_embeddings()

@@ -1,0 +1,520 @@
+"""End-to-end runs of run.py (SPEC 5, 9) on tiny offline models, on CPU.
+
+In-process runs call `run.main([cfg])`; subprocesses cover torchrun, killing and
+resuming, exit statuses and stderr. Every run has WANDB_MODE=disabled except the one
+test of the offline fallback. Tiny everything: 2-layer 64-wide models, 48 training and
+12 validation examples, 16 new tokens.
+"""
+
+import concurrent.futures
+import contextlib
+import io
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import run
+import trainer
+from checkpoint import list_checkpoints
+from utils import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_PY = os.path.join(REPO, "run.py")
+PREFIX = "base_causallm."
+ACC_RE = re.compile(r"^Accuracy on validation set: (\d+) / (\d+) = (\S+)$", re.M)
+COT_RE = re.compile(r"^CoT match on validation set: (\d+) / (\d+) = (\S+)$", re.M)
+FULL_RE = re.compile(r"^Full output: '(.*?)'\nExtracted Output:", re.M | re.S)
+EPOCH_START_RE = re.compile(r"Training Epoch: (\d+):\s+0%")  # tqdm's first refresh of an epoch's bar
+N_VAL = 12  # conftest's chain_data
+START, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+
+
+# ------------------------------------------------------------------ helpers
+def keys_for(model_folder, data, save_path, name, **over):
+    keys = dict(
+        model_id=model_folder, train_path=data["train"], val_path=data["val"], save_path=str(save_path), name=name,
+        num_epochs=2, batch_size_training=8, lr=1e-3, max_new_tokens=16, c_thought=1, epochs_per_stage=1,
+        max_latent_stage=1, seed=0,
+    )
+    keys.update(over)
+    return keys
+
+
+def write_cfg(path, keys) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(keys, f)
+    return str(path)
+
+
+def run_in_process(cfg):
+    """run.main([cfg]) with stdout/stderr captured: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WORLD_SIZE")}
+    os.environ["WANDB_MODE"] = "disabled"
+    os.environ.pop("WORLD_SIZE", None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only spins (5x slower on a busy machine)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = run.main([cfg])
+    finally:
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rc, out.getvalue(), err.getvalue()
+
+
+def sub_env(**extra):
+    """Environment of a subprocess run: no wandb settings but WANDB_MODE=disabled, one thread."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("WANDB_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _descendants(pid):
+    """Ids of every process below `pid` (from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def run_sub(args, env=None, timeout=300, cwd=REPO):
+    """Run `python ARGS`; on timeout kill it and all its descendants, then fail."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env or sub_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun's workers start sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"python {' '.join(map(str, args))} ran over {timeout} s; stderr ends:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def acc_lines(stdout):
+    """[(C, T, A)] of the accuracy lines, checking A = C / T and T = the validation size."""
+    found = []
+    for regex in (ACC_RE, COT_RE):
+        rows = [(int(c), int(t), float(a)) for c, t, a in regex.findall(stdout)]
+        for c, t, a in rows:
+            assert t == N_VAL and 0 <= c <= t and a == c / t
+        found.append(rows)
+    assert len(found[0]) == len(found[1])
+    return found[0]
+
+
+def epochs_started(stderr):
+    return [int(n) for n in EPOCH_START_RE.findall(stderr)]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a_path, b_path):
+    a, b = load(a_path), load(b_path)
+    assert a.keys() == b.keys(), a_path
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{a_path} vs {b_path}: tensors differ: {different[:5]}"
+
+
+def assert_same_values(a, b, where):
+    """Equal nested dicts/lists of tensors and plain values (a .state file's content)."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_values(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_values(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ shared runs
+@pytest.fixture(scope="module")
+def coconut_run(tmp_path_factory, gpt2_folder, chain_data):
+    """A 2-epoch coconut run (stage 0 then stage 1), reused by several tests."""
+    folder = tmp_path_factory.mktemp("coconut_run")
+    cfg = write_cfg(folder / "cfg.yaml", keys_for(gpt2_folder, chain_data, folder / "ckpt", "coconut", coconut=True))
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0, err[-3000:]
+    return {"cfg": cfg, "out": out, "err": err, "dir": str(folder / "ckpt" / "coconut")}
+
+
+@pytest.fixture(scope="module")
+def cot_run(tmp_path_factory, gpt2_folder, chain_data):
+    folder = tmp_path_factory.mktemp("cot_run")
+    cfg = write_cfg(folder / "cfg.yaml", keys_for(gpt2_folder, chain_data, folder / "ckpt", "cot", cot=True, c_thought=0, max_latent_stage=0))
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0, err[-3000:]
+    return {"cfg": cfg, "out": out, "err": err, "dir": str(folder / "ckpt" / "cot")}
+
+
+# ------------------------------------------------------------------ 1. every method, end to end
+# method -> (extra keys, wrapper checkpoint?, latents in the eval prompt at epoch 1 and 2, markers?)
+METHODS = {
+    "coconut": ({"coconut": True}, True, (0, 1), True),
+    "cot": ({"cot": True}, False, (0, 0), False),
+    "no_cot": ({"no_cot": True}, False, (0, 0), False),
+    "no_thoughts": ({"no_thoughts": True}, False, (0, 0), False),
+    "pause_as_thought": ({"pause_as_thought": True}, False, (0, 1), True),
+    "no_curriculum": ({"coconut": True, "no_curriculum": True}, True, (1, 1), True),
+    "coconut_llama": ({"coconut": True}, True, (0, 1), True),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_runs_two_epochs(method, request, tmp_path, gpt2_folder, llama_folder, chain_data):
+    extra, wrapper, latents, markers = METHODS[method]
+    if method in ("coconut", "cot"):
+        result = request.getfixturevalue(f"{method}_run")
+        out, save_dir = result["out"], result["dir"]
+    else:
+        folder = llama_folder if method == "coconut_llama" else gpt2_folder
+        cfg = write_cfg(tmp_path / "cfg.yaml", keys_for(folder, chain_data, tmp_path / "ckpt", method, **extra))
+        rc, out, err = run_in_process(cfg)
+        assert rc == 0, err[-3000:]
+        save_dir = str(tmp_path / "ckpt" / method)
+
+    assert len(acc_lines(out)) == 2, out  # one Accuracy and one CoT line per epoch
+    assert list_checkpoints(save_dir) == [1, 2]
+    for epoch in (1, 2):
+        state = load(os.path.join(save_dir, f"checkpoint_{epoch}"))
+        assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+        prefixed = [k.startswith(PREFIX) for k in state]
+        assert all(prefixed) if wrapper else not any(prefixed), sorted(state)[:3]
+
+    # The method's layout shows in the generated text (prompt included): markers, latents per stage.
+    outputs = FULL_RE.findall(out)
+    assert len(outputs) == 4, out  # two examples shown per epoch
+    for i, text in enumerate(outputs):
+        assert (START in text and END in text) == markers, text
+        assert text.count(LATENT) == latents[i // 2], (i, text)
+
+
+# ------------------------------------------------------------------ 2. torchrun, two processes
+def _per_rank_batch_latents(cfg, gpt2_folder):
+    """Max latents of every training batch on each of 2 ranks (the number of passes - 1)."""
+    from torch.utils.data import DistributedSampler
+
+    from dataset import get_cot_latent_dataset, get_dataset
+    from modeling import build_tokenizer
+
+    config = load_config(cfg)
+    tokenizer, ids = build_tokenizer(gpt2_folder)
+    base = get_dataset(config.train_path, tokenizer)
+    per_rank = {0: [], 1: []}
+    for epoch in range(config.num_epochs):
+        data = get_cot_latent_dataset(config.scheduled_stage(epoch), base, trainer.data_config(config), ids.start_id,
+                                      ids.latent_id, ids.end_id, shuffle=True, epoch=epoch)
+        for rank in (0, 1):
+            order = list(DistributedSampler(data, 2, rank, shuffle=False))
+            for b in range(0, len(order), config.batch_size_training):
+                rows = [data[i]["input_ids"] for i in order[b: b + config.batch_size_training]]
+                per_rank[rank].append(max(r.count(ids.latent_id) for r in rows))
+    return per_rank
+
+
+def test_torchrun_two_processes(tmp_path, gpt2_folder, chain_data):
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "ddp", coconut=True, max_latent_stage=2,
+                    pad_latent_to_max=False, uniform_prob=0.5, batch_size_training=4, batch_size_eval=4)
+    cfg = write_cfg(tmp_path / "cfg.yaml", keys)
+    # the premise: the two processes see different latent counts in some batch, so the
+    # number of continuous-thought passes must be agreed across ranks
+    per_rank = _per_rank_batch_latents(cfg, gpt2_folder)
+    assert per_rank[0] != per_rank[1], per_rank
+
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), RUN_PY, cfg]
+    proc = run_sub(args, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(acc_lines(proc.stdout)) == 2, proc.stdout  # printed by rank 0 only, once per epoch
+    assert "Running FSDP on rank = 0, world size = 2" in proc.stdout
+    assert "rank = 1" not in proc.stdout
+    save_dir = tmp_path / "ckpt" / "ddp"
+    assert list_checkpoints(save_dir) == [1, 2]
+    state = load(save_dir / "checkpoint_2")
+    assert all(k.startswith(PREFIX) for k in state)
+
+
+# ------------------------------------------------------------------ 3. only_eval reproduces the run's last evaluation
+def test_only_eval_matches_end_of_run(tmp_path, coconut_run):
+    keys = yaml.safe_load(open(coconut_run["cfg"]))
+    checkpoint_2 = os.path.join(coconut_run["dir"], "checkpoint_2")
+    keys.update(only_eval=True, load_model_path=checkpoint_2, resume=1)
+    assert load_config(write_cfg(tmp_path / "probe.yaml", keys)).scheduled_stage(1) == 1  # the stage evaluated at the end
+    rc, out, err = run_in_process(write_cfg(tmp_path / "eval.yaml", keys))
+    assert rc == 0, err[-3000:]
+
+    trained = coconut_run["out"]
+    assert ACC_RE.findall(out) == ACC_RE.findall(trained)[-1:]
+    assert COT_RE.findall(out) == COT_RE.findall(trained)[-1:]
+    outputs, run_outputs = FULL_RE.findall(out), FULL_RE.findall(trained)
+    assert outputs == run_outputs[-2:]
+    # not trivially equal: the model changed between epochs, so another checkpoint or
+    # stage would generate something else
+    assert run_outputs[:2] != run_outputs[-2:]
+    assert not os.path.exists(os.path.join(coconut_run["dir"], "checkpoint_3"))
+
+
+# ------------------------------------------------------------------ 4. kill and resume
+def _kill_config(tmp_path, gpt2_folder, chain_data, name):
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", name, coconut=True, uniform_prob=0.3)
+    return write_cfg(tmp_path / f"{name}.yaml", keys), tmp_path / "ckpt" / name
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, gpt2_folder, chain_data):
+    """The uninterrupted run the killed ones must reproduce exactly (a subprocess too: same threads)."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    cfg, save_dir = _kill_config(tmp_path, gpt2_folder, chain_data, "reference")
+    start = time.monotonic()
+    proc = run_sub([RUN_PY, cfg])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert epochs_started(proc.stderr) == [1, 2]
+    return {"dir": save_dir, "seconds": time.monotonic() - start}
+
+
+def _start(cfg, log_dir, tag):
+    out_path, err_path = log_dir / f"{tag}.out", log_dir / f"{tag}.err"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, RUN_PY, cfg], cwd=REPO, env=sub_env(), stdout=out, stderr=err)
+    return proc, out_path, err_path
+
+
+@pytest.mark.parametrize("when", ["after_checkpoint_1", "random"])
+def test_kill_and_resume_is_exact(when, tmp_path, gpt2_folder, chain_data, reference_run):
+    cfg, save_dir = _kill_config(tmp_path, gpt2_folder, chain_data, "killed")
+    proc, _, _ = _start(cfg, tmp_path, "first")
+    if when == "after_checkpoint_1":
+        deadline = time.monotonic() + 120
+        while not (save_dir / "checkpoint_1").exists():
+            assert proc.poll() is None, "the run ended before writing checkpoint_1"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    else:
+        delay = random.uniform(1.0, reference_run["seconds"])
+        print(f"killing after {delay:.2f} s")
+        time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = max(list_checkpoints(save_dir), default=0)
+    if when == "after_checkpoint_1":
+        assert done == 1
+
+    proc, out_path, err_path = _start(cfg, tmp_path, "second")
+    assert proc.wait(timeout=300) == 0, err_path.read_text()[-3000:]
+    out, err = out_path.read_text(), err_path.read_text()
+    if done:
+        assert f"Loading from previous run epoch_{done}!" in out
+        if done < 2:
+            assert f"restored the optimizer state of epoch {done}" in out
+    else:
+        assert "resume from that" not in out
+    # no finished epoch is trained again
+    assert epochs_started(err) == list(range(done + 1, 3))
+    assert len(acc_lines(out)) == 2 - done
+
+    assert list_checkpoints(save_dir) == [1, 2]
+    for epoch in (1, 2):
+        assert_same_tensors(save_dir / f"checkpoint_{epoch}", reference_run["dir"] / f"checkpoint_{epoch}")
+        name = f"checkpoint_{epoch}.state"  # optimizer state and best accuracy too
+        assert_same_values(load(save_dir / name), load(reference_run["dir"] / name), name)
+
+
+# ------------------------------------------------------------------ 5. checkpoints in the published layout
+def _tiny_lr_keys(cfg_path, save_path, name, **over):
+    """The config of a shared run with an lr so small that training barely moves the weights."""
+    keys = yaml.safe_load(open(cfg_path))
+    keys.update(save_path=str(save_path), name=name, lr=1e-9, weight_decay=0.0, **over)
+    return keys
+
+
+def test_cot_state_dict_into_coconut(tmp_path, cot_run, coconut_run):
+    cot_state = load(os.path.join(cot_run["dir"], "checkpoint_2"))
+    plain = tmp_path / "cot_model.pt"
+    torch.save(cot_state, plain)  # the published layout: torch.save(model.state_dict())
+    keys = _tiny_lr_keys(coconut_run["cfg"], tmp_path / "ckpt", "from_cot", load_model_path=str(plain), resume=1)
+    rc, out, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
+    assert rc == 0, err[-3000:]
+    assert f"Loading from {plain} and skip the first 1 epochs" in out
+    assert epochs_started(err) == [2] and len(acc_lines(out)) == 1
+    save_dir = tmp_path / "ckpt" / "from_cot"
+    assert list_checkpoints(save_dir) == [2]
+    coconut_state = load(save_dir / "checkpoint_2")
+    # the CoT weights are in the coconut model (the embeddings gained the 3 new rows)
+    for key, value in cot_state.items():
+        mine = coconut_state[PREFIX + key]
+        if mine.shape != value.shape:
+            assert mine.shape[0] == value.shape[0] + 3 and mine.shape[1:] == value.shape[1:], key
+            mine = mine[: value.shape[0]]
+        torch.testing.assert_close(mine, value, atol=1e-6, rtol=0, msg=key)
+
+
+def _published_coconut_state(path):
+    """A coconut checkpoint as the published code wrote it: base_causallm.* plus `embedding.weight`."""
+    state = load(path)
+    state["embedding.weight"] = state[PREFIX + "transformer.wte.weight"]
+    return state
+
+
+def test_published_coconut_state_dict_loads(tmp_path, coconut_run):
+    published = tmp_path / "published_checkpoint"
+    torch.save(_published_coconut_state(os.path.join(coconut_run["dir"], "checkpoint_2")), published)
+    keys = yaml.safe_load(open(coconut_run["cfg"]))
+    keys.update(only_eval=True, load_model_path=str(published), resume=1)
+    rc, out, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
+    assert rc == 0, err[-3000:]
+    # the weights of epoch 2 are what generates: same outputs as the end of that run
+    assert FULL_RE.findall(out) == FULL_RE.findall(coconut_run["out"])[-2:]
+    assert ACC_RE.findall(out) == ACC_RE.findall(coconut_run["out"])[-1:]
+
+
+def test_coconut_state_dict_into_cot_fails(tmp_path, cot_run, coconut_run):
+    bad = os.path.join(coconut_run["dir"], "checkpoint_2")
+    keys = yaml.safe_load(open(cot_run["cfg"]))
+    keys.update(save_path=str(tmp_path / "ckpt"), load_model_path=bad, resume=1)
+    proc = run_sub([RUN_PY, write_cfg(tmp_path / "cfg.yaml", keys)])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and bad in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_resume_from_published_layout_folder(tmp_path, coconut_run):
+    save_dir = tmp_path / "ckpt" / "published"
+    save_dir.mkdir(parents=True)
+    for epoch in (1, 2):
+        torch.save(_published_coconut_state(os.path.join(coconut_run["dir"], f"checkpoint_{epoch}")),
+                   save_dir / f"checkpoint_{epoch}")
+    (save_dir / "notes.txt").write_text("my notes\n")
+    (save_dir / "checkpoint_1.tmp").write_bytes(b"\x00 half a file")
+    keys = _tiny_lr_keys(coconut_run["cfg"], tmp_path / "ckpt", "published", num_epochs=3, resume=0)
+    rc, out, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
+    assert rc == 0, err[-3000:]
+    assert "Loading from previous run epoch_2!" in out
+    assert "no optimizer state (published layout): starting a new AdamW" in out
+    assert epochs_started(err) == [3] and len(acc_lines(out)) == 1
+    assert list_checkpoints(save_dir) == [1, 2, 3]
+    assert (save_dir / "notes.txt").read_text() == "my notes\n"
+    # epoch 3 started from checkpoint_2's weights
+    before, after = load(save_dir / "checkpoint_2"), load(save_dir / "checkpoint_3")
+    for key, value in after.items():
+        torch.testing.assert_close(value, before[key], atol=1e-6, rtol=0, msg=key)
+
+
+# ------------------------------------------------------------------ 6. bad input: one line, exit 2, nothing written
+def _bad_cases(folder, gpt2_folder, chain_data):
+    """name -> (argv after run.py, text the one stderr line must contain)."""
+    def cfg(name, **over):
+        keys = keys_for(gpt2_folder, chain_data, folder / "ckpt", name, coconut=True)
+        keys.update(over)
+        return write_cfg(folder / f"{name}.yaml", keys)
+
+    def data(name, content):
+        path = folder / name
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        return str(path)
+
+    good = {"question": "q", "answer": "a", "steps": ["s"]}
+    missing = str(folder / "nowhere" / "train.json")
+    no_model = str(folder / "nowhere" / "model.pt")
+    not_json = data("val_not_json.json", "[{'question': 1,")
+    no_steps = data("no_steps.json", [good, {"question": "q", "answer": "a"}])
+    bad_steps = data("bad_steps.json", [good, good, {"question": "q", "answer": "a", "steps": ["ok", 3]}])
+    return {
+        "no_argument": ([], "usage"),
+        "unknown_key": ([cfg("typo", c_thougth=1)], "did you mean 'c_thought'"),
+        "wrong_type": ([cfg("type", num_epochs="two")], "'num_epochs'"),
+        "two_methods": ([cfg("two", cot=True)], "coconut, cot"),
+        "missing_train_path": ([cfg("train", train_path=missing)], missing),
+        "missing_load_model_path": ([cfg("load", load_model_path=no_model)], no_model),
+        "val_not_json": ([cfg("val", val_path=not_json)], not_json),
+        "example_without_steps": ([cfg("nosteps", train_path=no_steps)], "example 1: missing key 'steps'"),
+        "steps_not_strings": ([cfg("badsteps", val_path=bad_steps)], "example 2: 'steps' must be a list of strings"),
+    }
+
+
+BAD_CASES = ["no_argument", "unknown_key", "wrong_type", "two_methods", "missing_train_path",
+             "missing_load_model_path", "val_not_json", "example_without_steps", "steps_not_strings"]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, gpt2_folder, chain_data):
+    """Every bad-input run, three at a time (each pays python start-up and run.py's imports, ~4 s of CPU)."""
+    folder = tmp_path_factory.mktemp("bad")
+    cases = _bad_cases(folder, gpt2_folder, chain_data)
+    results = {}
+
+    def one(name):
+        proc = run_sub([RUN_PY, *cases[name][0]], timeout=120)
+        results[name] = (proc.returncode, proc.stdout, proc.stderr, cases[name][1])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(one, cases))
+    return results, folder
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_fails_cleanly(case, bad_runs):
+    results, folder = bad_runs
+    rc, out, err, expected = results[case]
+    assert rc == 2, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not (folder / "ckpt").exists()
+
+
+# ------------------------------------------------------------------ 7. wandb without login
+def test_wandb_without_login_logs_offline(tmp_path, gpt2_folder, chain_data):
+    """Needs the wandb package; its offline start adds about 5 s."""
+    pytest.importorskip("wandb")
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "wandb", coconut=True, num_epochs=1, debug=False)
+    cfg = write_cfg(tmp_path / "cfg.yaml", keys)
+    env = sub_env(HOME=str(tmp_path))
+    del env["WANDB_MODE"]
+    proc = run_sub([RUN_PY, cfg], env=env, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = [line for line in proc.stdout.splitlines() if "offline" in line]
+    assert len(offline) == 1 and offline[0].startswith("wandb:"), proc.stdout
+    assert len(acc_lines(proc.stdout)) == 1
+    assert (tmp_path / "wandb").is_dir()  # the offline run's files, for `wandb sync`
