@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -97,6 +98,47 @@ def align_latents(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_
     return new_ids, new_mask, position_ids
 
 
+class _BufferedLayer(DynamicLayer):
+    """A cache layer for decoding without gradients: keys and values go into a buffer
+    that doubles when full, instead of a new concatenated copy for every token."""
+
+    _key_buffer = _value_buffer = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        used = self.get_seq_length()
+        needed = used + key_states.shape[-2]
+        if self._key_buffer is None or self._key_buffer.shape[-2] < needed:
+            capacity = max(2 * needed, 64)
+            self._key_buffer = self._reallocate(self._key_buffer, key_states, used, capacity)
+            self._value_buffer = self._reallocate(self._value_buffer, value_states, used, capacity)
+        self._key_buffer[..., used:needed, :] = key_states
+        self._value_buffer[..., used:needed, :] = value_states
+        self.keys = self._key_buffer[..., :needed, :]  # (batch, heads, seq, head_dim) views
+        self.values = self._value_buffer[..., :needed, :]
+        return self.keys, self.values
+
+    @staticmethod
+    def _reallocate(old, like, used, capacity):
+        new = like.new_empty((*like.shape[:-2], capacity, like.shape[-1]))
+        if used:
+            new[..., :used, :] = old[..., :used, :]
+        return new
+
+    def reset(self):
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+def new_cache(config, buffered: bool) -> DynamicCache:
+    """A transformers 5 cache; buffered (no-grad decoding only) avoids a copy per token."""
+    cache = DynamicCache(config=config)
+    if buffered:
+        cache.layers = [_BufferedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 class Coconut(nn.Module):
     def __init__(self, base_causallm, latent_token_id, start_latent_id, end_latent_id, eos_token_id):
         super().__init__()
@@ -158,7 +200,7 @@ class Coconut(nn.Module):
             n_passes = _all_ranks_max(n_passes, input_ids.device)
         segments = self._segments(input_ids.shape[1], columns, n_passes)
 
-        cache = DynamicCache(config=self.base_causallm.config)
+        cache = new_cache(self.base_causallm.config, buffered=not torch.is_grad_enabled())
         chunks, logit_chunks, padding_term = [], [], token_embeds.new_zeros(())
         kept_logits = None
         filled = None  # (batch, hidden): value for the latent at column `start`, if any
@@ -182,7 +224,10 @@ class Coconut(nn.Module):
                 kept_logits = self._gather_kept(out.logits, keep, logit_cols, start, end, kept_logits)
             filled = out.hidden_states[-1][:, -1]  # last layer, after the final norm
         inputs_embeds = torch.cat(chunks, dim=1)
-        logits = torch.cat(logit_chunks, dim=1) if logit_cols is None else kept_logits
+        if logit_cols is not None:
+            logits = kept_logits
+        else:  # one chunk (no latents) needs no copy of the (batch, seq, vocab) logits
+            logits = logit_chunks[0] if len(logit_chunks) == 1 else torch.cat(logit_chunks, dim=1)
         return inputs_embeds, logits, cache, padding_term
 
     def _columns_to_keep(self, logit_cols, start, end):

@@ -211,3 +211,19 @@ def test_bf16_forward_runs_and_stays_close():
     fp32 = Coconut(base, LATENT, START, END, EOS)(**batch).loss.item()
     bf16 = Coconut(base.to(torch.bfloat16), LATENT, START, END, EOS)(**batch).loss.item()
     assert abs(bf16 - fp32) < 0.05 * fp32
+
+
+def test_buffered_cache_layer_matches_concatenation():
+    """The no-grad decoding cache returns exactly what concatenation would, across growth."""
+    from transformers.cache_utils import DynamicLayer
+
+    from coconut import _BufferedLayer
+
+    buffered, plain = _BufferedLayer(), DynamicLayer()
+    torch.manual_seed(0)
+    for length in [5, 1, 1, 40, 1, 100, 1]:  # forces the buffer to grow twice
+        keys, values = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
+        got = buffered.update(keys, values)
+        want = plain.update(keys, values)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert buffered.get_seq_length() == plain.get_seq_length() == 149

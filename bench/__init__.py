@@ -1,0 +1,1 @@
+"""Measurement scripts: `python bench/bench.py` (CPU) and `bench/gpu.sh` (CUDA)."""

@@ -1,0 +1,115 @@
+"""ProsQA-shaped synthetic batches and random-weight GPT-2 models for the benchmarks.
+
+Nothing is downloaded: token ids are drawn from a seeded generator and the models have
+random weights. The vocabulary is GPT-2's 50257 tokens plus the three Coconut markers.
+
+A training example at stage k (c_thought 1) is
+
+    question (~200 tokens) + <start> + <latent> * k + <end> + step tokens + answer + EOS
+
+where the k latents *replace k step tokens*, so the sequence length is the same at
+every stage: what changes between stages is only the latent filling, which is what the
+step-time-per-stage measurement isolates. Labels cover the step and answer tokens
+(the question, markers and latents are not supervised), as in dataset.py.
+"""
+
+import random
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from dataset import IGNORE_INDEX, MyCollator
+
+GPT2_VOCAB = 50257
+EOS_ID = 50256  # <|endoftext|>
+START_ID, END_ID, LATENT_ID = GPT2_VOCAB, GPT2_VOCAB + 1, GPT2_VOCAB + 2
+VOCAB_SIZE = GPT2_VOCAB + 3
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Token counts of one ProsQA-shaped example (the question length varies per example)."""
+
+    question: int = 200  # mean question length
+    question_jitter: int = 12  # question length drawn from question +- jitter
+    steps: int = 90  # step tokens at stage 0; stage k turns k of them into latents
+    answer: int = 6  # answer tokens, EOS included
+    vocab: int = VOCAB_SIZE
+
+    @property
+    def length(self) -> int:
+        return self.question + 2 + self.steps + self.answer
+
+
+FULL = Shape()
+QUICK = Shape(question=24, question_jitter=4, steps=10, answer=3, vocab=300)
+
+
+def ids_for(vocab: int):
+    """(eos, start, end, latent) ids for a vocabulary whose last three rows are the markers."""
+    return SimpleNamespace(eos=vocab - 4, start=vocab - 3, end=vocab - 2, latent=vocab - 1)
+
+
+def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_positions=1024):
+    """GPT-2 with random weights and dropout off (so losses of two algorithms compare)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=n_positions,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=ids_for(vocab).eos, eos_token_id=ids_for(vocab).eos,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def collator(vocab: int) -> MyCollator:
+    ids = ids_for(vocab)
+    tokenizer = SimpleNamespace(pad_token_id=None, eos_token_id=ids.eos)  # pad = EOS (SPEC 1)
+    return MyCollator(tokenizer, latent_id=ids.latent)
+
+
+def _tokens(rng, n, vocab):
+    # ordinary tokens only: below EOS, so no marker or EOS appears by chance
+    return [rng.randrange(0, ids_for(vocab).eos) for _ in range(n)]
+
+
+def training_examples(shape: Shape, batch: int, seed: int = 0):
+    """Stage-independent content: (question, steps, answer) token lists per example."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(batch):
+        q = shape.question + rng.randint(-shape.question_jitter, shape.question_jitter)
+        out.append((_tokens(rng, q, shape.vocab), _tokens(rng, shape.steps, shape.vocab),
+                    _tokens(rng, shape.answer - 1, shape.vocab) + [ids_for(shape.vocab).eos]))
+    return out
+
+
+def training_batch(shape: Shape, batch: int, stage, seed: int = 0) -> dict:
+    """A collated batch at `stage` (one int, or one per example): k latents replace the first k step tokens."""
+    ids = ids_for(shape.vocab)
+    stages = [stage] * batch if isinstance(stage, int) else list(stage)
+    features = []
+    for stage, (question, steps, answer) in zip(stages, training_examples(shape, batch, seed)):
+        prefix = question + [ids.start] + [ids.latent] * stage + [ids.end]
+        suffix = steps[stage:] + answer
+        tokens = prefix + suffix
+        features.append({"input_ids": tokens, "labels": [IGNORE_INDEX] * len(prefix) + suffix})
+    return collator(shape.vocab)(features)
+
+
+def prompts(shape: Shape, n: int, n_latents: int = 6, seed: int = 1) -> list:
+    """n evaluation prompts (question + <start> + latents + <end>), ~shape.length tokens, varied."""
+    ids = ids_for(shape.vocab)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        q = shape.question + shape.steps + rng.randint(-3 * shape.question_jitter, 3 * shape.question_jitter)
+        out.append(torch.tensor(_tokens(rng, q, shape.vocab) + [ids.start] + [ids.latent] * n_latents + [ids.end]))
+    return out
+
+
+def prompt_batch(shape: Shape, prompt_list: list) -> dict:
+    """Prompts collated with MyCollator (first latents aligned, pads masked)."""
+    return collator(shape.vocab)([{"input_ids": p.tolist()} for p in prompt_list])

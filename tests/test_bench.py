@@ -1,0 +1,129 @@
+"""The benchmark's baseline is right, and the benchmark scripts run.
+
+bench/naive.py is the naive algorithm the speed-ups are measured against: it must give
+Coconut's loss, gradients and generations. bench/bench.py --quick must write its JSON;
+bench/gpu.sh must refuse clearly without a GPU.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import workload
+from bench.naive import naive_generate_one, naive_train_step_forward
+from coconut import Coconut
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = workload.QUICK
+IDS = workload.ids_for(SHAPE.vocab)
+TOLERANCE = 1e-4
+
+
+def tiny():
+    model = workload.make_model(n_layer=2, n_embd=64, n_head=4, vocab=SHAPE.vocab, seed=0)
+    return model, Coconut(model, IDS.latent, IDS.start, IDS.end, IDS.eos)
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("rebuild", ["unbind", "index"])
+def test_naive_forward_gives_coconuts_loss_and_gradients(rebuild):
+    model, coconut = tiny()
+    batch = workload.training_batch(SHAPE, 5, stage=[0, 3, 1, 6, 2])  # mixed, aligned by MyCollator
+    params = list(model.parameters())
+    ours = coconut(**batch).loss
+    ours_grads = torch.autograd.grad(ours, params)
+    naive = naive_train_step_forward(model, batch, IDS.latent, rebuild=rebuild)
+    naive_grads = torch.autograd.grad(naive, params)
+    assert abs(ours.item() - naive.item()) < TOLERANCE * abs(naive.item())
+    for got, want in zip(ours_grads, naive_grads):
+        assert relative(got, want) < TOLERANCE
+
+
+def test_naive_forward_lets_gradients_through_the_thoughts():
+    model, _ = tiny()
+    batch = workload.training_batch(SHAPE, 3, stage=4)
+    wte = model.get_input_embeddings().weight
+    grad = torch.autograd.grad(naive_train_step_forward(model, batch, IDS.latent), wte)[0]
+    # the question tokens are not supervised: only the thoughts carry gradient to them
+    question_token = int(batch["input_ids"][0][batch["attention_mask"][0].bool()][0])
+    assert grad[question_token].abs().max() > 0
+
+
+def test_naive_generation_equals_coconut_rows():
+    model, coconut = tiny()
+    model.eval()
+    prompts = workload.prompts(SHAPE, 6, n_latents=3)
+    prompts[1] = prompts[1][:-5]  # [..., start, latent] and no end: still a valid prompt
+    prompts.append(workload.prompts(SHAPE, 1, n_latents=0, seed=9)[0])
+    batch = workload.prompt_batch(SHAPE, prompts)
+    with torch.no_grad():
+        rows = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10).tolist()
+    for row, prompt in zip(rows, prompts):
+        want = naive_generate_one(model, prompt, IDS.latent, IDS.eos, 10)
+        assert want[: len(prompt)] == prompt.tolist() and len(want) == len(prompt) + 10
+        assert row == want + [IDS.eos] * (len(row) - len(want))
+
+
+def test_naive_generation_keeps_the_first_token_then_stops_at_eos():
+    model, coconut = tiny()
+    model.eval()
+    with torch.no_grad():  # every hidden state becomes ln_f's bias, which points at EOS
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.normal_()
+        model.transformer.wte.weight[IDS.eos] = 50 * model.transformer.ln_f.bias
+    prompt = workload.prompts(SHAPE, 1, n_latents=2)[0]
+    want = naive_generate_one(model, prompt, IDS.latent, IDS.eos, 20)
+    assert want == prompt.tolist() + [IDS.eos]
+    with torch.no_grad():
+        got = coconut.generate(prompt[None], torch.ones_like(prompt[None]), max_new_tokens=20)
+    assert got.tolist() == [want]
+
+
+def test_quick_bench_writes_its_json(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/bench.py", "--quick", "--threads", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert {"setup", "targets", "training", "memory", "generation", "demo", "wall_s"} <= set(results)
+    stages = results["training"]["stages"]
+    assert sorted(stages, key=int) == [str(k) for k in range(7)]
+    for entry in stages.values():
+        assert {"coconut_s", "coconut_ratio", "naive_s", "naive_ratio", "loss_rel_diff"} <= set(entry)
+        assert entry["loss_rel_diff"] < TOLERANCE
+    assert {"coconut_ratio", "coconut_0_peak_delta_bytes", "coconut_6_peak_delta_bytes", "target_met"} <= set(results["memory"])
+    assert results["memory"]["coconut_0_peak_delta_bytes"] > 0
+    gen = results["generation"]
+    assert set(gen["batches"]) == {"1", "8", "32"}
+    assert all(e["questions_per_s"] > 0 and e["speedup_vs_naive"] > 0 for e in gen["batches"].values())
+    assert (tmp_path / "step_time.png").stat().st_size > 10_000
+    assert "Training step" in out.stdout and "Generation" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_script_refuses_clearly_without_cuda():
+    out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0]
+    assert out.stdout == ""
+
+
+def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/gpu_bench.py", "--cpu-smoke", "--batch", "3", "--steps", "1", "--rounds", "1",
+         "--gen-batch", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "gpu.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": ""},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["training"]["stage_0"]["tokens_per_s"] > 0
+    assert set(result["generation"]["batches"]) == {"1", "4"}
