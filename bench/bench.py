@@ -92,7 +92,7 @@ class Setup:
 
 FULL = Setup(
     name="full", n_layer=4, n_embd=256, n_head=4, shape=workload.FULL, train_batch=16,
-    stages=list(range(7)), repeats=2,  # 2 keeps `make bench` under 10 minutes on 2 cores memory_repeats=1,
+    stages=list(range(7)), repeats=2, memory_repeats=1,  # 2 repeats keep `make bench` under 10 minutes
     memory_algos=[("coconut", 0), ("coconut", 6), ("naive", 6)],
     gen_batches=[1, 8, 32], gen_questions={1: 4, 8: 16, 32: 32}, max_new_tokens=64,
 )
