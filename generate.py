@@ -266,8 +266,8 @@ def format_result(result: Result, index: Optional[int] = None) -> str:
 # Questions file
 
 
-def load_questions(path: str) -> list:
-    """[{"question": str, ...}] (answer and steps optional) or [str]; UsageError if not."""
+def read_json_list(path: str, items: str) -> list:
+    """A non-empty JSON list from `path`; UsageError (one line) otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -276,7 +276,13 @@ def load_questions(path: str) -> list:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"{path}: not a readable JSON file ({' '.join(str(e).split())})") from None
     if not isinstance(data, list) or not data:
-        raise UsageError(f"{path}: must be a non-empty JSON list of questions")
+        raise UsageError(f"{path}: must be a non-empty JSON list of {items}")
+    return data
+
+
+def load_questions(path: str) -> list:
+    """[{"question": str, ...}] (answer and steps optional) or [str]; UsageError if not."""
+    data = read_json_list(path, "questions")
     examples = []
     for i, item in enumerate(data):
         if isinstance(item, str):

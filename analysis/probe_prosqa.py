@@ -53,6 +53,7 @@ from generate import (
     pad_batch,
     prompt_ids,
     quiet_transformers,
+    read_json_list,
     resolve_stage,
     thought_distributions,
 )
@@ -68,15 +69,7 @@ GROUP_LABELS = {"frontier": "frontier", "reachable": "other reachable", "unreach
 
 def load_example(path: str, index: int) -> dict:
     """Example `index` of a ProsQA-style file; UsageError (one line) if unusable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not a readable JSON file ({' '.join(str(e).split())})") from None
-    if not isinstance(data, list) or not data:
-        raise UsageError(f"{path}: must be a non-empty JSON list of examples")
+    data = read_json_list(path, "examples")
     if not -len(data) <= index < len(data):
         raise UsageError(f"--index {index} is out of range: {path} holds {len(data)} examples")
     example = data[index]
