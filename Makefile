@@ -23,10 +23,10 @@ test: venv
 # `make demo`: a small ProsQA-style split (graphs smaller than the real ones, every
 # answer still >= 3 hops away) and the tiny GPT-2 of models/prosqa-gpt2-tiny trained from
 # scratch through the whole Coconut curriculum (args/demo.yaml), printing the validation
-# accuracy after every epoch. About 10 minutes on 2 CPU cores once the venv exists.
+# accuracy after every epoch. About 12 minutes on 2 CPU cores once the venv exists.
 # Each `make demo` starts a fresh run: run.py would otherwise resume checkpoints/demo
 # (and do nothing once it is finished); `python run.py args/demo.yaml` alone resumes.
-DEMO_DATA_ARGS := --split_sizes 2000,200,0 --num_nodes 10 --min_steps 3 --max_steps 3 --seed 0
+DEMO_DATA_ARGS := --split_sizes 6000,200,0 --num_nodes 8 --min_steps 3 --max_steps 3 --seed 0
 
 demo: venv
 	$(PY) preprocessing/prosqa.py --split $(DEMO_DATA_ARGS) --output_dir data/demo
