@@ -20,19 +20,23 @@ venv: $(VENV)/.installed
 test: venv
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
-# `make demo`: a small ProsQA-style split (graphs smaller than the real ones, every
-# answer still >= 3 hops away) and the tiny GPT-2 of models/prosqa-gpt2-tiny trained from
-# scratch through the whole Coconut curriculum (args/demo.yaml), printing the validation
-# accuracy after every epoch. About 12 minutes on 2 CPU cores once the venv exists.
+# `make demo`: a small ProsQA-style split (7-node graphs instead of 28, every answer exactly
+# 3 hops away) into data/demo/, then the tiny GPT-2 of models/prosqa-gpt2-tiny trained
+# from scratch through the whole Coconut curriculum (args/demo.yaml: 2 epochs of
+# chain-of-thought, then 1, 2, 3 continuous thoughts), printing the validation accuracy
+# after every epoch. About 10 minutes on 2 idle CPU cores, venv setup included (README).
+# DEMO_THREADS=1 suits a machine busy with other work: two threads fighting a busy core
+# for these small matrices can run many times slower.
 # Each `make demo` starts a fresh run: run.py would otherwise resume checkpoints/demo
-# (and do nothing once it is finished); `python run.py args/demo.yaml` alone resumes.
-DEMO_DATA_ARGS := --split_sizes 6000,200,0 --num_nodes 8 --min_steps 3 --max_steps 3 --seed 0
+# (and, once finished, do nothing); `python run.py args/demo.yaml` alone resumes.
+DEMO_DATA_ARGS := --split_sizes 6000,200,0 --num_nodes 7 --min_steps 3 --max_steps 3 --seed 0
+DEMO_THREADS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1)
 
 demo: venv
 	$(PY) preprocessing/prosqa.py --split $(DEMO_DATA_ARGS) --output_dir data/demo
 	@if [ -d checkpoints/demo ]; then echo "removing the previous demo run checkpoints/demo: training starts from scratch"; fi
 	rm -rf checkpoints/demo
-	WANDB_MODE=disabled $(PY) run.py args/demo.yaml
+	WANDB_MODE=disabled OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) run.py args/demo.yaml
 
 bench: venv
 	$(PY) bench/bench.py
