@@ -57,6 +57,7 @@ from generate import (
     resolve_stage,
     thought_distributions,
 )
+from preprocessing.prosqa import bfs_distances
 
 GRAPH_KEYS = ("question", "idx_to_symbol", "edges", "root")
 GROUPS = ("frontier", "reachable", "unreachable")
@@ -96,13 +97,7 @@ def bfs_depths(n_nodes: int, edges: list, root: int) -> dict:
     children = [[] for _ in range(n_nodes)]
     for u, v in edges:
         children[u].append(v)
-    depth, queue = {root: 0}, [root]
-    for u in queue:
-        for v in children[u]:
-            if v not in depth:
-                depth[v] = depth[u] + 1
-                queue.append(v)
-    return depth
+    return bfs_distances(children, root)
 
 
 def concept_nodes(n_nodes: int, edges: list) -> list:

@@ -151,11 +151,11 @@ def grow_graph(rng, opts):
 
 # ---------------------------------------------------------------- questions
 
-def bfs_distances(graph, source):
-    """Hop distance from source to every node it reaches."""
+def bfs_distances(children, source):
+    """Hop distance from source to every node it reaches; children[u]: the nodes u -> v."""
     dist, queue = {source: 0}, [source]
     for u in queue:
-        for v in graph.children[u]:
+        for v in children[u]:
             if v not in dist:
                 dist[v] = dist[u] + 1
                 queue.append(v)
@@ -170,7 +170,7 @@ def exclusive_sinks(graph, label):
 
 def pick_question(rng, graph, opts):
     """(root, target, neg_target) in grown indices, or None to reject the graph."""
-    dists = [bfs_distances(graph, 0), bfs_distances(graph, 1)]
+    dists = [bfs_distances(graph.children, 0), bfs_distances(graph.children, 1)]
     sinks = [exclusive_sinks(graph, 1), exclusive_sinks(graph, 2)]
     if not sinks[0] or not sinks[1]:
         return None
@@ -189,7 +189,7 @@ def pick_question(rng, graph, opts):
 
 def sample_shortest_path(rng, graph, source, target):
     """A shortest source -> target path, uniform over all shortest paths."""
-    dist = bfs_distances(graph, source)
+    dist = bfs_distances(graph.children, source)
     count = {source: 1}
     for v in sorted(dist, key=dist.get):
         if v != source:

@@ -13,20 +13,15 @@ examples at 3/4/5/6 steps, 2 to 6 people, 17 names and 38 concept words).
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections import Counter
 
+if __name__ == "__main__":  # run as a script: the repository root holds our modules
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def bfs(children, source):
-    """Hop distance from source to every node it reaches."""
-    dist, queue = {source: 0}, [source]
-    for u in queue:
-        for v in children[u]:
-            if v not in dist:
-                dist[v] = dist[u] + 1
-                queue.append(v)
-    return dist
+from preprocessing.prosqa import bfs_distances
 
 
 def example_stats(ex):
@@ -38,9 +33,9 @@ def example_stats(ex):
         indegree[v] += 1
     people = [v for v in range(n) if indegree[v] == 0]
     root, target = ex["root"], ex["target"]
-    near = bfs(children, root)
-    others = [p for p in people if p != root and ex["neg_target"] in bfs(children, p)]
-    far = bfs(children, others[0]) if others else {}
+    near = bfs_distances(children, root)
+    others = [p for p in people if p != root and ex["neg_target"] in bfs_distances(children, p)]
+    far = bfs_distances(children, others[0]) if others else {}
     only_root = [v for v in range(n) if v in near and v not in far and indegree[v] and not children[v]]
     deepest = max(near[v] for v in only_root) if only_root else -1
     question = ex["question"]

@@ -66,3 +66,18 @@ def llama_folder(tmp_path_factory):
 def chain_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     return {"train": write_examples(folder / "train.json", 48, seed=0), "val": write_examples(folder / "val.json", 12, seed=1)}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """test_export.py's tiny coconut GPT-2, trained on ProsQA-style data once a session."""
+    from test_export import tiny_prosqa_model
+
+    return tiny_prosqa_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_val(tiny):
+    """The validation examples of `tiny`."""
+    with open(tiny.val) as f:
+        return json.load(f)

@@ -104,11 +104,6 @@ def tiny_cot_model(tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_prosqa_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def tiny_cot(tmp_path_factory):
     return tiny_cot_model(tmp_path_factory)
 

@@ -5,26 +5,15 @@ import re
 
 import pytest
 import torch
-from test_export import tiny_cot_model, tiny_prosqa_model
+from test_export import tiny_cot_model
 
 import generate
 from coconut import Coconut
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_prosqa_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def exported(tiny):
     return generate.load_exported(tiny.export)
-
-
-@pytest.fixture(scope="module")
-def val(tiny):
-    with open(tiny.val) as f:
-        return json.load(f)
 
 
 def _run(capsys, argv):
@@ -34,9 +23,9 @@ def _run(capsys, argv):
     return code, out, err
 
 
-def test_prompt_is_the_spec_evaluation_prompt(exported, val):
+def test_prompt_is_the_spec_evaluation_prompt(exported, tiny_val):
     tok, s = exported.tokenizer, exported.settings
-    q = val[0]["question"]
+    q = tiny_val[0]["question"]
     base = tok.encode(q + "\n", add_special_tokens=True)
     for stage in (0, 1, 2):
         expected = base + [s["start_latent_id"]] + [s["latent_token_id"]] * stage + [s["end_latent_id"]]
@@ -46,8 +35,8 @@ def test_prompt_is_the_spec_evaluation_prompt(exported, val):
     assert generate.prompt_ids(tok, {**s, "method": "cot"}, q, 0) == base
 
 
-def test_one_question_prints_output_answer_and_counts(tiny, exported, val, capsys):
-    q = val[0]["question"]
+def test_one_question_prints_output_answer_and_counts(tiny, exported, tiny_val, capsys):
+    q = tiny_val[0]["question"]
     code, out, err = _run(capsys, [tiny.export, "--question", q, "--max_new_tokens", "12"])
     assert code == 0, err
     assert out.startswith(f"Question: {q}\n")
@@ -63,15 +52,15 @@ def test_one_question_prints_output_answer_and_counts(tiny, exported, val, capsy
     assert re.search(r"^Answer: (.*)$", out, re.M).group(1) == generate.extract_answer(text)
 
 
-def test_stage_sets_the_number_of_thoughts(tiny, val, capsys):
+def test_stage_sets_the_number_of_thoughts(tiny, tiny_val, capsys):
     for stage in (0, 1):
-        code, out, _ = _run(capsys, [tiny.export, "--question", val[1]["question"], "--stage", str(stage),
+        code, out, _ = _run(capsys, [tiny.export, "--question", tiny_val[1]["question"], "--stage", str(stage),
                                      "--max_new_tokens", "2"])
         assert code == 0 and f"Tokens: {stage} latent," in out
 
 
-def test_show_thoughts_are_the_thoughts_under_the_lm_head(tiny, exported, val, capsys):
-    q = val[2]["question"]
+def test_show_thoughts_are_the_thoughts_under_the_lm_head(tiny, exported, tiny_val, capsys):
+    q = tiny_val[2]["question"]
     code, out, _ = _run(capsys, [tiny.export, "--question", q, "--show-thoughts", "--max_new_tokens", "2"])
     assert code == 0
     lines = [ln for ln in out.splitlines() if ln.startswith("  thought ")]
@@ -92,27 +81,27 @@ def test_show_thoughts_are_the_thoughts_under_the_lm_head(tiny, exported, val, c
         assert line.split(": ", 1)[1] == expected
 
 
-def test_questions_file_batched_with_progress_and_output(tiny, exported, val, tmp_path, capsys):
+def test_questions_file_batched_with_progress_and_output(tiny, exported, tiny_val, tmp_path, capsys):
     out_file = tmp_path / "answers.json"
     code, out, err = _run(capsys, [tiny.export, "--questions", tiny.val, "--batch_size", "4",
                                    "--max_new_tokens", "6", "--output", str(out_file)])
     assert code == 0, err
     assert "Answering" in err  # the progress bar
     records = json.loads(out_file.read_text())
-    assert [r["question"] for r in records] == [ex["question"] for ex in val]
+    assert [r["question"] for r in records] == [ex["question"] for ex in tiny_val]
     assert all(r["latent_tokens"] == 2 and 1 <= r["generated_tokens"] <= 6 for r in records)
-    assert re.search(rf"^Accuracy: \d+ / {len(val)} = ", out, re.M)
-    assert out.count("Question: ") == len(val)
+    assert re.search(rf"^Accuracy: \d+ / {len(tiny_val)} = ", out, re.M)
+    assert out.count("Question: ") == len(tiny_val)
 
     # batching does not change the answers
-    prompts = [generate.prompt_ids(exported.tokenizer, exported.settings, ex["question"], 2) for ex in val[:3]]
-    alone = [generate.answer_batch(exported, [ex["question"]], [p], 6)[0] for ex, p in zip(val, prompts)]
+    prompts = [generate.prompt_ids(exported.tokenizer, exported.settings, ex["question"], 2) for ex in tiny_val[:3]]
+    alone = [generate.answer_batch(exported, [ex["question"]], [p], 6)[0] for ex, p in zip(tiny_val, prompts)]
     assert [(r.output, r.generated_tokens) for r in alone] == [(r["output"], r["generated_tokens"]) for r in records[:3]]
 
 
-def test_cot_model_answers_without_latents(tmp_path_factory, val, capsys):
+def test_cot_model_answers_without_latents(tmp_path_factory, tiny_val, capsys):
     cot = tiny_cot_model(tmp_path_factory)
-    code, out, _ = _run(capsys, [cot.export, "--question", val[0]["question"], "--max_new_tokens", "3", "--show-thoughts"])
+    code, out, _ = _run(capsys, [cot.export, "--question", tiny_val[0]["question"], "--max_new_tokens", "3", "--show-thoughts"])
     assert code == 0 and "Tokens: 0 latent," in out and "no continuous thoughts" in out
     code, _, err = _run(capsys, [cot.export, "--question", "x", "--stage", "1"])
     assert code == 2 and "max_latent_stage 0" in err

@@ -7,22 +7,11 @@ import sys
 
 import pytest
 import torch
-from test_export import ROOT, tiny_cot_model, tiny_prosqa_model
+from test_export import ROOT, tiny_cot_model
 
 import generate
 from analysis import probe_prosqa
 from preprocessing import prosqa
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_prosqa_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def val(tiny):
-    with open(tiny.val) as f:
-        return json.load(f)
 
 
 def _run(capsys, argv):
@@ -41,21 +30,21 @@ def test_graph_depths_and_concepts():
     assert [probe_prosqa.group_of(v, depths, 1) for v in (1, 2, 3, 5)] == ["frontier", "frontier", "reachable", "unreachable"]
 
 
-def test_probe_table_json_and_plot(tiny, val, tmp_path, capsys):
+def test_probe_table_json_and_plot(tiny, tiny_val, tmp_path, capsys):
     index = 1
     plot, numbers = tmp_path / "probe.png", tmp_path / "probe.json"
     code, out, err = _run(capsys, [tiny.export, tiny.val, "--index", str(index), "--plot", str(plot), "--json", str(numbers)])
     assert code == 0, err
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(numbers.read_text())
-    example = val[index]
+    example = tiny_val[index]
 
     # groups follow the graph: BFS depths computed by the generator's own code
     graph = prosqa.Graph([[] for _ in example["idx_to_symbol"]], [0] * len(example["idx_to_symbol"]))
     for u, v in example["edges"]:
         graph.parents[v].append(u)
         graph.children[u].append(v)
-    depth = prosqa.bfs_distances(graph, example["root"])
+    depth = prosqa.bfs_distances(graph.children, example["root"])
     concepts = {c["node"]: c for c in result["concepts"]}
     assert set(concepts) == {v for _, v in example["edges"]}  # every concept, no person
     assert result["frontier_depths"] == [1, 2]
