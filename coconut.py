@@ -16,6 +16,8 @@ when several processes must run the same number of forward passes (FSDP).
 """
 
 import inspect
+import json
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -267,10 +269,6 @@ class Coconut(nn.Module):
             loss = loss + padding_term
         return CoconutOutput(loss=loss, inputs_embeds=inputs_embeds, logits=logits)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        return self
-
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=16, synced_gpus=False, **kwargs):
@@ -336,10 +334,7 @@ class Coconut(nn.Module):
     # the curriculum settings a prompt needs (generate.py, analysis/probe_prosqa.py).
     COCONUT_CONFIG_NAME = "coconut_config.json"
     COCONUT_SETTINGS = ("c_thought", "max_latent_stage", "pad_latent_to_max", "method")
-    COCONUT_CONFIG_KEYS = (
-        "latent_token_id", "start_latent_id", "end_latent_id", "eos_token_id",
-        "c_thought", "max_latent_stage", "pad_latent_to_max", "method",
-    )
+    COCONUT_CONFIG_KEYS = ("latent_token_id", "start_latent_id", "end_latent_id", "eos_token_id") + COCONUT_SETTINGS
 
     def save_pretrained(self, save_directory, tokenizer=None, **kwargs):
         """Write a standard Hugging Face folder plus `coconut_config.json`.
@@ -352,9 +347,6 @@ class Coconut(nn.Module):
         else 1, 1, False, "coconut". `AutoModelForCausalLM.from_pretrained(folder)`
         loads the base model; `Coconut.from_pretrained(folder)` loads it all back.
         """
-        import json
-        import os
-
         settings = {key: kwargs.pop(key) for key in self.COCONUT_SETTINGS if key in kwargs}
         config = {
             "latent_token_id": self.latent_token_id,
@@ -379,9 +371,6 @@ class Coconut(nn.Module):
     @classmethod
     def read_coconut_config(cls, path) -> dict:
         """The checked settings of an exported folder; ValueError (one line) if unusable."""
-        import json
-        import os
-
         file = os.path.join(os.fspath(path), cls.COCONUT_CONFIG_NAME)
         if not os.path.isdir(os.fspath(path)):
             raise FileNotFoundError(f"{path}: no such model folder")

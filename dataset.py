@@ -110,12 +110,14 @@ def _check_piecewise(path, sample, tokenizer):
         )
 
 
-def get_dataset(path, tokenizer, max_size=1000000000) -> Dataset:
+def get_dataset(path, tokenizer, max_size=1000000000, examples=None) -> Dataset:
     """Load, validate and tokenize the first max_size examples of a data file.
 
+    `examples`: the file's content already read by load_data_file (run.py checks the
+    data before loading the model), so it is not parsed twice; path then only names it.
     Columns: question_tokenized, steps_tokenized, answer_tokenized, idx (position in file).
     """
-    data = load_data_file(path)[:max_size]
+    data = (load_data_file(path) if examples is None else examples)[:max_size]
     raw = Dataset.from_dict(
         {
             "question": [d["question"] for d in data],

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
 
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -64,6 +65,13 @@ def teardown() -> None:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def loader(dataset, batch_size: int, collator, env: DistEnv) -> DataLoader:
+    """Batches in order; with several processes each takes its equal share (no shuffle:
+    the staged data sets are shuffled when built)."""
+    sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=False) if env.distributed else None
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collator, sampler=sampler)
 
 
 def all_reduce_sum(values: list, env: DistEnv) -> list:

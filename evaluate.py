@@ -10,15 +10,11 @@ counted), and counts are summed over processes.
 import math
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from coconut import Coconut
-from distributed import DistEnv, all_reduce_sum, gathered_root, unwrap
-
-
-def extract_answer(text: str) -> str:
-    return text.split("#")[-1].replace(",", "").strip()
+from distributed import DistEnv, all_reduce_sum, gathered_root, loader, unwrap
+from utils import extract_answer, normalize_answer
 
 
 def extract_cot(text: str) -> str:
@@ -26,7 +22,7 @@ def extract_cot(text: str) -> str:
 
 
 def reference_answers(examples: list) -> tuple:
-    answers = [ex["answer"].replace(",", "").strip() for ex in examples]
+    answers = [normalize_answer(ex["answer"]) for ex in examples]
     cots = ["\n".join(ex["steps"]) for ex in examples]
     return answers, cots
 
@@ -38,11 +34,9 @@ def to_device(batch: dict, device) -> dict:
 @torch.no_grad()
 def validation_loss(model, dataset, collator, batch_size: int, env: DistEnv) -> float:
     """Mean of per-batch losses over all processes (each process gets an equal share)."""
-    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=False) if env.distributed else None
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, sampler=sampler)
     unwrap(model).eval()
     total, count = 0.0, 0
-    for batch in loader:
+    for batch in loader(dataset, batch_size, collator, env):
         total += float(model(**to_device(batch, env.device)).loss)
         count += 1
     total, count = all_reduce_sum([total, count], env)

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from coconut import Coconut, align_latents
+from utils import extract_answer, normalize_answer
 
 LATENT_METHODS = ("coconut", "pause_as_thought")  # methods whose prompt holds the latent markers
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -187,10 +188,6 @@ class Result:
     latent_tokens: int
     generated_tokens: int
     thoughts: list = field(default_factory=list)  # per thought: [(token, probability)] * top_k
-
-
-def extract_answer(text: str) -> str:
-    return text.split("#")[-1].replace(",", "").strip()
 
 
 def pad_batch(prompts: list, pad_id: int, latent_id: int, device):
@@ -356,7 +353,7 @@ def _record(result: Result, example: dict) -> dict:
         record["thoughts"] = [[{"token": t, "prob": p} for t, p in top] for top in result.thoughts]
     if isinstance(example.get("answer"), str):
         record["reference"] = example["answer"]
-        record["correct"] = result.answer == example["answer"].replace(",", "").strip()  # as run.py scores
+        record["correct"] = result.answer == normalize_answer(example["answer"])  # as run.py scores
     return record
 
 

@@ -10,7 +10,6 @@ import os
 import sys
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import checkpoint
@@ -18,7 +17,7 @@ import distributed
 from coconut import Coconut
 from dataset import MyCollator, get_cot_latent_dataset, get_dataset, get_question_latent_dataset
 from evaluate import generation_accuracy, generator_for, report, to_device, validation_loss
-from modeling import ModelLoadError, build_model
+from modeling import ModelLoadError, build_model, uses_latent_tokens
 from utils import set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32
@@ -75,15 +74,6 @@ def data_config(config):
     return dataclasses.replace(config, c_thought=0) if config.no_thoughts else config
 
 
-def no_special_marker(config) -> bool:
-    return config.cot or config.no_cot or config.no_thoughts
-
-
-def loader(dataset, batch_size, collator, env):
-    sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=False) if env.distributed else None
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collator, sampler=sampler)
-
-
 # ------------------------------------------------------------------ training
 def new_optimizer(model, config):
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -126,14 +116,16 @@ def save(model, optimizer, config, epoch_done, best_acc, keep_optimizer, env, lo
 class Stager:
     """The staged data sets of SPEC 2 for one run: train, validation loss, questions."""
 
-    def __init__(self, config, tokenizer, tokens):
+    def __init__(self, config, tokenizer, tokens, data):
+        """data: run.py's parsed files, {"val": [...], "train": [...] unless only_eval}."""
         self.config = data_config(config)
-        self.marker_free = no_special_marker(config)
+        self.marker_free = not uses_latent_tokens(config)  # no start/end markers either
         self.ids = (tokens.start_id, tokens.latent_id, tokens.end_id)
-        self.val_base = get_dataset(config.val_path, tokenizer, DEBUG_VAL_SIZE if config.debug else 10**9)
+        self.val_base = get_dataset(config.val_path, tokenizer, DEBUG_VAL_SIZE if config.debug else 10**9, data["val"])
         self.train_base = None
         if not config.only_eval:
-            self.train_base = get_dataset(config.train_path, tokenizer, DEBUG_TRAIN_SIZE if config.debug else 10**9)
+            self.train_base = get_dataset(config.train_path, tokenizer, DEBUG_TRAIN_SIZE if config.debug else 10**9,
+                                          data["train"])
 
     def train(self, stage, epoch):
         return get_cot_latent_dataset(stage, self.train_base, self.config, *self.ids,
@@ -170,7 +162,7 @@ def run(config, data, env) -> None:
     model = place_model(built, config, env, log)
     tokenizer = built.tokenizer
     collator = MyCollator(tokenizer, latent_id=built.tokens.latent_id, label_pad_token_id=-100)
-    stager = Stager(config, tokenizer, built.tokens)
+    stager = Stager(config, tokenizer, built.tokens, data)
     val_examples = data["val"][: len(stager.val_base)]
     generator = generator_for(model, built.base_causallm, built.tokens, tokenizer.eos_token_id)
     wandb_run = init_wandb(config, env, log)
@@ -184,7 +176,7 @@ def run(config, data, env) -> None:
         if not config.only_eval:
             optimizer = stage_optimizer(model, optimizer, config, stage, previous_stage, epoch, train_state, env, log)
             previous_stage, train_state = stage, None
-            train_one_epoch(model, optimizer, loader(stager.train(stage, epoch), config.batch_size_training, collator, env),
+            train_one_epoch(model, optimizer, distributed.loader(stager.train(stage, epoch), config.batch_size_training, collator, env),
                             config, epoch, env, wandb_run)
             distributed.barrier(env)
             keep_optimizer = not (config.reset_optimizer and config.scheduled_stage(epoch + 1) != stage)

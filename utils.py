@@ -3,7 +3,8 @@
 A run is described by one YAML file (see args/). This module turns it into a typed,
 validated `Config`, so a typo or a wrong type stops the run at once with a one-line
 message naming the key and the file, instead of silently training the wrong thing
-(the published code accepted anything). It also holds `set_seed`.
+(the published code accepted anything). It also holds `set_seed` and the answer
+scoring that run.py and generate.py share.
 
 It imports neither the model (coconut.py) nor the data code (dataset.py): everything
 else depends on it, it depends on nothing of ours.
@@ -197,6 +198,16 @@ def set_seed(seed: int) -> None:
 
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)  # a no-op without CUDA
+
+
+def normalize_answer(answer: str) -> str:
+    """How answers are compared (SPEC 4): commas removed, stripped."""
+    return answer.replace(",", "").strip()
+
+
+def extract_answer(text: str) -> str:
+    """The model's answer in a decoded generation: the text after the last '#', normalized."""
+    return normalize_answer(text.split("#")[-1])
 
 
 # ---------------------------------------------------------------------------------

@@ -106,10 +106,11 @@ def concept_nodes(n_nodes: int, edges: list) -> list:
     return [v for v in range(n_nodes) if v in targets]
 
 
-def group_of(node: int, depths: dict, frontier_depth: int) -> str:
-    if node not in depths:
+def group_of(depth: Optional[int], frontier_depth: int) -> str:
+    """A concept's group at a thought, from its depth (None: unreachable from the root)."""
+    if depth is None:
         return "unreachable"
-    return "frontier" if depths[node] == frontier_depth else "reachable"
+    return "frontier" if depth == frontier_depth else "reachable"
 
 
 # ---------------------------------------------------------------------------------
@@ -137,10 +138,7 @@ class Probe:
         return len(self.probs)
 
     def group(self, thought: int, row: int) -> str:
-        depth = self.depths[row]
-        if depth is None:
-            return "unreachable"
-        return "frontier" if depth == self.frontier_depths[thought] else "reachable"
+        return group_of(self.depths[row], self.frontier_depths[thought])
 
     def masses(self, thought: int) -> dict:
         """Probability mass on each group of concepts at one thought."""

@@ -134,6 +134,15 @@ def test_get_dataset_max_size_keeps_first(data_path, tok):
     assert ds[1]["question_tokenized"] == pieces(tok, EXAMPLES[1])[0]
 
 
+def test_get_dataset_from_examples_already_read(data_path, tok, base, tmp_path):
+    # run.py parses and checks the files before the model loads; the data set is built
+    # from that content, without reading the file again (path only names it)
+    examples = D.load_data_file(str(data_path))
+    ds = D.get_dataset(str(tmp_path / "never_read.json"), tok, examples=examples)
+    assert ds.to_list() == base.to_list()
+    assert D.get_dataset(str(data_path), tok, max_size=2, examples=examples).to_list() == base.to_list()[:2]
+
+
 def test_get_dataset_stepless_first_sample_keeps_int_schema(tmp_path, tok):
     # A first batch of step-less samples must not fix steps_tokenized as list<null>.
     path = tmp_path / "d.json"

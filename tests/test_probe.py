@@ -27,7 +27,7 @@ def test_graph_depths_and_concepts():
     assert probe_prosqa.bfs_depths(6, edges, 0) == {0: 0, 1: 1, 2: 1, 3: 2}
     assert probe_prosqa.concept_nodes(6, edges) == [1, 2, 3, 5]
     depths = probe_prosqa.bfs_depths(6, edges, 0)
-    assert [probe_prosqa.group_of(v, depths, 1) for v in (1, 2, 3, 5)] == ["frontier", "frontier", "reachable", "unreachable"]
+    assert [probe_prosqa.group_of(depths.get(v), 1) for v in (1, 2, 3, 5)] == ["frontier", "frontier", "reachable", "unreachable"]
 
 
 def test_probe_table_json_and_plot(tiny, tiny_val, tmp_path, capsys):
