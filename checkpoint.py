@@ -8,7 +8,7 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                `base_causallm.*` for coconut runs, the HF model's own
                                keys otherwise.
     checkpoint_{epoch}.state   everything else an exact resume needs (optimizer state,
-                               RNG states, best accuracy, ...): a dict of tensors and
+                               best accuracy, ...): a dict of tensors and
                                plain python values, also readable with weights_only=True.
                                Folders written by the published code have none; such
                                checkpoints still resume, without that state.
@@ -24,15 +24,15 @@ What this module fixes in the published code (SPEC 9):
   naming it, and `find_resume_point` then falls back to the next older checkpoint.
 
 It knows nothing of FSDP, ranks, configs or the model: callers hand it plain (CPU)
-state dicts and decide which rank writes. Depends on torch and the standard library
-(numpy only, optionally, for its RNG state).
+state dicts and decide which rank writes; run.py keeps the .state files of the
+newest checkpoints only (`prune_train_states`). Depends on torch and the standard
+library. Resumes need no RNG state: run.py reseeds every epoch from (seed, epoch).
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import random
 import re
 import secrets
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -42,14 +42,12 @@ import torch
 __all__ = [
     "CheckpointError",
     "atomic_torch_save",
-    "capture_rng_state",
     "checkpoint_path",
     "find_resume_point",
     "list_checkpoints",
     "load_model_state",
     "load_train_state",
     "prune_train_states",
-    "restore_rng_state",
     "save_checkpoint",
     "state_path",
 ]
@@ -150,7 +148,7 @@ def save_checkpoint(
 
     `model_state` is a plain state dict (str -> tensor; gather it to CPU first).
     `train_state` is whatever an exact resume needs (e.g. {"epoch", "best_acc",
-    "optimizer", "rng": capture_rng_state(), ...}), made only of tensors and plain
+    "optimizer"}), made only of tensors and plain
     python values so it loads with weights_only=True; this is checked before anything
     is written (TypeError naming the bad entry). With `train_state` None only the
     model file is written, and a stale `.state` of that epoch is removed.
@@ -354,66 +352,3 @@ def prune_train_states(save_dir: str | os.PathLike, keep_epochs: Iterable[int]) 
             os.unlink(entry.path)
             removed.append(entry.path)
     return sorted(removed)
-
-
-# ---------------------------------------------------------------------------------
-# RNG states
-
-
-def capture_rng_state(cuda_devices: Optional[Iterable[int]] = None) -> dict[str, Any]:
-    """The states of python `random`, torch (CPU and CUDA) and numpy (if installed).
-
-    Returns {"python": tuple, "torch": ByteTensor, "cuda": {device: ByteTensor} or
-    None, "numpy": tuple of plain values or None}, all loadable with weights_only=True.
-    CUDA states are taken only when CUDA is already initialised in this process (so a
-    CPU run never starts it), for `cuda_devices` (default: every visible device;
-    pass [torch.cuda.current_device()] to avoid creating contexts on other GPUs).
-    """
-    cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices = range(torch.cuda.device_count()) if cuda_devices is None else cuda_devices
-        cuda = {int(d): torch.cuda.get_rng_state(int(d)) for d in devices}
-    return {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "cuda": cuda,
-        "numpy": _numpy_rng_state(),
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore states from `capture_rng_state` (missing or None entries are skipped).
-
-    CUDA states are restored for the devices both saved and visible now.
-    """
-    py = state.get("python")
-    if py is not None:
-        version, internal, gauss = py
-        random.setstate((version, tuple(internal), gauss))
-    if state.get("torch") is not None:
-        torch.set_rng_state(state["torch"].cpu())
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available():
-        for device, s in dict(cuda).items():
-            if int(device) < torch.cuda.device_count():
-                torch.cuda.set_rng_state(s.cpu(), int(device))
-    if state.get("numpy") is not None:
-        _set_numpy_rng_state(state["numpy"])
-
-
-def _numpy_rng_state() -> Optional[tuple]:
-    try:
-        import numpy as np
-    except ImportError:
-        return None
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return (str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached))
-
-
-def _set_numpy_rng_state(state: tuple) -> None:
-    try:
-        import numpy as np
-    except ImportError:
-        return
-    name, keys, pos, has_gauss, cached = state
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

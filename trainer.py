@@ -21,6 +21,9 @@ from modeling import ModelLoadError, build_model, uses_latent_tokens
 from utils import set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32
+# .state files (AdamW's moments: twice the model's size) kept for the newest checkpoints
+# only: the resume point and the one it falls back to if that does not load
+STATES_KEPT = 2
 # raised after the process group exists: still one line and exit status 2
 LATE_USER_ERRORS = (ModelLoadError, checkpoint.CheckpointError)
 
@@ -108,6 +111,8 @@ def save(model, optimizer, config, epoch_done, best_acc, keep_optimizer, env, lo
     if env.is_main:
         train_state = {"epoch": epoch_done, "best_acc": best_acc, "optimizer": optimizer_state}
         checkpoint.save_checkpoint(config.save_dir, epoch_done, model_state, train_state)
+        newest = checkpoint.list_checkpoints(config.save_dir)[-STATES_KEPT:]
+        checkpoint.prune_train_states(config.save_dir, {epoch_done, *newest})
         log("saving model.")
     distributed.barrier(env)
 

@@ -359,6 +359,28 @@ def test_kill_and_resume_is_exact(when, tmp_path, gpt2_folder, chain_data, refer
         assert_same_values(load(save_dir / name), load(reference_run["dir"] / name), name)
 
 
+def test_only_the_newest_checkpoints_keep_their_training_state(tmp_path):
+    """Every epoch keeps its weights; the .state files (optimizer: twice the model) are
+    kept for the trainer.STATES_KEPT newest checkpoints, the resume point first."""
+    from distributed import DistEnv
+    from utils import Config
+
+    config = Config.from_dict(dict(coconut=True, train_path="t.json", val_path="v.json",
+                                   save_path=str(tmp_path), name="prune"))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    save_dir = tmp_path / "prune"
+    for epoch in range(1, 5):
+        trainer.save(model, optimizer, config, epoch, 0.0, True, DistEnv(), lambda message: None)
+        assert list_checkpoints(save_dir) == list(range(1, epoch + 1))
+        states = sorted(p.name for p in save_dir.iterdir() if p.name.endswith(".state"))
+        assert states == [f"checkpoint_{e}.state" for e in range(max(1, epoch - trainer.STATES_KEPT + 1), epoch + 1)]
+    assert load(save_dir / "checkpoint_4.state")["optimizer"]["state"]  # the newest keeps its AdamW moments
+    assert load(save_dir / "checkpoint_1").keys() == model.state_dict().keys()
+
+
 # ------------------------------------------------------------------ 5. checkpoints in the published layout
 def _tiny_lr_keys(cfg_path, save_path, name, **over):
     """The config of a shared run with an lr so small that training barely moves the weights."""
