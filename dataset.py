@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from datasets import Dataset, Features, List, Value
 
+from utils import question_thoughts
+
 IGNORE_INDEX = -100
 # Below this many examples, worker start-up costs more than tokenizing in one process.
 PARALLEL_MAP_THRESHOLD = 10_000
@@ -147,9 +149,9 @@ def _markers(start_id, end_id, no_special_marker):
 
 
 def _question_sample(sample, stage, c_thought, max_latent_stage, pad_latent_to_max, start_id, latent_id, end_id, no_special_marker):
-    cap = max_latent_stage if pad_latent_to_max else min(max_latent_stage, len(sample["steps_tokenized"]))
+    k = question_thoughts(stage, c_thought, max_latent_stage, pad_latent_to_max, len(sample["steps_tokenized"]))
     start, end = _markers(start_id, end_id, no_special_marker)
-    ids = sample["question_tokenized"] + start + [latent_id] * (min(stage, cap) * c_thought) + end
+    ids = sample["question_tokenized"] + start + [latent_id] * k + end
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "position_ids": list(range(len(ids))), "idx": sample["idx"]}
 
 

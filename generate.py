@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from coconut import Coconut, align_latents
-from utils import extract_answer, normalize_answer
+from utils import extract_answer, normalize_answer, question_thoughts
 
 LATENT_METHODS = ("coconut", "pause_as_thought")  # methods whose prompt holds the latent markers
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -149,10 +149,8 @@ def n_thoughts(settings: dict, stage: int, n_steps: Optional[int] = None) -> int
     """SPEC 2's evaluation k; n_steps (when known) caps it unless pad_latent_to_max."""
     if settings["method"] not in LATENT_METHODS:
         return 0
-    cap = settings["max_latent_stage"]
-    if n_steps is not None and not settings["pad_latent_to_max"]:
-        cap = min(cap, n_steps)
-    return min(stage, cap) * settings["c_thought"]
+    return question_thoughts(stage, settings["c_thought"], settings["max_latent_stage"],
+                             settings["pad_latent_to_max"], n_steps)
 
 
 def prompt_ids(tokenizer, settings: dict, question: str, stage: int, n_steps: Optional[int] = None) -> list:

@@ -3,8 +3,8 @@
 A run is described by one YAML file (see args/). This module turns it into a typed,
 validated `Config`, so a typo or a wrong type stops the run at once with a one-line
 message naming the key and the file, instead of silently training the wrong thing
-(the published code accepted anything). It also holds `set_seed` and the answer
-scoring that run.py and generate.py share.
+(the published code accepted anything). It also holds `set_seed` and what run.py's
+evaluation and generate.py share: the prompt's thought count and the answer scoring.
 
 It imports neither the model (coconut.py) nor the data code (dataset.py): everything
 else depends on it, it depends on nothing of ours.
@@ -198,6 +198,17 @@ def set_seed(seed: int) -> None:
 
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)  # a no-op without CUDA
+
+
+def question_thoughts(stage: int, c_thought: int, max_latent_stage: int, pad_latent_to_max: bool,
+                      n_steps: Optional[int] = None) -> int:
+    """Latent tokens of an evaluation prompt at `stage` (SPEC 2): min(stage, cap) *
+    c_thought, cap = max_latent_stage, or min(it, n_steps) without pad_latent_to_max when
+    the example's step count is known. run.py's evaluation and generate.py share it."""
+    cap = max_latent_stage
+    if n_steps is not None and not pad_latent_to_max:
+        cap = min(cap, n_steps)
+    return min(stage, cap) * c_thought
 
 
 def normalize_answer(answer: str) -> str:
