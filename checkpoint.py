@@ -1,4 +1,4 @@
-"""Checkpoint files: crash-safe writing, listing, loading and resuming (SPEC 5, 9).
+"""Checkpoint files: crash-safe writing, listing, loading and resuming (DESIGN §5, §9).
 
 Layout of a run folder (`save_path/name/`), compatible with the published code:
 
@@ -13,7 +13,7 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                Folders written by the published code have none; such
                                checkpoints still resume, without that state.
 
-What this module fixes in the published code (SPEC 9):
+What this module fixes in the published code (DESIGN §9):
 - Every file is written to a temporary name in the same folder, fsynced, then renamed
   onto its final name (`atomic_torch_save`), so a kill during a save never leaves a
   half-written `checkpoint_N`; the `.state` file is written before the model file, so a
@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
+from cli import UserError
+
 __all__ = [
     "CheckpointError",
     "atomic_torch_save",
@@ -63,7 +65,7 @@ _CHECKPOINT_RE = re.compile(r"checkpoint_(0|[1-9][0-9]*)")
 _TEMP_RE = re.compile(r"\.checkpoint_[0-9]+(\.state)?\.tmp-.*", re.DOTALL)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used; the message is one line naming the file."""
 
     def __init__(self, path: str | os.PathLike, reason: str):

@@ -2,7 +2,7 @@
 
 `Coconut` wraps any Hugging Face decoder-only causal LM. At every `<|latent|>`
 position the input embedding is replaced by the model's own last-layer hidden state
-at the position just before it (SPEC 4). Batches come from `dataset.MyCollator`,
+at the position just before it (DESIGN §4). Batches come from `dataset.MyCollator`,
 which puts the i-th latent of every example in the same column; that lets pass i
 fill the i-th latents of the whole batch at once and reuse the KV cache, so a step
 with N latents costs one forward over the sequence split into N + 1 pieces.
@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from utils import METHODS
 
 
 @dataclass
@@ -57,6 +59,8 @@ def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list:
     Raises LatentLayoutError when the i-th latents of two examples sit in different
     columns or an example's latents are not contiguous (use MyCollator).
     """
+    if latent_id is None:  # a plain decoder: no continuous thoughts
+        return []
     is_latent = input_ids == latent_id  # (batch, seq)
     n_latents = int(is_latent.sum(1).max())
     if n_latents == 0:
@@ -73,7 +77,7 @@ def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list:
 
 
 def align_latents(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_id: int, pad_id: int):
-    """Re-lay out any padded batch the way MyCollator does (SPEC 3), vectorised.
+    """Re-lay out any padded batch the way MyCollator does (DESIGN §3), vectorised.
 
     Real tokens (attention 1) keep their order; rows with latents are shifted right
     so their first latents share a column; the rest is padding with attention 0.
@@ -87,7 +91,7 @@ def align_latents(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_
     packed = input_ids.gather(1, order)  # (batch, seq), real tokens first
     cols = torch.arange(seq, device=input_ids.device).expand(batch, seq)
     in_row = cols < lengths[:, None]
-    is_latent = (packed == latent_id) & in_row
+    is_latent = (packed == latent_id) & in_row if latent_id is not None else torch.zeros_like(in_row)
     has_latent = is_latent.any(1)
     first_latent = torch.where(has_latent, is_latent.float().argmax(1), torch.zeros_like(lengths))
     target = first_latent[has_latent].max() if bool(has_latent.any()) else first_latent.new_tensor(0)
@@ -142,6 +146,9 @@ def new_cache(config, buffered: bool) -> DynamicCache:
 
 
 class Coconut(nn.Module):
+    """latent_token_id None makes a plain decoder: no position is a continuous thought
+    (how models of the other methods generate)."""
+
     def __init__(self, base_causallm, latent_token_id, start_latent_id, end_latent_id, eos_token_id):
         super().__init__()
         self.base_causallm = base_causallm
@@ -272,7 +279,7 @@ class Coconut(nn.Module):
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=16, synced_gpus=False, **kwargs):
-        """Greedy decoding for a batch of prompts in any padding (SPEC 4).
+        """Greedy decoding for a batch of prompts in any padding (DESIGN §4).
 
         Returns a LongTensor (batch, T): each row is its prompt without padding, then
         its generated tokens, right-padded with EOS. As published, the first token is
@@ -389,7 +396,7 @@ class Coconut(nn.Module):
         for key in cls.COCONUT_CONFIG_KEYS:
             value = config[key]
             if key == "method":
-                ok = isinstance(value, str)
+                ok = value in METHODS
             elif key == "pad_latent_to_max":
                 ok = isinstance(value, bool)
             else:
@@ -405,7 +412,7 @@ class Coconut(nn.Module):
         Keyword arguments go to `AutoModelForCausalLM.from_pretrained` (e.g. dtype).
         The settings are attached as `model.coconut_config` (a dict). Only a "coconut"
         model replaces `<|latent|>` by continuous thoughts; for other methods the
-        wrapper decodes plainly (latent id -1, as evaluate.generator_for does), so for
+        wrapper decodes plainly (latent_token_id None, as evaluate.generator_for does), so for
         pause_as_thought `<|latent|>` stays an ordinary token. Load the tokenizer with
         `AutoTokenizer.from_pretrained(path)`.
         """
@@ -413,7 +420,7 @@ class Coconut(nn.Module):
 
         config = cls.read_coconut_config(path)
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        latent_id = config["latent_token_id"] if config["method"] == "coconut" else -1
+        latent_id = config["latent_token_id"] if METHODS[config["method"]].fills_latents else None
         model = cls(base, latent_id, config["start_latent_id"], config["end_latent_id"], config["eos_token_id"])
         model.coconut_config = dict(config)
         return model.eval()

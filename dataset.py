@@ -1,10 +1,12 @@
 """Data for Coconut: reading and validating data files, tokenizing, staging, collating.
 
 A data file is a JSON list of ``{"question": str, "answer": str, "steps": [str, ...]}``
-(SPEC 1). ``get_dataset`` tokenizes every sample in pieces once; the two ``get_*_latent_dataset``
-functions lay a tokenized set out for one curriculum stage (SPEC 2); ``MyCollator`` builds
-batches whose first latents share one column, so every continuous-thought pass can reuse
-the KV cache (SPEC 3).
+(DESIGN §1). ``get_dataset`` tokenizes every sample in pieces once; ``training_dataset`` and
+``question_dataset`` lay a tokenized set out for one curriculum stage through a
+``layout.PromptLayout`` (DESIGN §2; ``get_cot_latent_dataset`` and
+``get_question_latent_dataset`` are the published entry points to them); ``MyCollator``
+builds batches whose first latents share one column, so every continuous-thought pass can
+reuse the KV cache (DESIGN §3).
 
 Unlike the published code, every random choice here is seeded from (seed, epoch, idx), so
 a resumed run sees the same stages and the same order, and ``datasets.map`` never starts
@@ -20,7 +22,8 @@ from typing import Optional
 import torch
 from datasets import Dataset, Features, List, Value
 
-from utils import question_thoughts
+from cli import UserError
+from layout import PromptLayout
 
 IGNORE_INDEX = -100
 # Below this many examples, worker start-up costs more than tokenizing in one process.
@@ -36,8 +39,8 @@ QUESTION_FEATURES = Features({"input_ids": _IDS, "attention_mask": _IDS, "positi
 COT_FEATURES = Features({"input_ids": _IDS, "labels": _IDS, "attention_mask": _IDS, "position_ids": _IDS, "idx": Value("int64")})
 
 
-class DataError(ValueError):
-    """A data file (or the tokenizer applied to it) does not meet SPEC 1."""
+class DataError(UserError):
+    """A data file (or the tokenizer applied to it) does not meet DESIGN §1."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,7 +87,7 @@ def map_num_proc(n_examples: int) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------------------
-# Tokenizing (SPEC 1)
+# Tokenizing (DESIGN §1)
 
 
 def tokenize_sample(sample, tokenizer):
@@ -101,7 +104,7 @@ def _check_piecewise(path, sample, tokenizer):
     """The staged layouts splice pieces together, so pieces must tokenize like the whole."""
     pieces = tokenize_sample({**sample, "idx": 0}, tokenizer)
     joined = pieces["question_tokenized"] + sum(pieces["steps_tokenized"], []) + pieces["answer_tokenized"]
-    # Equals SPEC 1's question + "\n" + "\n".join(steps) + "\n### " + answer whenever there
+    # Equals DESIGN §1's question + "\n" + "\n".join(steps) + "\n### " + answer whenever there
     # are steps; with none, that formula has a doubled "\n" the pieces never produce.
     text = sample["question"] + "\n" + "".join(s + "\n" for s in sample["steps"]) + "### " + sample["answer"]
     whole = tokenizer.encode(text, add_special_tokens=True) + [tokenizer.eos_token_id]
@@ -141,44 +144,34 @@ def get_dataset(path, tokenizer, max_size=1000000000, examples=None) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------
-# Staging (SPEC 2)
+# Staging (DESIGN §2)
 
 
-def _markers(start_id, end_id, no_special_marker):
-    return ([], []) if no_special_marker else ([start_id], [end_id])
+def _layout(configs, start_id, latent_id, end_id, no_special_marker) -> PromptLayout:
+    """The published signatures pass the ids and settings loose; gather them."""
+    return PromptLayout(start_id, latent_id, end_id, configs.c_thought, configs.max_latent_stage,
+                        configs.pad_latent_to_max, markers=not no_special_marker)
 
 
-def _question_sample(sample, stage, c_thought, max_latent_stage, pad_latent_to_max, start_id, latent_id, end_id, no_special_marker):
-    k = question_thoughts(stage, c_thought, max_latent_stage, pad_latent_to_max, len(sample["steps_tokenized"]))
-    start, end = _markers(start_id, end_id, no_special_marker)
-    ids = sample["question_tokenized"] + start + [latent_id] * k + end
+def _question_sample(sample, layout: PromptLayout, stage: int):
+    ids = layout.question_prompt(sample["question_tokenized"], stage, len(sample["steps_tokenized"]))
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "position_ids": list(range(len(ids))), "idx": sample["idx"]}
 
 
-def _staging_kwargs(stage, configs, start_id, latent_id, end_id, no_special_marker) -> dict:
-    """The settings every staged sample needs, as keyword arguments for map()."""
-    return dict(
-        stage=stage,
-        c_thought=configs.c_thought,
-        max_latent_stage=configs.max_latent_stage,
-        pad_latent_to_max=configs.pad_latent_to_max,
-        start_id=start_id,
-        latent_id=latent_id,
-        end_id=end_id,
-        no_special_marker=no_special_marker,
+def question_dataset(base_dataset, layout: PromptLayout, stage: int) -> Dataset:
+    """Evaluation prompts at a stage: question + [start] + [latent] * k + [end]."""
+    return base_dataset.map(
+        _question_sample,
+        fn_kwargs={"layout": layout, "stage": stage},
+        remove_columns=base_dataset.column_names,
+        features=QUESTION_FEATURES,
+        num_proc=map_num_proc(len(base_dataset)),
     )
 
 
 def get_question_latent_dataset(scheduled_stage, base_dataset_valid, configs, start_id, latent_id, end_id, no_special_marker=False) -> Dataset:
-    """Evaluation prompts at a stage: question + [start] + [latent] * k + [end]."""
-    kwargs = _staging_kwargs(scheduled_stage, configs, start_id, latent_id, end_id, no_special_marker)
-    return base_dataset_valid.map(
-        _question_sample,
-        fn_kwargs=kwargs,
-        remove_columns=base_dataset_valid.column_names,
-        features=QUESTION_FEATURES,
-        num_proc=map_num_proc(len(base_dataset_valid)),
-    )
+    """The published entry point of `question_dataset`."""
+    return question_dataset(base_dataset_valid, _layout(configs, start_id, latent_id, end_id, no_special_marker), scheduled_stage)
 
 
 def sample_rng(seed, epoch, idx) -> random.Random:
@@ -192,21 +185,26 @@ def shuffle_seed(seed, epoch) -> int:
     return (int(seed) * 1_000_003 + int(epoch)) % (2**32)
 
 
-def _cot_sample(sample, stage, c_thought, max_latent_stage, pad_latent_to_max, uniform_prob, no_cot, seed, epoch, start_id, latent_id, end_id, no_special_marker):
+@dataclass(frozen=True)
+class Staging:
+    """What a training sample's layout depends on besides the stage."""
+
+    layout: PromptLayout
+    uniform_prob: float = 0.0  # chance that a sample draws its stage uniformly from 0..len(steps)
+    drop_steps: bool = False  # no_cot: question -> answer, no steps, no thoughts
+    seed: int = 0
+
+
+def _cot_sample(sample, staging: Staging, stage: int, epoch: int):
     steps = sample["steps_tokenized"]
-    rng = sample_rng(seed, epoch, sample["idx"])
-    if rng.random() < uniform_prob:
+    rng = sample_rng(staging.seed, epoch, sample["idx"])
+    if rng.random() < staging.uniform_prob:
         stage = rng.randint(0, len(steps))  # inclusive: 0..len(steps)
-    if stage > max_latent_stage:
-        kept, n_groups = [], max_latent_stage if pad_latent_to_max else min(len(steps), max_latent_stage)
-    else:
-        # A sample with fewer steps than the stage still gets `stage` thought groups.
-        kept, n_groups = steps[stage:], stage
-    if no_cot:
-        kept, n_groups = [], 0
-    start, end = _markers(start_id, end_id, no_special_marker)
-    prefix = sample["question_tokenized"] + start + [latent_id] * (n_groups * c_thought) + end
-    suffix = [t for step in kept for t in step] + sample["answer_tokenized"]
+    first_kept, n_thoughts = staging.layout.training_thoughts(stage, len(steps))
+    if staging.drop_steps:
+        first_kept, n_thoughts = len(steps), 0
+    prefix = sample["question_tokenized"] + staging.layout.latent_block(n_thoughts)
+    suffix = [t for step in steps[first_kept:] for t in step] + sample["answer_tokenized"]
     ids = prefix + suffix
     return {
         "input_ids": ids,
@@ -217,23 +215,27 @@ def _cot_sample(sample, stage, c_thought, max_latent_stage, pad_latent_to_max, u
     }
 
 
-def get_cot_latent_dataset(scheduled_stage, base_dataset, configs, start_id, latent_id, end_id, no_special_marker=False, shuffle=False, epoch=0) -> Dataset:
-    """Training samples at a stage (SPEC 2), deterministic in (configs.seed, epoch)."""
-    seed = getattr(configs, "seed", 0)
-    kwargs = _staging_kwargs(scheduled_stage, configs, start_id, latent_id, end_id, no_special_marker)
-    kwargs.update(uniform_prob=configs.uniform_prob, no_cot=configs.no_cot, seed=seed, epoch=epoch)
+def training_dataset(base_dataset, staging: Staging, stage: int, epoch: int = 0, shuffle: bool = False) -> Dataset:
+    """Training samples at a stage (DESIGN §2), deterministic in (staging.seed, epoch)."""
     staged = base_dataset.map(
         _cot_sample,
-        fn_kwargs=kwargs,
+        fn_kwargs={"staging": staging, "stage": stage, "epoch": epoch},
         remove_columns=base_dataset.column_names,
         features=COT_FEATURES,
         num_proc=map_num_proc(len(base_dataset)),
     )
-    return staged.shuffle(seed=shuffle_seed(seed, epoch)) if shuffle else staged
+    return staged.shuffle(seed=shuffle_seed(staging.seed, epoch)) if shuffle else staged
+
+
+def get_cot_latent_dataset(scheduled_stage, base_dataset, configs, start_id, latent_id, end_id, no_special_marker=False, shuffle=False, epoch=0) -> Dataset:
+    """The published entry point of `training_dataset`."""
+    staging = Staging(_layout(configs, start_id, latent_id, end_id, no_special_marker), configs.uniform_prob,
+                      drop_steps=bool(getattr(configs, "no_cot", False)), seed=getattr(configs, "seed", 0))
+    return training_dataset(base_dataset, staging, scheduled_stage, epoch, shuffle)
 
 
 # ---------------------------------------------------------------------------------------
-# Collating (SPEC 3)
+# Collating (DESIGN §3)
 
 
 def _first_latent(ids, latent_id):
@@ -286,6 +288,3 @@ class MyCollator:
             row["labels"] = [int(t) for t in feature["labels"]]
         return row
 
-
-# The published name is MyCollator; this says what it does.
-LatentAlignedCollator = MyCollator

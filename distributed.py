@@ -74,6 +74,11 @@ def loader(dataset, batch_size: int, collator, env: DistEnv) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collator, sampler=sampler)
 
 
+def to_device(batch: dict, device) -> dict:
+    """A collated batch's model inputs on `device` (the example indices stay behind)."""
+    return {k: v.to(device) for k, v in batch.items() if k != "idx"}
+
+
 def all_reduce_sum(values: list, env: DistEnv) -> list:
     """Sum numbers over all processes."""
     if not env.distributed:

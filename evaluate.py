@@ -1,6 +1,6 @@
 """Validation for run.py: loss on the staged validation set, and generation accuracy.
 
-Accuracy (SPEC 4): the answer is the decoded text after the last '#', commas
+Accuracy (DESIGN §4): the answer is the decoded text after the last '#', commas
 removed, stripped; CoT match compares the generated lines after the first line and
 before '#' with the reference steps. Generation is batched (`batch_size_eval`), every
 process takes an equal share of the questions (padded with repeats that are not
@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from coconut import Coconut
-from distributed import DistEnv, all_reduce_sum, gathered_root, loader, unwrap
+from distributed import DistEnv, all_reduce_sum, gathered_root, loader, to_device, unwrap
 from utils import extract_answer, normalize_answer
 
 
@@ -25,10 +25,6 @@ def reference_answers(examples: list) -> tuple:
     answers = [normalize_answer(ex["answer"]) for ex in examples]
     cots = ["\n".join(ex["steps"]) for ex in examples]
     return answers, cots
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k != "idx"}
 
 
 @torch.no_grad()
@@ -46,9 +42,9 @@ def validation_loss(model, dataset, collator, batch_size: int, env: DistEnv) -> 
 def generator_for(model, base_causallm, tokens, eos_id) -> Coconut:
     """The Coconut model itself, or a plain-decoding view (no latent id) of the base model."""
     inner = unwrap(model)
-    if isinstance(inner, Coconut):
+    if isinstance(inner, Coconut):  # the method fills latents (modeling.build_model)
         return inner
-    return Coconut(base_causallm, -1, tokens.start_id, tokens.end_id, eos_id)
+    return Coconut(base_causallm, None, tokens.start_id, tokens.end_id, eos_id)
 
 
 def _rank_share(n: int, env: DistEnv, batch_size: int) -> tuple:

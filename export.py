@@ -31,22 +31,20 @@ import os
 import sys
 
 import checkpoint
+from cli import OneLineParser, main_guard, quiet_transformers
 from coconut import Coconut
-from generate import LATENT_METHODS, OneLineParser, quiet_transformers
-from modeling import ModelLoadError, build_model
+from modeling import build_model
 from utils import ConfigError, load_config
-
-USER_ERRORS = (ConfigError, ModelLoadError, checkpoint.CheckpointError)
 
 
 def exported_settings(config) -> dict:
     """The Coconut settings stored in coconut_config.json for this run's method."""
     method = config.method
-    if method in LATENT_METHODS:
+    if method.latent_tokens:
         return {"c_thought": config.c_thought, "max_latent_stage": config.max_latent_stage,
-                "pad_latent_to_max": config.pad_latent_to_max, "method": method}
+                "pad_latent_to_max": config.pad_latent_to_max, "method": method.name}
     # cot / no_cot / no_thoughts: evaluated on the bare question at stage 0
-    return {"c_thought": 0, "max_latent_stage": 0, "pad_latent_to_max": False, "method": method}
+    return {"c_thought": 0, "max_latent_stage": 0, "pad_latent_to_max": False, "method": method.name}
 
 
 def _note(message: str) -> None:
@@ -93,11 +91,11 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    try:
-        written = export(args.config, args.checkpoint, args.out_dir)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return main_guard(lambda: report(args))
+
+
+def report(args) -> int:
+    written = export(args.config, args.checkpoint, args.out_dir)
     print(f"exported {written['method']} model to {args.out_dir} "
           f"(c_thought {written['c_thought']}, max_latent_stage {written['max_latent_stage']})")
     return 0

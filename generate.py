@@ -4,7 +4,7 @@
     python generate.py MODEL_DIR --question "..." --stage 1 --show-thoughts
     python generate.py MODEL_DIR --questions data/prosqa_test.json --batch_size 32 --output answers.json
 
-The prompt is SPEC 2's evaluation prompt: `question + "\\n"` tokenized with the
+The prompt is DESIGN §2's evaluation prompt: `question + "\\n"` tokenized with the
 tokenizer's special tokens, then `<|start-latent|>`, k `<|latent|>`, `<|end-latent|>`
 with k = min(stage, max_latent_stage) * c_thought. `--stage` defaults to the model's
 max_latent_stage (fully latent, as the final evaluation); a stage beyond it is an
@@ -35,215 +35,13 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from coconut import Coconut, align_latents
-from utils import extract_answer, normalize_answer, question_thoughts
-
-LATENT_METHODS = ("coconut", "pause_as_thought")  # methods whose prompt holds the latent markers
-DEFAULT_MAX_NEW_TOKENS = 128
-TOP_K = 5
-
-
-class UsageError(ValueError):
-    """Bad input from the user; the message is one line."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr, exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-# ---------------------------------------------------------------------------------
-# Loading
-
-
-@dataclass
-class Exported:
-    """An export.py folder: settings, tokenizer and context first, the weights on demand."""
-
-    model_dir: str
-    settings: dict  # coconut_config.json
-    tokenizer: object
-    context: Optional[int]  # the model's positions, None if its config does not say
-    model: Optional[Coconut] = None
-
-    @property
-    def latent_id(self) -> int:
-        return self.settings["latent_token_id"]
-
-    def load_model(self, device="cpu") -> Coconut:
-        """Coconut.from_pretrained(model_dir) on device, in eval mode; UsageError if it fails."""
-        if self.model is None:
-            try:
-                model = Coconut.from_pretrained(self.model_dir)
-            except (OSError, ValueError, RuntimeError, KeyError) as e:
-                raise UsageError(f"{self.model_dir}: the model does not load ({_first_line(e)})") from None
-            self.model = model.to(device).eval()
-        return self.model
-
-
-def _first_line(error: Exception) -> str:
-    line = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
-    return line[:200]
-
-
-def open_exported(model_dir: str) -> Exported:
-    """Settings, tokenizer and context of an export.py folder, without the weights.
-
-    UsageError (one line) for a missing folder, a folder without a usable
-    coconut_config.json, or a tokenizer that does not match it.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        settings = Coconut.read_coconut_config(model_dir)
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"{model_dir}: the tokenizer or config does not load ({_first_line(e)})") from None
-    if settings["method"] in LATENT_METHODS:
-        ids = tokenizer.convert_tokens_to_ids(["<|start-latent|>", "<|end-latent|>", "<|latent|>"])
-        expected = [settings["start_latent_id"], settings["end_latent_id"], settings["latent_token_id"]]
-        if ids != expected:
-            raise UsageError(f"{model_dir}: the tokenizer's latent token ids {ids} differ from coconut_config.json's {expected}")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return Exported(model_dir, settings, tokenizer, context)
-
-
-def load_exported(model_dir: str, device="cpu") -> Exported:
-    """open_exported, then the weights."""
-    exported = open_exported(model_dir)
-    exported.load_model(device)
-    return exported
-
-
-# ---------------------------------------------------------------------------------
-# Prompts
-
-
-def resolve_stage(settings: dict, stage: Optional[int]) -> int:
-    """The stage to prompt at: default max_latent_stage; UsageError beyond it."""
-    top = settings["max_latent_stage"]
-    if stage is None:
-        return top
-    if stage < 0:
-        raise UsageError(f"--stage must be >= 0, got {stage}")
-    if stage > top:
-        why = "" if top else f" (a {settings['method']} model has no latent stages)"
-        raise UsageError(f"--stage {stage} is beyond this model's max_latent_stage {top}{why}")
-    return stage
-
-
-def n_thoughts(settings: dict, stage: int, n_steps: Optional[int] = None) -> int:
-    """SPEC 2's evaluation k; n_steps (when known) caps it unless pad_latent_to_max."""
-    if settings["method"] not in LATENT_METHODS:
-        return 0
-    return question_thoughts(stage, settings["c_thought"], settings["max_latent_stage"],
-                             settings["pad_latent_to_max"], n_steps)
-
-
-def prompt_ids(tokenizer, settings: dict, question: str, stage: int, n_steps: Optional[int] = None) -> list:
-    """question + "\\n" (with special tokens) + [start] + [latent] * k + [end]."""
-    ids = tokenizer.encode(question + "\n", add_special_tokens=True)
-    if settings["method"] in LATENT_METHODS:
-        k = n_thoughts(settings, stage, n_steps)
-        ids += [settings["start_latent_id"]] + [settings["latent_token_id"]] * k + [settings["end_latent_id"]]
-    return ids
-
-
-def check_context(prompts: list, context: Optional[int]) -> None:
-    """UsageError naming the first prompt that leaves no room to generate a token."""
-    if context is None:
-        return
-    for i, ids in enumerate(prompts):
-        if len(ids) >= context:
-            raise UsageError(
-                f"question {i} is {len(ids)} tokens with its latent tokens and markers; "
-                f"the model's context is {context} positions"
-            )
-
-
-# ---------------------------------------------------------------------------------
-# Decoding
-
-
-@dataclass
-class Result:
-    question: str
-    output: str  # the generated text, special tokens skipped
-    answer: str  # after the last '#', commas removed, stripped
-    latent_tokens: int
-    generated_tokens: int
-    thoughts: list = field(default_factory=list)  # per thought: [(token, probability)] * top_k
-
-
-def pad_batch(prompts: list, pad_id: int, latent_id: int, device):
-    """Right-pad, then align the first latents in one column (SPEC 3)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-    return align_latents(ids, mask, latent_id, pad_id)
-
-
-def _kept_generation(row: list, eos_id: int) -> list:
-    """The tokens Coconut.generate kept after a prompt: the first always, then up to EOS."""
-    kept = list(row)
-    while len(kept) > 1 and kept[-1] == eos_id:
-        kept.pop()
-    return kept
-
-
-@torch.no_grad()
-def thought_distributions(model: Coconut, input_ids, attention_mask, position_ids):
-    """Per row, the LM-head probabilities (n_thoughts, vocab) of its continuous thoughts.
-
-    The thought at latent column c is the last hidden state at c - 1, so its
-    next-token distribution is the logits of column c - 1.
-    """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    probs = []
-    for row in range(input_ids.shape[0]):
-        cols = (input_ids[row] == model.latent_token_id).nonzero(as_tuple=True)[0]
-        probs.append(torch.softmax(out.logits[row, cols - 1].float(), dim=-1))
-    return probs
-
-
-@torch.no_grad()
-def answer_batch(exported: Exported, questions: list, prompts: list, max_new_tokens: int,
-                 show_thoughts: bool = False, top_k: int = TOP_K) -> list:
-    """Greedy answers for one batch of prompts (token id lists)."""
-    model, tokenizer = exported.model, exported.tokenizer
-    device = next(model.parameters()).device
-    eos = model.eos_token_id
-    ids, mask, positions = pad_batch(prompts, tokenizer.pad_token_id, exported.latent_id, device)
-    if exported.context is not None:  # generated positions must stay inside the context
-        max_new_tokens = max(1, min(max_new_tokens, exported.context - max(len(p) for p in prompts)))
-    outputs = model.generate(ids, mask, max_new_tokens=max_new_tokens)
-    thoughts = thought_distributions(model, ids, mask, positions) if show_thoughts else None
-    results = []
-    for i, (question, prompt) in enumerate(zip(questions, prompts)):
-        kept = _kept_generation(outputs[i, len(prompt):].tolist(), eos)
-        text = tokenizer.decode(kept, skip_special_tokens=True)
-        result = Result(question, text, extract_answer(text), prompt.count(exported.latent_id), len(kept))
-        if thoughts is not None:
-            top = thoughts[i].topk(min(top_k, thoughts[i].shape[-1]), dim=-1)
-            result.thoughts = [
-                [(tokenizer.decode([t]), float(p)) for t, p in zip(idx.tolist(), val.tolist())]
-                for val, idx in zip(top.values, top.indices)
-            ]
-        results.append(result)
-    return results
+from cli import OneLineParser, UserError, main_guard, quiet_transformers, read_json_list
+from inference import TOP_K, Result, answer_batch, check_context, open_exported, prompt_ids, resolve_stage
+from utils import DEFAULT_MAX_NEW_TOKENS, normalize_answer
 
 
 def format_result(result: Result, index: Optional[int] = None) -> str:
@@ -261,29 +59,15 @@ def format_result(result: Result, index: Optional[int] = None) -> str:
 # Questions file
 
 
-def read_json_list(path: str, items: str) -> list:
-    """A non-empty JSON list from `path`; UsageError (one line) otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not a readable JSON file ({' '.join(str(e).split())})") from None
-    if not isinstance(data, list) or not data:
-        raise UsageError(f"{path}: must be a non-empty JSON list of {items}")
-    return data
-
-
 def load_questions(path: str) -> list:
-    """[{"question": str, ...}] (answer and steps optional) or [str]; UsageError if not."""
+    """[{"question": str, ...}] (answer and steps optional) or [str]; UserError if not."""
     data = read_json_list(path, "questions")
     examples = []
     for i, item in enumerate(data):
         if isinstance(item, str):
             item = {"question": item}
         if not isinstance(item, dict) or not isinstance(item.get("question"), str):
-            raise UsageError(f"{path}: example {i} has no string 'question'")
+            raise UserError(f"{path}: example {i} has no string 'question'")
         examples.append(item)
     return examples
 
@@ -300,10 +84,10 @@ def run(args) -> int:
         examples = [{"question": args.question}]
     else:
         examples = load_questions(args.questions)
-    prompts = [prompt_ids(exported.tokenizer, exported.settings, ex["question"], stage, _n_steps(ex)) for ex in examples]
+    prompts = [prompt_ids(exported, ex["question"], stage, _n_steps(ex)) for ex in examples]
     check_context(prompts, exported.context)
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise UsageError(f"--output {args.output}: its folder does not exist")
+        raise UserError(f"--output {args.output}: its folder does not exist")
     exported.load_model(args.device)  # the slow part, once the input is known to be good
 
     from tqdm import tqdm
@@ -324,7 +108,7 @@ def run(args) -> int:
         results.extend(batch)
         bar.update(len(batch))
     bar.close()
-    if args.show_thoughts and exported.settings["method"] != "coconut":
+    if args.show_thoughts and not exported.method.fills_latents:
         print(f"(no continuous thoughts: this is a {exported.settings['method']} model)")
 
     records = [_record(result, example) for result, example in zip(results, examples)]
@@ -373,13 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def quiet_transformers() -> None:
-    """No per-file progress bars from transformers: the CLI's output is its own."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -388,11 +165,7 @@ def main(argv=None) -> int:
     if args.max_new_tokens < 1:
         parser.error("--max_new_tokens must be >= 1")
     quiet_transformers()
-    try:
-        return run(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return main_guard(lambda: run(args))
 
 
 if __name__ == "__main__":

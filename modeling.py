@@ -1,4 +1,4 @@
-"""Tokenizer and model construction for run.py (SPEC 1 and the loading rules of SPEC 5).
+"""Tokenizer and model construction for run.py (DESIGN §1 and the loading rules of DESIGN §5).
 
 - `model_id` is a hub id or a local folder; a local folder with a config but no
   weights builds the model from scratch (said in the log).
@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from cli import UserError
 from coconut import Coconut
-
-START, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+from layout import END, LATENT, START, LatentTokens
 WRAPPER_PREFIX = "base_causallm."
 # the published wrapper registered the input embedding as `embedding`, a second name
 # for a weight `base_causallm.*` already holds
@@ -28,15 +28,8 @@ PUBLISHED_ALIAS_KEYS = ("embedding.weight",)
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """One line naming the file or key that cannot be loaded."""
-
-
-@dataclass
-class LatentTokens:
-    start_id: int
-    end_id: int
-    latent_id: int
 
 
 @dataclass
@@ -48,19 +41,13 @@ class BuiltModel:
     loaded_from: Optional[str]
 
 
-def uses_latent_tokens(config) -> bool:
-    """Methods whose data carries the three new tokens (published: not cot/no_cot/no_thoughts)."""
-    return not (config.cot or config.no_cot or config.no_thoughts)
-
-
 def build_tokenizer(model_id: str):
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # special, so decoding with skip_special_tokens drops them from answers
     tokenizer.add_tokens([START, END, LATENT], special_tokens=True)
-    ids = LatentTokens(*tokenizer.convert_tokens_to_ids([START, END, LATENT]))
-    return tokenizer, ids
+    return tokenizer, LatentTokens.of(tokenizer)
 
 
 def has_weights(model_id: str) -> bool:
@@ -102,6 +89,11 @@ def is_wrapper_state(state: dict) -> bool:
 def load_state_checked(module, state: dict, path: str) -> None:
     """load_state_dict that tolerates only tied or published alias keys."""
     state = {k: v for k, v in state.items() if k not in PUBLISHED_ALIAS_KEYS}
+    expected = module.state_dict()
+    for key, value in state.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise ModelLoadError(f"{path}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                                 f"{tuple(expected[key].shape)} in this model (a checkpoint of another model?)")
     result = module.load_state_dict(state, strict=False)
     tied = _tied_keys(module)
     missing = [k for k in result.missing_keys if k not in tied]
@@ -109,6 +101,14 @@ def load_state_checked(module, state: dict, path: str) -> None:
         keys = (missing or result.unexpected_keys)[:3]
         kind = "is missing" if missing else "has unexpected"
         raise ModelLoadError(f"{path}: checkpoint {kind} keys {keys} for this model")
+
+
+def holds_new_token_rows(base, state: dict, vocab_with_new_tokens: int) -> bool:
+    """Whether a plain state dict's input embedding already has the three new rows."""
+    weight = base.get_input_embeddings().weight
+    name = next((n for n, p in base.named_parameters() if p is weight), None)
+    return (name in state and state[name].shape[0] == vocab_with_new_tokens
+            and weight.shape[0] != vocab_with_new_tokens)
 
 
 def _tied_keys(module) -> set:
@@ -126,14 +126,20 @@ def build_model(config, state: Optional[dict], state_path: Optional[str], log) -
     tokenizer, tokens = build_tokenizer(config.model_path)
     base = load_base_model(config.model_path, log)
     wrapper_state = state is not None and is_wrapper_state(state)
-    if wrapper_state and not config.coconut:
+    if wrapper_state and not config.method.fills_latents:
         raise ModelLoadError(f"{state_path}: coconut weights (base_causallm.*) cannot load into a {config.method} run")
-    if state is not None and not wrapper_state:
+    plain_state = state is not None and not wrapper_state
+    resized_state = plain_state and holds_new_token_rows(base, state, len(tokenizer))
+    if plain_state and not resized_state:
         load_state_checked(base, state, state_path)  # e.g. a CoT checkpoint to skip stage 0
-    if uses_latent_tokens(config):
+    if config.method.latent_tokens:
         init_new_token_rows(base, tokenizer, tokens, log)
+    elif resized_state:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the checkpoint sets the rows
+    if resized_state:  # e.g. a pause_as_thought checkpoint: its embeddings hold the new rows
+        load_state_checked(base, state, state_path)
     model = base
-    if config.coconut:
+    if config.method.fills_latents:
         model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokenizer.eos_token_id)
     if wrapper_state:
         load_state_checked(model, state, state_path)

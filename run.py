@@ -5,7 +5,7 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \\
         --rdzv_endpoint HOST:29500 run.py args/gsm_coconut.yaml    # several nodes
 
-Every epoch (SPEC 5): build the stage's data, train, save `checkpoint_{epoch+1}`,
+Every epoch (DESIGN §5): build the stage's data, train, save `checkpoint_{epoch+1}`,
 validation loss, then generation accuracy and CoT match (trainer.py). A run whose
 folder already holds checkpoints resumes from the newest complete one. Bad configs
 and data stop before anything heavy is imported or loaded: one line, exit status 2.
@@ -14,6 +14,7 @@ and data stop before anything heavy is imported or loaded: one line, exit status
 import os
 import sys
 
+from cli import main_guard
 from utils import ConfigError, load_config
 
 USAGE = "usage: python run.py CONFIG.yaml   (or: torchrun --nproc_per_node N run.py CONFIG.yaml)"
@@ -39,9 +40,15 @@ def read_data(config, load_data_file) -> dict:
     return data
 
 
-def fail(error) -> int:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+def start(config_path: str) -> int:
+    config = load_config(config_path)
+    check_paths(config, config_path)
+    from dataset import load_data_file  # imports `datasets`: only for a good config
+
+    data = read_data(config, load_data_file)
+    import trainer  # torch, transformers: only once the inputs are known to be good
+
+    return trainer.main(config, data)
 
 
 def main(argv=None) -> int:
@@ -49,20 +56,7 @@ def main(argv=None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        config = load_config(argv[0])
-        check_paths(config, argv[0])
-    except ConfigError as error:
-        return fail(error)
-    from dataset import DataError, load_data_file  # imports `datasets`: only for a good config
-
-    try:
-        data = read_data(config, load_data_file)
-    except DataError as error:
-        return fail(error)
-    import trainer  # torch, transformers: only once the inputs are known to be good
-
-    return trainer.main(config, data)
+    return main_guard(lambda: start(argv[0]))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Run configuration and small shared helpers for Coconut training (SPEC 5, 10).
+"""Run configuration and small shared helpers for Coconut training (DESIGN §5, §10).
 
 A run is described by one YAML file (see args/). This module turns it into a typed,
 validated `Config`, so a typo or a wrong type stops the run at once with a one-line
 message naming the key and the file, instead of silently training the wrong thing
-(the published code accepted anything). It also holds `set_seed` and what run.py's
-evaluation and generate.py share: the prompt's thought count and the answer scoring.
+(the published code accepted anything). It also holds the training methods (`Method`), `set_seed` and the answer scoring
+that run.py's evaluation and generate.py share.
 
 It imports neither the model (coconut.py) nor the data code (dataset.py): everything
 else depends on it, it depends on nothing of ours.
@@ -20,16 +20,43 @@ import os
 import random
 import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-# The training methods; a config turns exactly one of them on.
-METHOD_FLAGS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought")
+from cli import UserError
 
-# Methods that run the latent curriculum, so that "w/o curriculum" (jump straight to the
-# last stage) means something for them.
-CURRICULUM_METHODS = ("coconut", "pause_as_thought", "no_thoughts")
+@dataclass(frozen=True)
+class Method:
+    """A training method and what it implies (DESIGN §2). A config turns exactly one on.
+
+    latent_tokens: the data carries `<|start-latent|>`, `<|latent|>` x k, `<|end-latent|>`
+        (coconut, pause_as_thought); the other methods see neither markers nor latents.
+    curriculum: stages advance with the epochs (`no_curriculum` may then jump to the last).
+    fills_latents: `<|latent|>` inputs are replaced by continuous thoughts (the Coconut
+        wrapper); for pause_as_thought `<|latent|>` stays an ordinary token.
+    keeps_steps: language steps remain in the training text at stage 0 (not no_cot).
+    """
+
+    name: str
+    latent_tokens: bool
+    curriculum: bool
+    fills_latents: bool
+    keeps_steps: bool = True
+
+    def __str__(self) -> str:
+        return self.name
+
+
+METHODS = {
+    "coconut": Method("coconut", latent_tokens=True, curriculum=True, fills_latents=True),
+    "cot": Method("cot", latent_tokens=False, curriculum=False, fills_latents=False),
+    "no_cot": Method("no_cot", latent_tokens=False, curriculum=False, fills_latents=False, keeps_steps=False),
+    "no_thoughts": Method("no_thoughts", latent_tokens=False, curriculum=True, fills_latents=False),
+    "pause_as_thought": Method("pause_as_thought", latent_tokens=True, curriculum=True, fills_latents=False),
+}
+# The published configs name the method by one boolean key each.
+METHOD_FLAGS = tuple(METHODS)
 
 # The published code guessed the generation budget from the validation file's name;
 # we keep that as the default of the `max_new_tokens` key.
@@ -37,13 +64,13 @@ GSM_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used; the message is one line naming the key (and file)."""
 
 
 @dataclass
 class Config:
-    """Every key a run's YAML may set, with the published defaults (SPEC 5).
+    """Every key a run's YAML may set, with the published defaults (DESIGN §5).
 
     Build it with `load_config(path)` or `Config.from_dict(d)`, which check types and
     values; constructing it directly skips those checks (call `validate()` yourself).
@@ -80,7 +107,10 @@ class Config:
     seed: int = 0
     resume: int = 0
     bf16: bool = False
-    reset_optimizer: bool = False
+    # False: one AdamW for the whole run; True (or "stage"): a new AdamW whenever the
+    # stage changes (the paper's rule); "epoch": a new AdamW every epoch (what the
+    # published run.py did, and what produced the published numbers)
+    reset_optimizer: Union[bool, str] = False
     batch_size_training: int = 1
     gradient_accumulation_steps: int = 1
     num_epochs: int = 1
@@ -129,12 +159,12 @@ class Config:
             raise ConfigError(prefix + message)
 
     @property
-    def method(self) -> str:
-        """The name of the one method flag that is on, e.g. "coconut" or "cot"."""
+    def method(self) -> Method:
+        """The method whose flag is on (validation guarantees exactly one)."""
         on = [flag for flag in METHOD_FLAGS if getattr(self, flag)]
         if len(on) != 1:
             raise ConfigError(_method_flags_message(on))
-        return on[0]
+        return METHODS[on[0]]
 
     @property
     def model_path(self) -> str:
@@ -147,16 +177,26 @@ class Config:
         return os.path.join(self.save_path, self.name)
 
     def scheduled_stage(self, epoch: int) -> int:
-        """The curriculum stage trained at `epoch` (0-based), SPEC 2.
+        """The curriculum stage trained at `epoch` (0-based), DESIGN §2.
 
         cot and no_cot have no curriculum (stage 0 forever); "w/o curriculum" starts
         at the stage past the last latent stage, where all steps are replaced.
         """
-        if self.cot or self.no_cot:
+        if not self.method.curriculum:
             return 0
         if self.no_curriculum:
             return self.max_latent_stage + 1
         return epoch // self.epochs_per_stage
+
+    def optimizer_carries_over(self, epoch: int) -> bool:
+        """The reset rule: does `epoch` (0-based) continue with the optimizer of epoch - 1?
+
+        Always without `reset_optimizer`; within a stage with True or "stage"; never
+        with "epoch".
+        """
+        if epoch <= 0 or self.reset_optimizer == "epoch":
+            return False
+        return self.reset_optimizer is False or self.scheduled_stage(epoch - 1) == self.scheduled_stage(epoch)
 
     def to_dict(self) -> dict:
         """A plain dict of every key, e.g. for wandb.init(config=...)."""
@@ -200,19 +240,8 @@ def set_seed(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)  # a no-op without CUDA
 
 
-def question_thoughts(stage: int, c_thought: int, max_latent_stage: int, pad_latent_to_max: bool,
-                      n_steps: Optional[int] = None) -> int:
-    """Latent tokens of an evaluation prompt at `stage` (SPEC 2): min(stage, cap) *
-    c_thought, cap = max_latent_stage, or min(it, n_steps) without pad_latent_to_max when
-    the example's step count is known. run.py's evaluation and generate.py share it."""
-    cap = max_latent_stage
-    if n_steps is not None and not pad_latent_to_max:
-        cap = min(cap, n_steps)
-    return min(stage, cap) * c_thought
-
-
 def normalize_answer(answer: str) -> str:
-    """How answers are compared (SPEC 4): commas removed, stripped."""
+    """How answers are compared (DESIGN §4): commas removed, stripped."""
     return answer.replace(",", "").strip()
 
 
@@ -266,8 +295,17 @@ def _unknown_key_message(key: Any, known) -> str:
     return message
 
 
+# keys that take one of a few words as well as (or instead of) their type's values
+_WORD_VALUES = {"reset_optimizer": (False, True, "stage", "epoch")}
+
+
 def _coerce(key: str, value: Any, annotation: Any, prefix: str) -> Any:
     """Check one value against its field's type; return it in that type."""
+    if key in _WORD_VALUES:
+        allowed = _WORD_VALUES[key]
+        if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
+            raise ConfigError(f"{prefix}key {key!r} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
     optional = typing.get_origin(annotation) is typing.Union
     base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
 
@@ -348,11 +386,9 @@ def _value_problems(config: Config):
     on = [flag for flag in METHOD_FLAGS if getattr(config, flag)]
     if len(on) != 1:
         yield _method_flags_message(on)
-    elif config.no_curriculum and on[0] not in CURRICULUM_METHODS:
-        yield (
-            f"key 'no_curriculum' needs one of {', '.join(CURRICULUM_METHODS)} "
-            f"(got {on[0]}, which has no curriculum)"
-        )
+    elif config.no_curriculum and not METHODS[on[0]].curriculum:
+        with_curriculum = ", ".join(m.name for m in METHODS.values() if m.curriculum)
+        yield f"key 'no_curriculum' needs one of {with_curriculum} (got {on[0]}, which has no curriculum)"
 
     if config.local and not config.local_path:
         yield "key 'local_path' is required when local is True"

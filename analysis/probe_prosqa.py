@@ -12,7 +12,7 @@ MODEL_DIR is a folder written by export.py (a coconut model); DATA.json a ProsQA
 file whose examples carry `idx_to_symbol`, `edges` ([u, v] means "u is a v"), `root`
 and, optionally, `target` / `neg_target` (preprocessing/prosqa.py writes them).
 
-- Prompt: SPEC 2's evaluation prompt at --stage (default max_latent_stage), with the
+- Prompt: DESIGN §2's evaluation prompt at --stage (default max_latent_stage), with the
   example's own number of steps capping the thoughts unless the model was trained
   with pad_latent_to_max, exactly as run.py evaluates it.
 - Value of a concept at thought t: the thought's next-token distribution is the
@@ -44,19 +44,8 @@ if __name__ == "__main__":  # run as a script: the repository root holds our mod
 
 import torch
 
-from generate import (
-    OneLineParser,
-    UsageError,
-    answer_batch,
-    check_context,
-    open_exported,
-    pad_batch,
-    prompt_ids,
-    quiet_transformers,
-    read_json_list,
-    resolve_stage,
-    thought_distributions,
-)
+from cli import OneLineParser, UserError, main_guard, quiet_transformers, read_json_list
+from inference import answer_batch, check_context, open_exported, pad_batch, prompt_ids, resolve_stage, thought_distributions
 from preprocessing.prosqa import bfs_distances
 
 GRAPH_KEYS = ("question", "idx_to_symbol", "edges", "root")
@@ -69,26 +58,26 @@ GROUP_LABELS = {"frontier": "frontier", "reachable": "other reachable", "unreach
 
 
 def load_example(path: str, index: int) -> dict:
-    """Example `index` of a ProsQA-style file; UsageError (one line) if unusable."""
+    """Example `index` of a ProsQA-style file; UserError (one line) if unusable."""
     data = read_json_list(path, "examples")
     if not -len(data) <= index < len(data):
-        raise UsageError(f"--index {index} is out of range: {path} holds {len(data)} examples")
+        raise UserError(f"--index {index} is out of range: {path} holds {len(data)} examples")
     example = data[index]
     where = f"{path}: example {index}"
     if not isinstance(example, dict):
-        raise UsageError(f"{where} is not a JSON object")
+        raise UserError(f"{where} is not a JSON object")
     missing = [key for key in GRAPH_KEYS if key not in example]
     if missing:
-        raise UsageError(f"{where} has no {', '.join(missing)} (a ProsQA example with its graph is needed)")
+        raise UserError(f"{where} has no {', '.join(missing)} (a ProsQA example with its graph is needed)")
     symbols, edges, root = example["idx_to_symbol"], example["edges"], example["root"]
     n = len(symbols) if isinstance(symbols, list) else 0
     if not n or not all(isinstance(s, str) for s in symbols):
-        raise UsageError(f"{where}: 'idx_to_symbol' must be a non-empty list of strings")
+        raise UserError(f"{where}: 'idx_to_symbol' must be a non-empty list of strings")
     good_edge = lambda e: isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and 0 <= x < n for x in e)  # noqa: E731
     if not isinstance(edges, list) or not all(good_edge(e) for e in edges):
-        raise UsageError(f"{where}: 'edges' must be a list of [u, v] node indices below {n}")
+        raise UserError(f"{where}: 'edges' must be a list of [u, v] node indices below {n}")
     if not isinstance(root, int) or not 0 <= root < n:
-        raise UsageError(f"{where}: 'root' must be a node index below {n}")
+        raise UserError(f"{where}: 'root' must be a node index below {n}")
     return example
 
 
@@ -175,15 +164,15 @@ def probe(exported, example: dict, index: int = 0, stage: Optional[int] = None, 
     """Run the thoughts of one example; `exported` from generate.open_exported (weights
     are loaded here, after the input is checked)."""
     settings = exported.settings
-    if settings["method"] != "coconut":
-        raise UsageError(f"the model was trained with {settings['method']}: it has no continuous thoughts to probe")
+    if not exported.method.fills_latents:
+        raise UserError(f"the model was trained with {settings['method']}: it has no continuous thoughts to probe")
     stage = resolve_stage(settings, stage)
     steps = example.get("steps")
-    ids = prompt_ids(exported.tokenizer, settings, example["question"], stage, len(steps) if isinstance(steps, list) else None)
+    ids = prompt_ids(exported, example["question"], stage, len(steps) if isinstance(steps, list) else None)
     check_context([ids], exported.context)
     k = ids.count(settings["latent_token_id"])
     if k == 0:
-        raise UsageError(f"the prompt at stage {stage} has no continuous thoughts (use --stage 1 or more)")
+        raise UserError(f"the prompt at stage {stage} has no continuous thoughts (use --stage 1 or more)")
 
     exported.load_model(device)
     symbols, edges, root = example["idx_to_symbol"], example["edges"], example["root"]
@@ -323,13 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_transformers()
-    try:
-        example = load_example(args.data, args.index)
-        exported = open_exported(args.model_dir)
-        result = probe(exported, example, args.index, args.stage, args.device)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return main_guard(lambda: report(args))
+
+
+def report(args) -> int:
+    example = load_example(args.data, args.index)
+    exported = open_exported(args.model_dir)
+    result = probe(exported, example, args.index, args.stage, args.device)
     print(format_table(result, example["idx_to_symbol"][example["root"]]))
     if args.plot:
         save_plot(result, args.plot)

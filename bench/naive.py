@@ -1,6 +1,6 @@
 """The naive Coconut algorithm: the baseline the benchmarks compare against.
 
-This is the cost model of the published implementation (SPEC 9), written plainly so
+This is the cost model of the published implementation (DESIGN §9), written plainly so
 that it is obviously correct; `coconut.Coconut` must give the same numbers faster.
 
 Training forward, `naive_train_step_forward`:

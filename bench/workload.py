@@ -66,7 +66,7 @@ def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_posi
 
 def collator(vocab: int) -> MyCollator:
     ids = ids_for(vocab)
-    tokenizer = SimpleNamespace(pad_token_id=None, eos_token_id=ids.eos)  # pad = EOS (SPEC 1)
+    tokenizer = SimpleNamespace(pad_token_id=None, eos_token_id=ids.eos)  # pad = EOS (DESIGN §1)
     return MyCollator(tokenizer, latent_id=ids.latent)
 
 

@@ -1,4 +1,4 @@
-"""Convert the Internalize-CoT GSM8k-Aug text files to coconut JSON (SPEC 7).
+"""Convert the Internalize-CoT GSM8k-Aug text files to coconut JSON (DESIGN §7).
 
 Each input line is ``question||<<a*b=c>> <<c+d=e>> #### answer``; the output is a
 JSON list of ``{"question", "steps", "answer"}`` with question = the text before

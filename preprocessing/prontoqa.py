@@ -1,4 +1,4 @@
-"""Convert the official ProntoQA generator's output to coconut JSON (SPEC 7).
+"""Convert the official ProntoQA generator's output to coconut JSON (DESIGN §7).
 
 Generate the raw file with the ProntoQA repository (asaparov/prontoqa, 5-hop,
 fictional ontology):

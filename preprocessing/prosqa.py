@@ -1,4 +1,4 @@
-"""Generate ProsQA-style data (Coconut paper, appendix A.2; SPEC 7).
+"""Generate ProsQA-style data (Coconut paper, appendix A.2; DESIGN §7).
 
 Each example is a small "is-a" ontology (a random DAG), a question about one
 person in it, and the shortest chain of facts that answers it:
@@ -122,7 +122,7 @@ def weighted_sample(rng, items, weights, k):
 
 
 def candidates(rng, opts, groups, num_existing):
-    """The nodes a new node may take as in-nodes (SPEC 7, see module doc)."""
+    """The nodes a new node may take as in-nodes (DESIGN §7, see module doc)."""
     if rng.random() < opts.p_only0:
         return groups[1]
     if rng.random() < opts.p_only1:

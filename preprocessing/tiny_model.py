@@ -5,7 +5,7 @@ small GPT-2 config, no weights (run.py trains it from scratch and says so).
 
 The tokenizer is a byte-level BPE (GPT-2's scheme, so every string round-trips:
 newlines, '#', digits) trained on generated ProsQA text until each name, concept
-word and '<<' is a single token. Pieces tokenize like the whole text (SPEC 1).
+word and '<<' is a single token. Pieces tokenize like the whole text (DESIGN §1).
 """
 
 import argparse
@@ -23,7 +23,7 @@ EOS = "<|endoftext|>"
 
 
 def corpus_texts(num_examples: int, seed: int) -> list:
-    """ProsQA text as the model sees it, plus every word once and '<<' (SPEC 1 init row)."""
+    """ProsQA text as the model sees it, plus every word once and '<<' (DESIGN §1 init row)."""
     examples = prosqa.generate(num_examples, seed)
     texts = [ex["question"] + "\n" + "\n".join(ex["steps"]) + "\n### " + ex["answer"] for ex in examples]
     words = prosqa.NAMES + prosqa.CONCEPTS

@@ -1,4 +1,4 @@
-"""Turn chat traces (JSONL) into coconut JSON: question, reasoning steps, answer (SPEC 7).
+"""Turn chat traces (JSONL) into coconut JSON: question, reasoning steps, answer (DESIGN §7).
 
     python preprocessing/transform_chat.py --input traces.jsonl --output data/chat.json
     python preprocessing/transform_chat.py --input traces.jsonl --output out.json \\

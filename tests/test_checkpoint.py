@@ -373,6 +373,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_usable_half_checkpoint(tmp_path):
     numel = 1_000_000  # 8 MB per tensor: a kill usually lands inside a write
     script = tmp_path / "writer.py"

@@ -62,7 +62,7 @@ def make_example(rng, n_latents, question_len, answer_len):
 
 
 def collate(examples):
-    """Left-pad to align first latents, then right-pad (SPEC 3), written plainly."""
+    """Left-pad to align first latents, then right-pad (DESIGN §3), written plainly."""
     firsts = [ids.tolist().index(LATENT) for ids, _ in examples if LATENT in ids.tolist()]
     target = max(firsts, default=0)
     rows = []

@@ -1,7 +1,7 @@
-"""Tests for dataset.py: SPEC 1 (data files, tokenization), SPEC 2 (stage layouts), SPEC 3 (collator).
+"""Tests for dataset.py: DESIGN §1 (data files, tokenization), DESIGN §2 (stage layouts), DESIGN §3 (collator).
 
 Expected layouts come from hand-written tables (thought groups and first kept step per
-example and stage) spliced from pieces tokenized exactly as SPEC 1 says.
+example and stage) spliced from pieces tokenized exactly as DESIGN §1 says.
 """
 
 import inspect
@@ -74,7 +74,7 @@ def base(data_path, tok):
 
 
 def pieces(tok, ex):
-    """SPEC 1 pieces, tokenized independently of dataset.py."""
+    """DESIGN §1 pieces, tokenized independently of dataset.py."""
     q = tok.encode(ex["question"] + "\n", add_special_tokens=True)
     steps = [tok.encode(s + "\n", add_special_tokens=False) for s in ex["steps"]]
     a = tok.encode("### " + ex["answer"], add_special_tokens=False) + [tok.eos_token_id]
@@ -109,7 +109,7 @@ def check_row(row, ids, labels=None, idx=None):
 
 
 # ---------------------------------------------------------------------------------------
-# SPEC 1: reading, validating, tokenizing
+# DESIGN §1: reading, validating, tokenizing
 
 
 def test_get_dataset_pieces_columns_and_idx(base, tok):
@@ -123,7 +123,7 @@ def test_get_dataset_pieces_columns_and_idx(base, tok):
         assert row["answer_tokenized"] == a
         assert row["answer_tokenized"][-1] == tok.eos_token_id == 0
         assert row["idx"] == i
-        if ex["steps"]:  # SPEC 1's whole-text identity (with no steps it has a doubled newline)
+        if ex["steps"]:  # DESIGN §1's whole-text identity (with no steps it has a doubled newline)
             whole = ex["question"] + "\n" + "\n".join(ex["steps"]) + "\n### " + ex["answer"]
             assert q + flat(steps) + a == tok.encode(whole, add_special_tokens=True) + [0]
 
@@ -234,7 +234,7 @@ def test_map_num_proc(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# SPEC 2: stage layouts
+# DESIGN §2: stage layouts
 
 
 @pytest.mark.parametrize("c_thought", [1, 2])
@@ -399,7 +399,7 @@ def test_shuffle_deterministic_per_seed_and_epoch():
 
 
 # ---------------------------------------------------------------------------------------
-# SPEC 3: the collator
+# DESIGN §3: the collator
 
 P = -100  # label pad
 
@@ -456,8 +456,7 @@ def test_collator_aligns_first_latents(tok):
 def test_collator_uses_pad_token_and_right_pads_only_without_latents():
     fake = types.SimpleNamespace(pad_token_id=3, eos_token_id=0)
     features = [feat([5, L, 6]), feat([5, 6, 7, L, 8])]
-    batch = D.LatentAlignedCollator(fake)(features)  # latent_id None: no alignment
-    assert D.LatentAlignedCollator is D.MyCollator
+    batch = D.MyCollator(fake)(features)  # latent_id None: no alignment
     assert set(batch) == {"input_ids", "attention_mask", "position_ids"}
     assert batch["input_ids"].tolist() == [[5, L, 6, 3, 3], [5, 6, 7, L, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]

@@ -6,101 +6,21 @@ exported once per session, cached under pytest's base temporary folder).
 
 import json
 import os
-import shutil
-from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 import torch
-import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import checkpoint
 import export
 from coconut import Coconut
-from modeling import END, LATENT, START, build_model
-from preprocessing import prosqa
+from layout import END, LATENT, START
+from modeling import build_model
+from builders import silent, tiny_cot_model, write_yaml
 from utils import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROSQA_TOKENIZER = os.path.join(ROOT, "models", "prosqa-gpt2-tiny")
 COCONUT_KEYS = {"latent_token_id", "start_latent_id", "end_latent_id", "eos_token_id",
                 "c_thought", "max_latent_stage", "pad_latent_to_max", "method"}
-
-
-def _silent(message):
-    pass
-
-
-def _write_yaml(path, config: dict) -> str:
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
-    return str(path)
-
-
-def _prosqa_model_folder(folder) -> str:
-    """The demo's ProsQA tokenizer with a smaller GPT-2 config (no weights)."""
-    os.makedirs(folder, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(PROSQA_TOKENIZER, name), os.path.join(folder, name))
-    GPT2Config(vocab_size=450, n_layer=2, n_embd=64, n_head=4, n_positions=256,
-               bos_token_id=0, eos_token_id=0).save_pretrained(folder)
-    return str(folder)
-
-
-def tiny_prosqa_model(tmp_path_factory) -> SimpleNamespace:
-    """A tiny coconut GPT-2 trained by run.py on ProsQA-style data, and its export.
-
-    Three epochs (stages 0, 1, 2; c_thought 1, max_latent_stage 2, pad_latent_to_max):
-    enough to exercise every path, not to answer well. Cached for the session.
-    """
-    root = tmp_path_factory.getbasetemp() / "tiny-prosqa-coconut"
-    paths = SimpleNamespace(
-        root=str(root), model=str(root / "model"), train=str(root / "train.json"), val=str(root / "val.json"),
-        config=str(root / "coconut.yaml"), checkpoint=str(root / "ckpt" / "tiny" / "checkpoint_3"),
-        export=str(root / "export"),
-    )
-    if (root / "done").exists():
-        return paths
-    import run
-
-    shutil.rmtree(root, ignore_errors=True)
-    _prosqa_model_folder(paths.model)
-    examples = prosqa.generate(38, 0, prosqa.Options(num_nodes=10, max_steps=3))
-    for path, part in ((paths.train, examples[:32]), (paths.val, examples[32:])):
-        with open(path, "w") as f:
-            json.dump(part, f)
-    _write_yaml(paths.config, dict(
-        project="test", save_path=str(root / "ckpt"), name="tiny", coconut=True, c_thought=1,
-        epochs_per_stage=1, max_latent_stage=2, pad_latent_to_max=True, num_epochs=3,
-        model_id=paths.model, train_path=paths.train, val_path=paths.val, batch_size_training=8,
-        lr=1e-3, seed=0, max_new_tokens=8, batch_size_eval=8,
-    ))
-    with mock.patch.dict(os.environ, {"WANDB_MODE": "disabled"}):
-        assert run.main([paths.config]) == 0
-    assert export.main([paths.config, paths.checkpoint, paths.export]) == 0
-    (root / "done").touch()
-    return paths
-
-
-def tiny_cot_model(tmp_path_factory) -> SimpleNamespace:
-    """A cot run's checkpoint (random weights, published layout) and its export."""
-    root = tmp_path_factory.getbasetemp() / "tiny-prosqa-cot"
-    coconut = tiny_prosqa_model(tmp_path_factory)
-    paths = SimpleNamespace(root=str(root), config=str(root / "cot.yaml"),
-                            checkpoint=str(root / "checkpoint_1"), export=str(root / "export"), val=coconut.val)
-    if (root / "done").exists():
-        return paths
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
-    _write_yaml(paths.config, dict(cot=True, c_thought=0, max_latent_stage=0, model_id=coconut.model,
-                                   train_path=coconut.train, val_path=coconut.val))
-    torch.manual_seed(0)
-    built = build_model(load_config(paths.config), None, None, _silent)
-    checkpoint.save_checkpoint(str(root), 1, built.model.state_dict())
-    assert export.main([paths.config, paths.checkpoint, paths.export]) == 0
-    (root / "done").touch()
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +30,7 @@ def tiny_cot(tmp_path_factory):
 
 def _built(config_path, checkpoint_path):
     state = checkpoint.load_model_state(checkpoint_path)
-    return build_model(load_config(config_path), state, checkpoint_path, _silent)
+    return build_model(load_config(config_path), state, checkpoint_path, silent)
 
 
 def _training_batch(tokenizer, val_path, latent_id, start_id, end_id, config, stage):
@@ -184,7 +104,7 @@ def test_export_cot_checkpoint(tiny_cot):
         settings = json.load(f)
     assert settings["method"] == "cot" and settings["c_thought"] == 0 and settings["max_latent_stage"] == 0
     loaded = Coconut.from_pretrained(tiny_cot.export)
-    assert loaded.latent_token_id == -1  # plain decoding, as evaluate.generator_for
+    assert loaded.latent_token_id is None  # plain decoding, as evaluate.generator_for
     assert loaded.coconut_config["latent_token_id"] == settings["latent_token_id"]
     built = _built(tiny_cot.config, tiny_cot.checkpoint)
     ids = torch.tensor([[5, 17, 42, 99]])
@@ -193,11 +113,11 @@ def test_export_cot_checkpoint(tiny_cot):
 
 
 def test_export_untied_llama_round_trip(llama_folder, chain_data, tmp_path):
-    config = _write_yaml(tmp_path / "llama.yaml", dict(coconut=True, c_thought=2, max_latent_stage=1,
+    config = write_yaml(tmp_path / "llama.yaml", dict(coconut=True, c_thought=2, max_latent_stage=1,
                                                        model_id=llama_folder, train_path=chain_data["train"],
                                                        val_path=chain_data["val"]))
     torch.manual_seed(1)
-    built = build_model(load_config(config), None, None, _silent)
+    built = build_model(load_config(config), None, None, silent)
     with torch.no_grad():  # make the new head rows differ from the embedding rows
         built.base_causallm.get_output_embeddings().weight[-3:].normal_()
     checkpoint.save_checkpoint(str(tmp_path / "ckpt"), 1, built.model.state_dict())

@@ -1,19 +1,22 @@
 """generate.py on the tiny exported models of test_export.py."""
 
+import dataclasses
 import json
 import re
 
 import pytest
 import torch
-from test_export import tiny_cot_model
+from builders import tiny_cot_model
 
 import generate
+import inference
 from coconut import Coconut
+from utils import extract_answer
 
 
 @pytest.fixture(scope="module")
 def exported(tiny):
-    return generate.load_exported(tiny.export)
+    return inference.load_exported(tiny.export)
 
 
 def _run(capsys, argv):
@@ -29,10 +32,11 @@ def test_prompt_is_the_spec_evaluation_prompt(exported, tiny_val):
     base = tok.encode(q + "\n", add_special_tokens=True)
     for stage in (0, 1, 2):
         expected = base + [s["start_latent_id"]] + [s["latent_token_id"]] * stage + [s["end_latent_id"]]
-        assert generate.prompt_ids(tok, s, q, stage) == expected
-    unpadded = {**s, "pad_latent_to_max": False, "c_thought": 2}
-    assert generate.prompt_ids(tok, unpadded, q, 2, n_steps=1).count(s["latent_token_id"]) == 2  # min(2, 1) * 2
-    assert generate.prompt_ids(tok, {**s, "method": "cot"}, q, 0) == base
+        assert inference.prompt_ids(exported, q, stage) == expected
+    unpadded = dataclasses.replace(exported, settings={**s, "pad_latent_to_max": False, "c_thought": 2})
+    assert inference.prompt_ids(unpadded, q, 2, n_steps=1).count(s["latent_token_id"]) == 2  # min(2, 1) * 2
+    cot = dataclasses.replace(exported, settings={**s, "method": "cot"})
+    assert inference.prompt_ids(cot, q, 0) == base
 
 
 def test_one_question_prints_output_answer_and_counts(tiny, exported, tiny_val, capsys):
@@ -43,13 +47,13 @@ def test_one_question_prints_output_answer_and_counts(tiny, exported, tiny_val, 
     counts = re.search(r"^Tokens: (\d+) latent, (\d+) generated$", out, re.M)
     assert counts and int(counts.group(1)) == 2 and 1 <= int(counts.group(2)) <= 12
 
-    # the same greedy decoding as Coconut.generate on the SPEC prompt
-    prompt = generate.prompt_ids(exported.tokenizer, exported.settings, q, 2)
+    # the same greedy decoding as Coconut.generate on the evaluation prompt
+    prompt = inference.prompt_ids(exported, q, 2)
     row = exported.model.generate(torch.tensor([prompt]), max_new_tokens=12)[0, len(prompt):].tolist()
-    kept = generate._kept_generation(row, exported.model.eos_token_id)
+    kept = inference._kept_generation(row, exported.model.eos_token_id)
     text = exported.tokenizer.decode(kept, skip_special_tokens=True)
     assert int(counts.group(2)) == len(kept)
-    assert re.search(r"^Answer: (.*)$", out, re.M).group(1) == generate.extract_answer(text)
+    assert re.search(r"^Answer: (.*)$", out, re.M).group(1) == extract_answer(text)
 
 
 def test_stage_sets_the_number_of_thoughts(tiny, tiny_val, capsys):
@@ -69,7 +73,7 @@ def test_show_thoughts_are_the_thoughts_under_the_lm_head(tiny, exported, tiny_v
     # independently: the continuous thought is the input embedding at the latent
     # column; decode it with the output embeddings
     model = exported.model
-    ids = torch.tensor([generate.prompt_ids(exported.tokenizer, exported.settings, q, 2)])
+    ids = torch.tensor([inference.prompt_ids(exported, q, 2)])
     with torch.no_grad():
         embeds = model(input_ids=ids, attention_mask=torch.ones_like(ids)).inputs_embeds[0]
         cols = (ids[0] == exported.latent_id).nonzero(as_tuple=True)[0]
@@ -94,8 +98,8 @@ def test_questions_file_batched_with_progress_and_output(tiny, exported, tiny_va
     assert out.count("Question: ") == len(tiny_val)
 
     # batching does not change the answers
-    prompts = [generate.prompt_ids(exported.tokenizer, exported.settings, ex["question"], 2) for ex in tiny_val[:3]]
-    alone = [generate.answer_batch(exported, [ex["question"]], [p], 6)[0] for ex, p in zip(tiny_val, prompts)]
+    prompts = [inference.prompt_ids(exported, ex["question"], 2) for ex in tiny_val[:3]]
+    alone = [inference.answer_batch(exported, [ex["question"]], [p], 6)[0] for ex, p in zip(tiny_val, prompts)]
     assert [(r.output, r.generated_tokens) for r in alone] == [(r["output"], r["generated_tokens"]) for r in records[:3]]
 
 

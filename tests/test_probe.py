@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from test_export import ROOT, tiny_cot_model
+from builders import ROOT, tiny_cot_model
 
-import generate
+import inference
 from analysis import probe_prosqa
 from preprocessing import prosqa
 
@@ -56,8 +56,8 @@ def test_probe_table_json_and_plot(tiny, tiny_val, tmp_path, capsys):
     assert concepts[example["neg_target"]]["role"] == "distractor"
 
     # values: softmax over the vocabulary of the thought decoded by the LM head
-    exported = generate.load_exported(tiny.export)
-    ids = torch.tensor([generate.prompt_ids(exported.tokenizer, exported.settings, example["question"], 2)])
+    exported = inference.load_exported(tiny.export)
+    ids = torch.tensor([inference.prompt_ids(exported, example["question"], 2)])
     with torch.no_grad():
         embeds = exported.model(input_ids=ids, attention_mask=torch.ones_like(ids)).inputs_embeds[0]
         cols = (ids[0] == exported.latent_id).nonzero(as_tuple=True)[0]
@@ -102,6 +102,7 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path_factory, tmp_path, ca
     assert expected in err
 
 
+@pytest.mark.slow
 def test_runs_as_a_script(tiny, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "probe_prosqa.py"), tiny.export, tiny.val,

@@ -1,4 +1,4 @@
-"""End-to-end runs of run.py (SPEC 5, 9) on tiny offline models, on CPU.
+"""End-to-end runs of run.py (DESIGN §5, §9) on tiny offline models, on CPU.
 
 In-process runs call `run.main([cfg])`; subprocesses cover torchrun, killing and
 resuming, exit statuses and stderr. Every run has WANDB_MODE=disabled except the one
@@ -7,14 +7,11 @@ test of the offline fallback. Tiny everything: 2-layer 64-wide models, 48 traini
 """
 
 import concurrent.futures
-import contextlib
-import io
 import json
 import os
 import random
-import re
+import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,150 +20,14 @@ import pytest
 import torch
 import yaml
 
-import run
 import trainer
+from builders import (ACC_RE, COT_RE, FULL_RE, PREFIX, REPO, RUN_PY, acc_lines, assert_same_tensors,
+                      assert_same_values, epochs_started, free_port, keys_for, load, run_in_process, run_sub, sub_env,
+                      write_cfg)
 from checkpoint import list_checkpoints
+from layout import END, LATENT, START
+from preprocessing import prosqa
 from utils import load_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_PY = os.path.join(REPO, "run.py")
-PREFIX = "base_causallm."
-ACC_RE = re.compile(r"^Accuracy on validation set: (\d+) / (\d+) = (\S+)$", re.M)
-COT_RE = re.compile(r"^CoT match on validation set: (\d+) / (\d+) = (\S+)$", re.M)
-FULL_RE = re.compile(r"^Full output: '(.*?)'\nExtracted Output:", re.M | re.S)
-EPOCH_START_RE = re.compile(r"Training Epoch: (\d+):\s+0%")  # tqdm's first refresh of an epoch's bar
-N_VAL = 12  # conftest's chain_data
-START, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
-
-
-# ------------------------------------------------------------------ helpers
-def keys_for(model_folder, data, save_path, name, **over):
-    keys = dict(
-        model_id=model_folder, train_path=data["train"], val_path=data["val"], save_path=str(save_path), name=name,
-        num_epochs=2, batch_size_training=8, lr=1e-3, max_new_tokens=16, c_thought=1, epochs_per_stage=1,
-        max_latent_stage=1, seed=0,
-    )
-    keys.update(over)
-    return keys
-
-
-def write_cfg(path, keys) -> str:
-    with open(path, "w") as f:
-        yaml.safe_dump(keys, f)
-    return str(path)
-
-
-def run_in_process(cfg):
-    """run.main([cfg]) with stdout/stderr captured: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WORLD_SIZE")}
-    os.environ["WANDB_MODE"] = "disabled"
-    os.environ.pop("WORLD_SIZE", None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only spins (5x slower on a busy machine)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = run.main([cfg])
-    finally:
-        torch.set_num_threads(threads)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return rc, out.getvalue(), err.getvalue()
-
-
-def sub_env(**extra):
-    """Environment of a subprocess run: no wandb settings but WANDB_MODE=disabled, one thread."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("WANDB_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def _descendants(pid):
-    """Ids of every process below `pid` (from /proc)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def run_sub(args, env=None, timeout=300, cwd=REPO):
-    """Run `python ARGS`; on timeout kill it and all its descendants, then fail."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env or sub_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun's workers start sessions of their own
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"python {' '.join(map(str, args))} ran over {timeout} s; stderr ends:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def acc_lines(stdout):
-    """[(C, T, A)] of the accuracy lines, checking A = C / T and T = the validation size."""
-    found = []
-    for regex in (ACC_RE, COT_RE):
-        rows = [(int(c), int(t), float(a)) for c, t, a in regex.findall(stdout)]
-        for c, t, a in rows:
-            assert t == N_VAL and 0 <= c <= t and a == c / t
-        found.append(rows)
-    assert len(found[0]) == len(found[1])
-    return found[0]
-
-
-def epochs_started(stderr):
-    return [int(n) for n in EPOCH_START_RE.findall(stderr)]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_tensors(a_path, b_path):
-    a, b = load(a_path), load(b_path)
-    assert a.keys() == b.keys(), a_path
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{a_path} vs {b_path}: tensors differ: {different[:5]}"
-
-
-def assert_same_values(a, b, where):
-    """Equal nested dicts/lists of tensors and plain values (a .state file's content)."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_values(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_values(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # ------------------------------------------------------------------ shared runs
 @pytest.fixture(scope="module")
@@ -230,6 +91,107 @@ def test_method_runs_two_epochs(method, request, tmp_path, gpt2_folder, llama_fo
         assert text.count(LATENT) == latents[i // 2], (i, text)
 
 
+# ------------------------------------------------------------------ demo path
+DEMO_YAML = os.path.join(REPO, "args", "demo.yaml")
+
+
+def makefile_demo_data_args() -> list:
+    """The DEMO_DATA_ARGS line of the Makefile, as an argument list."""
+    with open(os.path.join(REPO, "Makefile")) as f:
+        for line in f:
+            if line.startswith("DEMO_DATA_ARGS"):
+                return shlex.split(line.split("=", 1)[1])
+    raise AssertionError("Makefile has no DEMO_DATA_ARGS line")
+
+
+def with_option(args: list, option: str, value: str) -> list:
+    """args with `option`'s value replaced (or the option added)."""
+    out = list(args)
+    if option in out:
+        out[out.index(option) + 1] = value
+    else:
+        out += [option, value]
+    return out
+
+
+def test_demo_config_is_a_plain_relative_coconut_run():
+    config = load_config(DEMO_YAML)
+    assert config.coconut and not config.debug and not config.only_eval
+    assert config.load_model_path is None and config.resume == 0
+    # relative paths, so `python run.py args/demo.yaml` works in any checkout
+    for path in (config.model_id, config.train_path, config.val_path, config.save_path):
+        assert not os.path.isabs(path), path
+    assert config.save_dir == os.path.join("checkpoints", "demo")
+    assert config.train_path == "data/demo/prosqa_train.json"
+    assert config.val_path == "data/demo/prosqa_valid.json"
+    assert os.path.isfile(os.path.join(REPO, config.model_id, "config.json"))
+    data_args = makefile_demo_data_args()
+    assert "--output_dir" not in data_args  # the recipe names data/demo itself
+    min_steps = int(data_args[data_args.index("--min_steps") + 1])
+    max_steps = int(data_args[data_args.index("--max_steps") + 1])
+    assert 3 <= min_steps <= max_steps
+    # the whole curriculum: chain of thought first, and by the last epoch every step of
+    # every example is a continuous thought
+    stages = [config.scheduled_stage(epoch) for epoch in range(config.num_epochs)]
+    assert stages[0] == 0 and stages[-1] >= min(max_steps, config.max_latent_stage)
+    assert max_steps <= config.max_latent_stage or stages[-1] > config.max_latent_stage
+
+
+def shortened_demo(tmp_path, model_id: str) -> tuple:
+    """The Makefile's data command on a tiny split and args/demo.yaml cut to 2 epochs.
+
+    Returns (config path, run directory). Stage 0 then stage 1, checkpoints in tmp_path.
+    """
+    data_dir = tmp_path / "data"
+    args = with_option(makefile_demo_data_args(), "--split_sizes", "24,6,0")
+    assert prosqa.main(["--split", *args, "--output_dir", str(data_dir)]) == 0
+
+    with open(DEMO_YAML) as f:
+        raw = yaml.safe_load(f)
+    raw.update(
+        num_epochs=2,
+        epochs_per_stage=1,
+        save_path=str(tmp_path / "checkpoints"),
+        train_path=str(data_dir / "prosqa_train.json"),
+        val_path=str(data_dir / "prosqa_valid.json"),
+        model_id=model_id,
+        max_new_tokens=16,
+    )
+    config_path = tmp_path / "demo.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    return str(config_path), tmp_path / "checkpoints" / raw["name"]
+
+
+def assert_two_epochs(out: str, run_dir):
+    accuracies = ACC_RE.findall(out)
+    assert len(accuracies) == 2, out[-2000:]
+    assert all(int(total) == 6 for _, total, _ in accuracies)
+    assert "from scratch" in out
+    saved = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint_"))
+    assert {"checkpoint_1", "checkpoint_2"} <= set(saved), saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_demo_path_shortened(tmp_path, launcher):
+    """`make demo`, shortened: the Makefile's data command on a tiny split and
+    args/demo.yaml cut to 2 epochs (stage 0, then latent stage 1), from the repository
+    root with the config's relative model folder as committed, in one process and under
+    `torchrun --nproc_per_node 2`."""
+    with open(DEMO_YAML) as f:
+        model_id = yaml.safe_load(f)["model_id"]
+    assert not os.path.isabs(model_id)
+    config_path, run_dir = shortened_demo(tmp_path, model_id)
+    if launcher == "python":
+        proc = run_sub([RUN_PY, config_path], timeout=240, cwd=REPO)
+    else:
+        proc = run_sub(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        "run.py", config_path], timeout=240, cwd=REPO)
+        assert "world size = 2" in proc.stdout
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_two_epochs(proc.stdout, run_dir)
+
+
 # ------------------------------------------------------------------ 2. torchrun, two processes
 def _per_rank_batch_latents(cfg, gpt2_folder):
     """Max latents of every training batch on each of 2 ranks (the number of passes - 1)."""
@@ -243,7 +205,7 @@ def _per_rank_batch_latents(cfg, gpt2_folder):
     base = get_dataset(config.train_path, tokenizer)
     per_rank = {0: [], 1: []}
     for epoch in range(config.num_epochs):
-        data = get_cot_latent_dataset(config.scheduled_stage(epoch), base, trainer.data_config(config), ids.start_id,
+        data = get_cot_latent_dataset(config.scheduled_stage(epoch), base, config, ids.start_id,
                                       ids.latent_id, ids.end_id, shuffle=True, epoch=epoch)
         for rank in (0, 1):
             order = list(DistributedSampler(data, 2, rank, shuffle=False))
@@ -253,6 +215,7 @@ def _per_rank_batch_latents(cfg, gpt2_folder):
     return per_rank
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, gpt2_folder, chain_data):
     keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "ddp", coconut=True, max_latent_stage=2,
                     pad_latent_to_max=False, uniform_prob=0.5, batch_size_training=4, batch_size_eval=4)
@@ -319,6 +282,7 @@ def _start(cfg, log_dir, tag):
     return proc, out_path, err_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["after_checkpoint_1", "random"])
 def test_kill_and_resume_is_exact(when, tmp_path, gpt2_folder, chain_data, reference_run):
     cfg, save_dir = _kill_config(tmp_path, gpt2_folder, chain_data, "killed")
@@ -373,7 +337,7 @@ def test_only_the_newest_checkpoints_keep_their_training_state(tmp_path):
     optimizer.step()
     save_dir = tmp_path / "prune"
     for epoch in range(1, 5):
-        trainer.save(model, optimizer, config, epoch, 0.0, True, DistEnv(), lambda message: None)
+        trainer.save_run_state(model, optimizer, config.save_dir, epoch, 0.0, DistEnv())
         assert list_checkpoints(save_dir) == list(range(1, epoch + 1))
         states = sorted(p.name for p in save_dir.iterdir() if p.name.endswith(".state"))
         assert states == [f"checkpoint_{e}.state" for e in range(max(1, epoch - trainer.STATES_KEPT + 1), epoch + 1)]
@@ -429,6 +393,7 @@ def test_published_coconut_state_dict_loads(tmp_path, coconut_run):
     assert ACC_RE.findall(out) == ACC_RE.findall(coconut_run["out"])[-1:]
 
 
+@pytest.mark.slow
 def test_coconut_state_dict_into_cot_fails(tmp_path, cot_run, coconut_run):
     bad = os.path.join(coconut_run["dir"], "checkpoint_2")
     keys = yaml.safe_load(open(cot_run["cfg"]))
@@ -514,6 +479,7 @@ def bad_runs(tmp_path_factory, gpt2_folder, chain_data):
     return results, folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_fails_cleanly(case, bad_runs):
     results, folder = bad_runs
@@ -527,6 +493,7 @@ def test_bad_input_fails_cleanly(case, bad_runs):
 
 
 # ------------------------------------------------------------------ 7. wandb without login
+@pytest.mark.slow
 def test_wandb_without_login_logs_offline(tmp_path, gpt2_folder, chain_data):
     """Needs the wandb package; its offline start adds about 5 s."""
     pytest.importorskip("wandb")

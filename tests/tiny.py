@@ -2,7 +2,7 @@
 
 The tokenizer is a byte-level BPE trained on a small fixed corpus, so every string
 round-trips (newlines, '#', digits) and piecewise tokenization of a sample equals
-tokenization of the whole text, as SPEC 1 requires of real GPT-2 tokenizers.
+tokenization of the whole text, as DESIGN §1 requires of real GPT-2 tokenizers.
 """
 
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

@@ -1,0 +1,68 @@
+"""What every command-line script of this repository shares.
+
+- `UserError`: the base class of every error caused by the user's input (a config, a
+  data file, a checkpoint, a command-line argument). Its message is one line naming
+  the culprit; scripts print it and exit with status 2 instead of a traceback.
+- `main_guard(main)`: runs a script's main, turning a UserError into that one line and
+  exit 2, and Ctrl-C into one line and exit 130.
+- `OneLineParser`: argparse whose usage errors are one line, exit status 2.
+- `read_json_list`: a non-empty JSON list from a file, or a UserError.
+
+Standard library only, so a script can fail fast before torch is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+
+class UserError(ValueError):
+    """Bad input from the user; the message is one line naming the key, file or example."""
+
+
+def fail(error: BaseException) -> int:
+    """Print a user error as one line on stderr; the exit status for it."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def main_guard(main: Callable[[], int]) -> int:
+    """main() with user errors and Ctrl-C reported in one line (exit 2 and 130)."""
+    try:
+        return main()
+    except UserError as error:
+        return fail(error)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def read_json_list(path: str, items: str) -> list:
+    """A non-empty JSON list from `path`; UserError (one line) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({' '.join(str(e).split())})") from None
+    if not isinstance(data, list) or not data:
+        raise UserError(f"{path}: must be a non-empty JSON list of {items}")
+    return data
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars from transformers: a script's output is its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

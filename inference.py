@@ -1,0 +1,216 @@
+"""Answering with an exported Coconut model (a folder written by export.py): the library
+behind generate.py and analysis/probe_prosqa.py.
+
+    exported = open_exported(model_dir)             # settings, tokenizer, context; no weights
+    layout = exported.layout
+    prompts = [layout.question_prompt(ids, stage) for ids in ...]   # DESIGN §2
+    exported.load_model("cpu")
+    results = answer_batch(exported, questions, prompts, max_new_tokens=128)
+
+Prompts follow the run's evaluation layout (`layout.PromptLayout`), decoding is greedy
+with Coconut.generate, and answers are scored as run.py scores them (utils.extract_answer).
+Bad input raises cli.UserError with a one-line message.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from cli import UserError
+from coconut import Coconut, align_latents
+from layout import LatentTokens, PromptLayout
+from utils import METHODS, extract_answer
+
+TOP_K = 5
+
+
+# ---------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Exported:
+    """An export.py folder: settings, tokenizer and context first, the weights on demand."""
+
+    model_dir: str
+    settings: dict  # coconut_config.json
+    tokenizer: object
+    context: Optional[int]  # the model's positions, None if its config does not say
+    model: Optional[Coconut] = None
+
+    @property
+    def latent_id(self) -> int:
+        return self.settings["latent_token_id"]
+
+    @property
+    def method(self):
+        return METHODS[self.settings["method"]]
+
+    @property
+    def layout(self) -> PromptLayout:
+        """The evaluation prompt layout the model was trained with."""
+        return PromptLayout.from_settings(self.settings, self.method.latent_tokens)
+
+    def load_model(self, device="cpu") -> Coconut:
+        """Coconut.from_pretrained(model_dir) on device, in eval mode; UserError if it fails."""
+        if self.model is None:
+            try:
+                model = Coconut.from_pretrained(self.model_dir)
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                raise UserError(f"{self.model_dir}: the model does not load ({_first_line(e)})") from None
+            self.model = model.to(device).eval()
+        return self.model
+
+
+def _first_line(error: Exception) -> str:
+    line = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    return line[:200]
+
+
+def open_exported(model_dir: str) -> Exported:
+    """Settings, tokenizer and context of an export.py folder, without the weights.
+
+    UserError (one line) for a missing folder, a folder without a usable
+    coconut_config.json, or a tokenizer that does not match it.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        settings = Coconut.read_coconut_config(model_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{model_dir}: the tokenizer or config does not load ({_first_line(e)})") from None
+    if settings["method"] not in METHODS:
+        raise UserError(f"{model_dir}: unknown method {settings['method']!r} in coconut_config.json")
+    if METHODS[settings["method"]].latent_tokens:
+        found = LatentTokens.of(tokenizer)
+        expected = LatentTokens(start_id=settings["start_latent_id"], end_id=settings["end_latent_id"],
+                                latent_id=settings["latent_token_id"])
+        if found != expected:
+            raise UserError(f"{model_dir}: the tokenizer's latent token ids {found} differ from coconut_config.json's {expected}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return Exported(model_dir, settings, tokenizer, context)
+
+
+def load_exported(model_dir: str, device="cpu") -> Exported:
+    """open_exported, then the weights."""
+    exported = open_exported(model_dir)
+    exported.load_model(device)
+    return exported
+
+
+# ---------------------------------------------------------------------------------
+# Prompts
+
+
+def resolve_stage(settings: dict, stage: Optional[int]) -> int:
+    """The stage to prompt at: default max_latent_stage; UserError beyond it."""
+    top = settings["max_latent_stage"]
+    if stage is None:
+        return top
+    if stage < 0:
+        raise UserError(f"--stage must be >= 0, got {stage}")
+    if stage > top:
+        why = "" if top else f" (a {settings['method']} model has no latent stages)"
+        raise UserError(f"--stage {stage} is beyond this model's max_latent_stage {top}{why}")
+    return stage
+
+
+def prompt_ids(exported: "Exported", question: str, stage: int, n_steps: Optional[int] = None) -> list:
+    """The evaluation prompt of a question: question + "\\n" (with special tokens), then
+    the latent block of `stage`; n_steps (when known) caps the thoughts unless
+    pad_latent_to_max."""
+    question_ids = exported.tokenizer.encode(question + "\n", add_special_tokens=True)
+    return exported.layout.question_prompt(question_ids, stage, n_steps)
+
+
+def check_context(prompts: list, context: Optional[int]) -> None:
+    """UserError naming the first prompt that leaves no room to generate a token."""
+    if context is None:
+        return
+    for i, ids in enumerate(prompts):
+        if len(ids) >= context:
+            raise UserError(
+                f"question {i} is {len(ids)} tokens with its latent tokens and markers; "
+                f"the model's context is {context} positions"
+            )
+
+
+# ---------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass
+class Result:
+    question: str
+    output: str  # the generated text, special tokens skipped
+    answer: str  # after the last '#', commas removed, stripped
+    latent_tokens: int
+    generated_tokens: int
+    thoughts: list = field(default_factory=list)  # per thought: [(token, probability)] * top_k
+
+
+def pad_batch(prompts: list, pad_id: int, latent_id: int, device):
+    """Right-pad, then align the first latents in one column (DESIGN §3)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+    return align_latents(ids, mask, latent_id, pad_id)
+
+
+def _kept_generation(row: list, eos_id: int) -> list:
+    """The tokens Coconut.generate kept after a prompt: the first always, then up to EOS."""
+    kept = list(row)
+    while len(kept) > 1 and kept[-1] == eos_id:
+        kept.pop()
+    return kept
+
+
+@torch.no_grad()
+def thought_distributions(model: Coconut, input_ids, attention_mask, position_ids):
+    """Per row, the LM-head probabilities (n_thoughts, vocab) of its continuous thoughts.
+
+    The thought at latent column c is the last hidden state at c - 1, so its
+    next-token distribution is the logits of column c - 1.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    is_thought = input_ids == model.latent_token_id if model.latent_token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+    probs = []
+    for row in range(input_ids.shape[0]):
+        cols = is_thought[row].nonzero(as_tuple=True)[0]
+        probs.append(torch.softmax(out.logits[row, cols - 1].float(), dim=-1))
+    return probs
+
+
+@torch.no_grad()
+def answer_batch(exported: Exported, questions: list, prompts: list, max_new_tokens: int,
+                 show_thoughts: bool = False, top_k: int = TOP_K) -> list:
+    """Greedy answers for one batch of prompts (token id lists)."""
+    model, tokenizer = exported.model, exported.tokenizer
+    device = next(model.parameters()).device
+    eos = model.eos_token_id
+    ids, mask, positions = pad_batch(prompts, tokenizer.pad_token_id, exported.latent_id, device)
+    if exported.context is not None:  # generated positions must stay inside the context
+        max_new_tokens = max(1, min(max_new_tokens, exported.context - max(len(p) for p in prompts)))
+    outputs = model.generate(ids, mask, max_new_tokens=max_new_tokens)
+    thoughts = thought_distributions(model, ids, mask, positions) if show_thoughts else None
+    results = []
+    for i, (question, prompt) in enumerate(zip(questions, prompts)):
+        kept = _kept_generation(outputs[i, len(prompt):].tolist(), eos)
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        result = Result(question, text, extract_answer(text), prompt.count(exported.latent_id), len(kept))
+        if thoughts is not None:
+            top = thoughts[i].topk(min(top_k, thoughts[i].shape[-1]), dim=-1)
+            result.thoughts = [
+                [(tokenizer.decode([t]), float(p)) for t, p in zip(idx.tolist(), val.tolist())]
+                for val, idx in zip(top.values, top.indices)
+            ]
+        results.append(result)
+    return results
