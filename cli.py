@@ -4,7 +4,9 @@
   data file, a checkpoint, a command-line argument). Its message is one line naming
   the culprit; scripts print it and exit with status 2 instead of a traceback.
 - `main_guard(main)`: runs a script's main, turning a UserError into that one line and
-  exit 2, and Ctrl-C into one line and exit 130.
+  exit 2, and Ctrl-C into one line and exit 130. Under torchrun only rank 0 prints
+  (every rank meets the same bad input; the others exit quietly with the same status),
+  and the line also goes to torchrun's error file, so its failure report names it.
 - `OneLineParser`: argparse whose usage errors are one line, exit status 2.
 - `read_json_list`: a non-empty JSON list from a file, or a UserError.
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from typing import Callable
 
 
@@ -23,10 +27,35 @@ class UserError(ValueError):
     """Bad input from the user; the message is one line naming the key, file or example."""
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (its RANK variable), 0 otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def fail(error: BaseException) -> int:
-    """Print a user error as one line on stderr; the exit status for it."""
-    print(f"error: {error}", file=sys.stderr)
+    """Print a user error as one line on stderr (rank 0 only); the exit status for it."""
+    if process_rank() == 0:
+        line = f"error: {error}"
+        print(line, file=sys.stderr)
+        _tell_torchrun(line)
     return 2
+
+
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, write the line to the worker's error file: torchrun's failure
+    report ("Root Cause ... traceback :") then shows it instead of a link to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:
+        pass  # the line is on stderr anyway
 
 
 def main_guard(main: Callable[[], int]) -> int:
@@ -36,7 +65,8 @@ def main_guard(main: Callable[[], int]) -> int:
     except UserError as error:
         return fail(error)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if process_rank() == 0:
+            print("interrupted", file=sys.stderr, flush=True)
         return 130
 
 

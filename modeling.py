@@ -56,10 +56,15 @@ def has_weights(model_id: str) -> bool:
     return any(glob.glob(os.path.join(model_id, p)) for p in WEIGHT_PATTERNS)
 
 
-def load_base_model(model_id: str, log) -> torch.nn.Module:
+def load_base_model(model_id: str, log, weights_from: Optional[str] = None) -> torch.nn.Module:
+    """weights_from: the checkpoint that will supply the weights, if any (for the log)."""
     if has_weights(model_id):
         return AutoModelForCausalLM.from_pretrained(model_id)
-    log(f"no weights in {model_id}: training {AutoConfig.from_pretrained(model_id).model_type} from scratch")
+    model_type = AutoConfig.from_pretrained(model_id).model_type
+    if weights_from is None:
+        log(f"no weights in {model_id}: training {model_type} from scratch")
+    else:
+        log(f"no weights in {model_id}: building {model_type} from its config; the weights come from {weights_from}")
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_id))
 
 
@@ -124,7 +129,7 @@ def _tied_keys(module) -> set:
 def build_model(config, state: Optional[dict], state_path: Optional[str], log) -> BuiltModel:
     """Tokenizer, base model, new tokens, optional weights, and the wrapper if coconut."""
     tokenizer, tokens = build_tokenizer(config.model_path)
-    base = load_base_model(config.model_path, log)
+    base = load_base_model(config.model_path, log, state_path if state is not None else None)
     wrapper_state = state is not None and is_wrapper_state(state)
     if wrapper_state and not config.method.fills_latents:
         raise ModelLoadError(f"{state_path}: coconut weights (base_causallm.*) cannot load into a {config.method} run")

@@ -1,23 +1,37 @@
 """Train and evaluate Coconut (and its baselines) from one YAML config.
 
     python run.py args/demo.yaml                                 # one process
+    python run.py args/demo.yaml lr=1e-3 name=try2               # keys from the command line
+    python run.py args/demo.yaml --lr 1e-3 --name try2           # the same
     torchrun --nproc_per_node 4 run.py args/prosqa_coconut.yaml   # one node
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \\
         --rdzv_endpoint HOST:29500 run.py args/gsm_coconut.yaml    # several nodes
 
 Every epoch (DESIGN §5): build the stage's data, train, save `checkpoint_{epoch+1}`,
 validation loss, then generation accuracy and CoT match (trainer.py). A run whose
-folder already holds checkpoints resumes from the newest complete one. Bad configs
-and data stop before anything heavy is imported or loaded: one line, exit status 2.
+folder already holds checkpoints resumes from the newest complete one; one that holds
+its last epoch is finished and says so. Keys given on the command line replace the
+file's and are checked like them. Bad configs and data stop before anything heavy is
+imported or loaded, and the pre-flight checks (preflight.py) stop a run that could not
+finish before the model is built: one line, exit status 2, nothing written. A run that
+saves checkpoints holds its folder (runlock.py): a second run there exits 2.
 """
 
 import os
 import sys
+import time
 
-from cli import main_guard
-from utils import ConfigError, load_config
+from cli import main_guard, process_rank
+from utils import ConfigError, load_config, parse_overrides
 
-USAGE = "usage: python run.py CONFIG.yaml   (or: torchrun --nproc_per_node N run.py CONFIG.yaml)"
+USAGE = ("usage: python run.py CONFIG.yaml [KEY=VALUE | --KEY VALUE ...]\n"
+         "   or: torchrun --nproc_per_node N run.py CONFIG.yaml [KEY=VALUE ...]")
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only (every process runs the same checks)."""
+    if process_rank() == 0:
+        print(message, flush=True)
 
 
 def check_paths(config, config_path) -> None:
@@ -40,23 +54,41 @@ def read_data(config, load_data_file) -> dict:
     return data
 
 
-def start(config_path: str) -> int:
-    config = load_config(config_path)
+def start(config_path: str, overrides: dict) -> int:
+    config = load_config(config_path, overrides)
+    for key in overrides:
+        log(f"command line: {key} = {getattr(config, key)!r}")
     check_paths(config, config_path)
     from dataset import load_data_file  # imports `datasets`: only for a good config
 
     data = read_data(config, load_data_file)
-    import trainer  # torch, transformers: only once the inputs are known to be good
+    import preflight  # torch, transformers: only once the config and the data are good
 
-    return trainer.main(config, data)
+    # only_eval and debug runs write nothing into the run folder: they neither check it
+    # nor hold it; under torchrun rank 0 writes the checkpoints
+    saves = not (config.only_eval or config.debug) and process_rank() == 0
+    began = time.monotonic()
+    found = preflight.check(config, data, saves=saves, log=log)
+    if found.finished:
+        log(found.finished)
+        return 0
+    log(f"pre-flight checks passed ({time.monotonic() - began:.1f} s)")
+    import trainer
+
+    if not saves:
+        return trainer.main(config, data)
+    import runlock
+
+    with runlock.hold(config.save_dir, warn=log):
+        return trainer.main(config, data)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return main_guard(lambda: start(argv[0]))
+        return 0 if argv else 2
+    return main_guard(lambda: start(argv[0], parse_overrides(argv[1:])))
 
 
 if __name__ == "__main__":

@@ -158,9 +158,13 @@ class TrainingRun:
             metrics = self.evaluate(stage)
             if config.only_eval:
                 break
-            if self.saving and config.save_only_improve and metrics["eval/acc"] > self.best_acc:
-                self.best_acc = metrics["eval/acc"]
-                self.save(epoch + 1)
+            if self.saving and config.save_only_improve:
+                if metrics["eval/acc"] > self.best_acc:
+                    self.best_acc = metrics["eval/acc"]
+                    self.save(epoch + 1)
+                else:  # no silent endings: a run may otherwise end without a single checkpoint
+                    self.log(f"save_only_improve: not saving checkpoint_{epoch + 1}, its accuracy "
+                             f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc})")
             self.best_acc = max(self.best_acc, metrics["eval/acc"])
         if self.wandb is not None:
             self.wandb.finish()

@@ -203,8 +203,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str) -> Config:
-    """Read a YAML config file into a validated Config; ConfigError on any problem."""
+def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Config:
+    """Read a YAML config file into a validated Config; ConfigError on any problem.
+
+    `overrides` (key -> value, e.g. from `parse_overrides`) replace or add keys of the
+    file; each is checked like a YAML key (unknown keys with a "did you mean", types).
+    """
     prefix = _error_prefix(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -217,7 +221,58 @@ def load_config(path: str) -> Config:
         raise ConfigError(f"{prefix}invalid YAML: {_one_line_yaml_error(e)}") from None
     if raw is None:
         raise ConfigError(f"{prefix}file is empty, expected a mapping of key: value")
-    return Config.from_dict(raw, source=path)
+    if not overrides:
+        return Config.from_dict(raw, source=path)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}must be a mapping of key: value, got {type(raw).__name__}")
+    hints = _field_types()
+    for key, value in overrides.items():
+        if key not in hints:
+            raise ConfigError(COMMAND_LINE + _unknown_key_message(key, hints))
+        _coerce(key, value, hints[key], COMMAND_LINE)
+    return Config.from_dict({**raw, **overrides}, source=f"{path} with the command line's keys")
+
+
+# ---------------------------------------------------------------------------------
+# Command-line overrides: `run.py CONFIG.yaml lr=1e-4 name=try2` or `--lr 1e-4`
+
+COMMAND_LINE = "command line: "
+
+
+def parse_overrides(args) -> dict:
+    """{key: value} from `key=value`, `--key=value` and `--key value` arguments.
+
+    Values are read as YAML values (so `True`, `1e-4`, `None` mean what they mean in a
+    config file); `-` in a key reads as `_`. ConfigError for anything else or a key
+    given twice. Keys are checked against Config by load_config.
+    """
+    overrides, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" in arg:
+            (key, text), i = arg[2:].split("=", 1), i + 1
+        elif arg.startswith("--"):
+            if i + 1 >= len(args):
+                raise ConfigError(f"{COMMAND_LINE}{arg} needs a value ({arg} VALUE or {arg}=VALUE)")
+            key, text, i = arg[2:], args[i + 1], i + 2
+        elif "=" in arg and not arg.startswith("-"):
+            (key, text), i = arg.split("=", 1), i + 1
+        else:
+            raise ConfigError(f"{COMMAND_LINE}expected KEY=VALUE or --KEY VALUE after the config file, got {arg!r}")
+        key = key.replace("-", "_")
+        if not key:
+            raise ConfigError(f"{COMMAND_LINE}{arg!r} names no key")
+        if key in overrides:
+            raise ConfigError(f"{COMMAND_LINE}key {key!r} is given twice")
+        overrides[key] = _yaml_value(key, text)
+    return overrides
+
+
+def _yaml_value(key: str, text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader) if text.strip() else text
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{COMMAND_LINE}key {key!r}: {text!r} is not a YAML value ({_one_line_yaml_error(e)})") from None
 
 
 def default_max_new_tokens(val_path: str) -> int:

@@ -1,0 +1,355 @@
+"""Pre-flight checks of a run: what run.py can check in seconds, before it builds or
+trains the model (DESIGN §5). Each problem is a UserError whose one line names the
+culprit (key, file, example, checkpoint tensor); nothing has been written by then.
+
+    found = preflight.check(config, data, saves=True, log=print)
+    if found.finished: print(found.finished)    # a finished run: nothing to train
+
+Checked, in order:
+- the run has something to do: only_eval has a checkpoint (load_model_path) and an
+  epoch to evaluate, a training run an epoch to train (resume < num_epochs);
+- the data files hold examples (run.py has already parsed and validated them);
+- `model_id` (or `local_path`) resolves: a local folder must hold a config.json, a
+  path that does not exist is an error, and a hub id that is not in the local cache
+  fails at once when the hub is offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set,
+  or the hub unreachable within 2 s) instead of retrying for a minute;
+- every example fits the model's context (max_position_embeddings or n_positions):
+  the longest training sequence the run's stages give it (question, latent tokens and
+  markers, kept steps, answer, EOS), and for validation examples also the evaluation
+  prompt plus `max_new_tokens`. Tokenized exactly as dataset.tokenize_sample does;
+  every example of both files, also in debug runs;
+- the checkpoint the run will load (its own folder's newest usable one when it
+  resumes, else load_model_path) fits the model: the model is built on the meta device
+  from its config (no weights), resized for the three new tokens as modeling.build_model
+  does, and the checkpoint's keys and shapes are compared by modeling's loading rules;
+  the file is memory-mapped, so no tensor data is read here;
+- a run whose folder already holds its last epoch is finished (`Preflight.finished`);
+- save_path is writable (runs that save checkpoints, on the process that writes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Callable, Optional
+from urllib.parse import urlparse
+
+import torch
+
+import checkpoint
+from cli import UserError
+from coconut import Coconut
+from layout import PromptLayout
+from modeling import ModelLoadError, build_tokenizer, holds_new_token_rows, is_wrapper_state, load_state_checked
+
+HUB_PROBE_SECONDS = 2.0
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+# a hub repository id: "name" or "owner/name"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+TOKENIZE_CHUNK = 4096
+
+
+@dataclass
+class Preflight:
+    finished: Optional[str] = None  # set when the run folder already holds the last epoch
+    resume_epoch: Optional[int] = None  # the run folder's newest usable checkpoint
+
+
+def check(config, data: dict, saves: bool, log: Callable[[str], object] = print) -> Preflight:
+    """Every check of the module docstring; UserError on the first problem.
+
+    data: run.py's parsed files, {"val": [...], "train": [...] unless only_eval}.
+    saves: this process writes the run's checkpoints (rank 0 of a run that saves).
+    """
+    check_run_keys(config)
+    check_data_present(config, data)
+    key, name = model_source(config)
+    hf_config = resolve_model(key, name, log)
+    try:
+        tokenizer, tokens = build_tokenizer(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{key} {name}: the tokenizer does not load ({first_line(e)})") from None
+    check_context(config, data, tokenizer, PromptLayout.for_config(config, tokens), context_of(hf_config), f"{key} {name}")
+
+    result = Preflight()
+    state, state_path = None, None
+    if not config.only_eval and not config.debug:  # these runs resume their own folder
+        found = resume_point(config.save_dir)
+        if found is not None:
+            result.resume_epoch, state, train_state = found
+            state_path = checkpoint.checkpoint_path(config.save_dir, result.resume_epoch)
+            if result.resume_epoch >= config.num_epochs:
+                result.finished = finished_message(config, result.resume_epoch, train_state)
+    if state_path is None and config.load_model_path is not None:
+        state_path = config.load_model_path
+        state = load_mapped(state_path, required=True)
+    if state is not None:
+        check_checkpoint_fits(config, hf_config, tokenizer, tokens, state, state_path)
+    if saves and result.finished is None:
+        check_writable(config)
+    return result
+
+
+# ------------------------------------------------------------------ keys
+def check_run_keys(config) -> None:
+    """A run with nothing to do, or an evaluation of random weights, is an error."""
+    if config.only_eval and config.load_model_path is None:
+        raise UserError("only_eval is True but load_model_path is None: name the checkpoint to evaluate")
+    if config.resume >= config.num_epochs:
+        what = "evaluate (only_eval evaluates epoch resume)" if config.only_eval else "train"
+        raise UserError(f"resume is {config.resume} but num_epochs is {config.num_epochs}: "
+                        f"no epoch left to {what}; resume must be below num_epochs")
+
+
+def check_data_present(config, data: dict) -> None:
+    files = [("val_path", config.val_path, data["val"])]
+    if not config.only_eval:
+        files.insert(0, ("train_path", config.train_path, data["train"]))
+    for key, path, examples in files:
+        if not examples:
+            raise UserError(f"{key} {path}: the file holds no examples (an empty JSON list)")
+
+
+# ------------------------------------------------------------------ the model
+def model_source(config) -> tuple:
+    """(the key that names it, the folder or hub id) the model and tokenizer load from."""
+    return ("local_path", config.local_path) if config.local else ("model_id", config.model_id)
+
+
+def looks_like_path(name: str) -> bool:
+    """Not a hub id: absolute, relative with ./ ~ or a trailing /, too many parts, or
+    under a folder that exists here (`models/nope` next to `models/`)."""
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.endswith(("/", os.sep)):
+        return True
+    if not HUB_ID.fullmatch(name):
+        return True
+    return "/" in name and os.path.isdir(name.split("/", 1)[0])
+
+
+def resolve_model(key: str, name: str, log) -> object:
+    """The model's transformers config; UserError naming the key when it cannot be had."""
+    from transformers import AutoConfig
+
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"{key} {name}: the folder holds no config.json (not a Hugging Face model folder)")
+    elif os.path.exists(name):
+        raise UserError(f"{key} {name}: is a file; expected a model folder or a hub id")
+    elif looks_like_path(name):
+        raise UserError(f"{key} {name}: no such folder")
+    else:
+        check_hub(key, name, log)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{key} {name}: the model's config does not load ({first_line(e)})") from None
+
+
+def check_hub(key: str, name: str, log) -> None:
+    """A hub id needs the hub unless it is cached; offline and not cached: fail at once."""
+    cached = in_hub_cache(name)
+    reason = offline_by_setting()
+    if reason is None and not cached:
+        reason = hub_unreachable()
+    if reason is not None and not cached:
+        raise UserError(f"{key} {name}: not a local folder, and as a hub id it must be downloaded, but {reason} "
+                        "and it is not in the local Hugging Face cache (give a local folder, or download it first)")
+
+
+def offline_by_setting() -> Optional[str]:
+    for variable in OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{variable}={os.environ[variable]} is set"
+    return None
+
+
+def hub_unreachable() -> Optional[str]:
+    """Why the hub (HF_ENDPOINT, through the HTTPS proxy if one is set) cannot be
+    reached within HUB_PROBE_SECONDS, or None when a connection opens."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else endpoint
+    host = target.hostname or "huggingface.co"
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as e:
+        return f"the hub ({host}:{port}) cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
+def in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id the cache cannot even name: not cached
+        return False
+
+
+def context_of(hf_config) -> Optional[int]:
+    """The model's positions, None when its config does not say."""
+    return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+
+
+def first_line(error: BaseException) -> str:
+    return next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)[:200]
+
+
+# ------------------------------------------------------------------ the data fits the context
+def piece_lengths(tokenizer, examples: list) -> list:
+    """Per example (question, [step, ...], answer) token counts, tokenized as
+    dataset.tokenize_sample tokenizes them (the answer's count includes EOS)."""
+
+    def counts(texts, special):
+        out = []
+        for i in range(0, len(texts), TOKENIZE_CHUNK):
+            ids = tokenizer(texts[i: i + TOKENIZE_CHUNK], add_special_tokens=special)["input_ids"]
+            out.extend(len(x) for x in ids)
+        return out
+
+    questions = counts([ex["question"] + "\n" for ex in examples], True)
+    steps = iter(counts([s + "\n" for ex in examples for s in ex["steps"]], False))
+    answers = counts(["### " + ex["answer"] for ex in examples], False)
+    return [(q, [next(steps) for _ in ex["steps"]], a + 1) for ex, q, a in zip(examples, questions, answers)]
+
+
+def run_stages(config) -> list:
+    """The stages the run trains or evaluates at (a superset when it resumes later)."""
+    epochs = [config.resume] if config.only_eval else range(config.resume, config.num_epochs)
+    return sorted({config.scheduled_stage(e) for e in epochs})
+
+
+def longest_training(config, layout: PromptLayout, q: int, steps: list, a: int, stages: list) -> tuple:
+    """(positions, stage) of the longest training sequence of one example (DESIGN §2);
+    with uniform_prob a sample may also draw any stage 0..len(steps)."""
+    drawn = range(len(steps) + 1) if config.uniform_prob > 0 else ()
+    tail = [sum(steps[i:]) for i in range(len(steps) + 1)]  # tokens of the steps kept from i on
+    best = (0, 0)
+    for stage in sorted({*stages, *drawn}):
+        first_kept, thoughts = layout.training_thoughts(stage, len(steps))
+        if not config.method.keeps_steps:
+            first_kept, thoughts = len(steps), 0
+        best = max(best, (q + len(layout.latent_block(thoughts)) + tail[first_kept] + a, stage))
+    return best
+
+
+def check_context(config, data: dict, tokenizer, layout: PromptLayout, context: Optional[int], model: str) -> None:
+    """UserError naming the file and example index of the first example that does not fit."""
+    if context is None:
+        return
+    stages = run_stages(config)
+    files = [("val", config.val_path)] if config.only_eval else [("train", config.train_path), ("val", config.val_path)]
+    for part, path in files:
+        for i, (q, steps, a) in enumerate(piece_lengths(tokenizer, data[part])):
+            if not config.only_eval:  # training, and the validation loss on the staged validation set
+                length, stage = longest_training(config, layout, q, steps, a, stages)
+                if length > context:
+                    raise UserError(f"{path}: example {i} is {length} tokens at stage {stage} (question, latent "
+                                    f"tokens and markers, steps, answer); the context of {model} is {context} positions")
+            if part == "val":
+                prompt, stage = max((q + len(layout.latent_block(layout.question_thoughts(s, len(steps)))), s)
+                                    for s in stages)
+                # the last generated token is never fed back: prompt + max_new_tokens - 1 positions
+                if prompt + config.max_new_tokens - 1 > context:
+                    raise UserError(f"{path}: example {i}'s evaluation prompt is {prompt} tokens at stage {stage}, "
+                                    f"and max_new_tokens {config.max_new_tokens} more need "
+                                    f"{prompt + config.max_new_tokens - 1} positions; the context of {model} is "
+                                    f"{context} (lower max_new_tokens)")
+
+
+# ------------------------------------------------------------------ checkpoints
+def load_mapped(path: str, required: bool) -> Optional[dict]:
+    """A checkpoint file's state dict, memory-mapped (no tensor data is read; files in
+    torch's legacy non-zip format cannot be mapped and are read whole), or None for a
+    folder (a sharded checkpoint, which the run checks as it loads it). An unusable
+    file: CheckpointError when `required`, else None."""
+    if os.path.isdir(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        if required:
+            raise checkpoint.CheckpointError(path, f"does not load ({type(e).__name__}: {first_line(e)})") from None
+        return None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if required:
+            raise checkpoint.CheckpointError(path, "is not a state dict of tensors")
+        return None
+    return state
+
+
+def resume_point(save_dir: str) -> Optional[tuple]:
+    """(epoch, mapped state dict or None, training state or None) of the checkpoint
+    trainer.find_start will resume from: the newest whose files load (checkpoint.py's
+    rule, read here without loading the tensors)."""
+    for epoch in reversed(checkpoint.list_checkpoints(save_dir)):
+        path = checkpoint.checkpoint_path(save_dir, epoch)
+        state = load_mapped(path, required=False)
+        if state is None and not os.path.isdir(path):
+            continue  # unusable: the run skips it too
+        train_state = None
+        spath = checkpoint.state_path(save_dir, epoch)
+        if os.path.isfile(spath):
+            try:
+                train_state = torch.load(spath, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:
+                continue
+            # checkpoint.save_checkpoint ties each .state to its epoch
+            if not isinstance(train_state, dict) or train_state.get("checkpoint_epoch", epoch) != epoch:
+                continue
+        return epoch, state, train_state
+    return None
+
+
+def finished_message(config, epoch: int, train_state: Optional[dict]) -> str:
+    path = checkpoint.checkpoint_path(config.save_dir, epoch)
+    accuracy = ""
+    if config.save_only_improve and train_state and "best_acc" in train_state:
+        accuracy = f" (validation accuracy {train_state['best_acc']})"
+    return (f"run folder {config.save_dir} already holds {os.path.basename(path)}{accuracy} and num_epochs is "
+            f"{config.num_epochs}: this run is finished, nothing to train. To evaluate it: only_eval=True "
+            f"load_model_path={path} resume={config.num_epochs - 1}; to train on: a larger num_epochs; "
+            "to start again: another name")
+
+
+def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: dict, path: str) -> None:
+    """The checkpoint's keys and shapes against the model of this run, built on the meta
+    device (DESIGN §5's loading rules, in modeling.build_model's order)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying ... to a meta parameter ... is a no-op": that is the point
+        base = AutoModelForCausalLM.from_config(hf_config)
+        wrapper_state = is_wrapper_state(state)
+        if wrapper_state and not config.method.fills_latents:
+            raise ModelLoadError(f"{path}: coconut weights (base_causallm.*) cannot load into a {config.method} run")
+        resized_state = not wrapper_state and holds_new_token_rows(base, state, len(tokenizer))
+        if not wrapper_state and not resized_state:
+            load_state_checked(base, state, path)
+        if config.method.latent_tokens or resized_state:
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if resized_state:
+            load_state_checked(base, state, path)
+        if wrapper_state:
+            model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokenizer.eos_token_id)
+            load_state_checked(model, state, path)
+
+
+# ------------------------------------------------------------------ the run folder
+def check_writable(config) -> None:
+    """Create save_path/name and write (then remove) a file in it."""
+    folder = config.save_dir
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"save_path {config.save_path}: cannot write checkpoints into {folder} "
+                        f"({e.strerror or type(e).__name__})") from None

@@ -1,0 +1,71 @@
+"""One run per run folder: an OS lock on `save_path/name/.run.lock` (DESIGN §5).
+
+    with runlock.hold(config.save_dir):   # RunFolderBusy (a UserError) if another run holds it
+        train...
+
+The lock is `fcntl.flock` on the open lock file: the kernel releases it when the
+holding process ends, however it ends, so a SIGKILL never leaves a stale lock (the
+file itself stays; only the lock on it counts). The holder writes its pid, host and
+start time into the file, and a second run names them in its one-line error. On a
+file system without flock (some network mounts) the run goes on unlocked and says so.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import os
+import socket
+from typing import Callable, Iterator
+
+from cli import UserError
+
+LOCK_NAME = ".run.lock"
+
+
+class RunFolderBusy(UserError):
+    """Another live process holds the run folder."""
+
+
+def lock_path(save_dir: str) -> str:
+    return os.path.join(save_dir, LOCK_NAME)
+
+
+def holder_line() -> str:
+    """Who holds a lock: what this process writes into the lock file."""
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"pid {os.getpid()} on {socket.gethostname()}, started {started}"
+
+
+@contextlib.contextmanager
+def hold(save_dir: str, warn: Callable[[str], object] = print) -> Iterator[None]:
+    """Hold `save_dir`'s lock for the duration of the block (the folder must exist)."""
+    path = lock_path(save_dir)
+    try:
+        f = open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot create the lock file {path}: {e.strerror}") from None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its name yet"
+            raise RunFolderBusy(f"run folder {save_dir} is in use by another run ({holder}); "
+                                "wait for it to end, or set another name or save_path") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            warn(f"warning: {save_dir}'s file system cannot lock files ({e.strerror}): "
+                 "nothing stops a second run from writing into this folder")
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(holder_line() + "\n")
+        f.flush()
+        yield  # closing the file (or the process ending) releases the lock
