@@ -65,9 +65,17 @@ def main_guard(main: Callable[[], int]) -> int:
     except UserError as error:
         return fail(error)
     except KeyboardInterrupt:
+        _close_progress_bars()
         if process_rank() == 0:
             print("interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End open tqdm bars now, so the last line is ours (not a bar closed at exit)."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 class OneLineParser(argparse.ArgumentParser):

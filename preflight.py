@@ -219,15 +219,59 @@ def piece_lengths(tokenizer, examples: list) -> list:
     return [(q, [next(steps) for _ in ex["steps"]], a + 1) for ex, q, a in zip(examples, questions, answers)]
 
 
+def byte_bound_holds(tokenizer) -> bool:
+    """Whether a piece of text never takes more tokens than its UTF-8 bytes plus one.
+
+    True for fast tokenizers whose normalizer cannot lengthen the text (none, as in
+    GPT-2 and Llama 3, or SentencePiece's prepend-and-replace-space): every token then
+    covers at least one byte (byte-level BPE, byte fallback) or one character, and the
+    "plus one" is the prepended word marker. Unicode normalizers (NFC, NFKC, ...) and
+    lowercasing may lengthen some texts: those tokenizers count every example exactly.
+    """
+    from tokenizers import normalizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    normalizer = backend.normalizer
+    parts = [] if normalizer is None else list(normalizer) if isinstance(normalizer, normalizers.Sequence) else [normalizer]
+    for part in parts:
+        if isinstance(part, normalizers.Prepend) and len(part.prepend) == 1:
+            continue
+        if isinstance(part, normalizers.Replace) and len(part.content) <= 1:
+            continue
+        return False
+    return True
+
+
+def may_not_fit(config, layout: PromptLayout, examples: list, context: int, validation: bool, specials: int) -> list:
+    """Indices of the examples that a byte-count bound cannot show to fit (when
+    byte_bound_holds): each piece at most its UTF-8 bytes + 1 tokens (the question also
+    the special tokens the tokenizer adds), and at most max_latent_stage * c_thought
+    latents with their markers at any stage."""
+    latents = len(layout.latent_block(layout.max_latent_stage * layout.c_thought))
+    budget = context - latents - specials
+    prompt_budget = budget - (config.max_new_tokens - 1)
+    out = []
+    for i, ex in enumerate(examples):
+        question = len(ex["question"].encode("utf-8")) + 2  # + "\n" + a word marker
+        whole = question + len(ex["answer"].encode("utf-8")) + 7  # "### ", +1, EOS
+        whole += sum(len(step.encode("utf-8")) + 2 for step in ex["steps"])
+        if (not config.only_eval and whole > budget) or (validation and question > prompt_budget):
+            out.append(i)
+    return out
+
+
 def run_stages(config) -> list:
     """The stages the run trains or evaluates at (a superset when it resumes later)."""
     epochs = [config.resume] if config.only_eval else range(config.resume, config.num_epochs)
     return sorted({config.scheduled_stage(e) for e in epochs})
 
 
-def longest_training(config, layout: PromptLayout, q: int, steps: list, a: int, stages: list) -> tuple:
+def longest_training(config, layout: PromptLayout, pieces: tuple, stages: list) -> tuple:
     """(positions, stage) of the longest training sequence of one example (DESIGN §2);
     with uniform_prob a sample may also draw any stage 0..len(steps)."""
+    q, steps, a = pieces
     drawn = range(len(steps) + 1) if config.uniform_prob > 0 else ()
     tail = [sum(steps[i:]) for i in range(len(steps) + 1)]  # tokens of the steps kept from i on
     best = (0, 0)
@@ -235,32 +279,54 @@ def longest_training(config, layout: PromptLayout, q: int, steps: list, a: int, 
         first_kept, thoughts = layout.training_thoughts(stage, len(steps))
         if not config.method.keeps_steps:
             first_kept, thoughts = len(steps), 0
-        best = max(best, (q + len(layout.latent_block(thoughts)) + tail[first_kept] + a, stage))
+        best = max(best, (q + len(layout.latent_block(thoughts)) + tail[min(first_kept, len(steps))] + a, stage))
     return best
 
 
+def longest_prompt(layout: PromptLayout, pieces: tuple, stages: list) -> tuple:
+    """(tokens, stage) of the longest evaluation prompt of one example."""
+    q, steps, _ = pieces
+    return max((q + len(layout.latent_block(layout.question_thoughts(s, len(steps)))), s) for s in stages)
+
+
+def misfit(config, layout: PromptLayout, pieces: tuple, stages: list, context: int, validation: bool) -> Optional[str]:
+    """Why one example does not fit the context, or None."""
+    if not config.only_eval:  # training, and the validation loss on the staged validation set
+        length, stage = longest_training(config, layout, pieces, stages)
+        if length > context:
+            return (f"is {length} tokens at stage {stage} (question, latent tokens and markers, steps, "
+                    f"answer, EOS)")
+    if validation:
+        prompt, stage = longest_prompt(layout, pieces, stages)
+        # the last generated token is never fed back: prompt + max_new_tokens - 1 positions
+        if prompt + config.max_new_tokens - 1 > context:
+            return (f"has an evaluation prompt of {prompt} tokens at stage {stage}, and max_new_tokens "
+                    f"{config.max_new_tokens} more need {prompt + config.max_new_tokens - 1} positions "
+                    "(lower max_new_tokens)")
+    return None
+
+
 def check_context(config, data: dict, tokenizer, layout: PromptLayout, context: Optional[int], model: str) -> None:
-    """UserError naming the file and example index of the first example that does not fit."""
+    """UserError naming the file and example index of the first example that does not fit.
+
+    Examples whose byte-count bound fits are not tokenized (GSM8k's 385,620 fit at
+    once); the others, or all with a tokenizer the bound does not hold for, are.
+    """
     if context is None:
         return
     stages = run_stages(config)
     files = [("val", config.val_path)] if config.only_eval else [("train", config.train_path), ("val", config.val_path)]
+    bounded = byte_bound_holds(tokenizer)
+    specials = len(tokenizer.encode("", add_special_tokens=True))
     for part, path in files:
-        for i, (q, steps, a) in enumerate(piece_lengths(tokenizer, data[part])):
-            if not config.only_eval:  # training, and the validation loss on the staged validation set
-                length, stage = longest_training(config, layout, q, steps, a, stages)
-                if length > context:
-                    raise UserError(f"{path}: example {i} is {length} tokens at stage {stage} (question, latent "
-                                    f"tokens and markers, steps, answer); the context of {model} is {context} positions")
-            if part == "val":
-                prompt, stage = max((q + len(layout.latent_block(layout.question_thoughts(s, len(steps)))), s)
-                                    for s in stages)
-                # the last generated token is never fed back: prompt + max_new_tokens - 1 positions
-                if prompt + config.max_new_tokens - 1 > context:
-                    raise UserError(f"{path}: example {i}'s evaluation prompt is {prompt} tokens at stage {stage}, "
-                                    f"and max_new_tokens {config.max_new_tokens} more need "
-                                    f"{prompt + config.max_new_tokens - 1} positions; the context of {model} is "
-                                    f"{context} (lower max_new_tokens)")
+        examples, validation = data[part], part == "val"
+        todo = range(len(examples))
+        if bounded:
+            todo = may_not_fit(config, layout, examples, context, validation, specials)
+        for i, pieces in zip(todo, piece_lengths(tokenizer, [examples[i] for i in todo])):
+            problem = misfit(config, layout, pieces, stages, context, validation)
+            if problem:
+                raise UserError(f"{path}: example {i} {problem}; the context of {model} is {context} positions")
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -24,8 +24,8 @@ import time
 from cli import main_guard, process_rank
 from utils import ConfigError, load_config, parse_overrides
 
-USAGE = ("usage: python run.py CONFIG.yaml [KEY=VALUE | --KEY VALUE ...]\n"
-         "   or: torchrun --nproc_per_node N run.py CONFIG.yaml [KEY=VALUE ...]")
+USAGE = ("usage: python run.py CONFIG.yaml [KEY=VALUE | --KEY VALUE ...]   "
+         "(or: torchrun --nproc_per_node N run.py CONFIG.yaml [KEY=VALUE ...])")
 
 
 def log(message: str) -> None:

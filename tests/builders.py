@@ -103,8 +103,8 @@ def write_cfg(path, keys) -> str:
     return str(path)
 
 
-def run_in_process(cfg):
-    """run.main([cfg]) with stdout/stderr captured: (exit status, stdout, stderr)."""
+def run_in_process(cfg, *keys):
+    """run.main([cfg, *keys]) with stdout/stderr captured: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WORLD_SIZE")}
     os.environ["WANDB_MODE"] = "disabled"
@@ -113,7 +113,7 @@ def run_in_process(cfg):
     torch.set_num_threads(1)  # tiny models: a second thread only spins (5x slower on a busy machine)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = run_main([cfg])
+            rc = run_main([cfg, *keys])
     finally:
         torch.set_num_threads(threads)
         for k, v in saved.items():

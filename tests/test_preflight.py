@@ -1,0 +1,414 @@
+"""Pre-flight checks (preflight.py), the run-folder lock (runlock.py), command-line
+overrides and the endings of run.py that used to be silent (DESIGN §5).
+
+Every mistake: one line on stderr naming the culprit, exit status 2, before any
+training, nothing written. In-process runs of run.main on the tiny GPT-2 of conftest
+(512 positions); the few subprocess tests (torchrun, Ctrl-C, a killed lock holder)
+are marked slow.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from builders import (REPO, RUN_PY, free_port, keys_for, run_in_process, run_sub, silent, sub_env, write_cfg,
+                      write_examples)
+
+import checkpoint
+import preflight
+import runlock
+from dataset import get_dataset, load_data_file, question_dataset, training_dataset, Staging
+from layout import PromptLayout
+from modeling import ModelLoadError, build_model, build_tokenizer
+from utils import Config, ConfigError, load_config, parse_overrides
+
+CONTEXT = 512  # conftest's tiny models
+
+
+def config_file(tmp_path, gpt2_folder, chain_data, **over):
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "run", coconut=True)
+    keys.update(over)
+    return write_cfg(tmp_path / "cfg.yaml", keys)
+
+
+def assert_fails(tmp_path, argv, *expected):
+    """run.main(argv) stops with one line holding every `expected` text, exit 2, before
+    the model is built, and writes nothing."""
+    rc, out, err = run_in_process(*argv)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2, (rc, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert "Running on one process" not in out and "from scratch" not in out  # no model was built
+    assert not (tmp_path / "ckpt").exists()
+    return lines[0]
+
+
+def write_json(path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def long_example(n_words=700):
+    """An example far longer than 512 tokens."""
+    return {"question": " ".join(["Every wumpus is a yumpus."] * (n_words // 5)), "steps": ["Tom is a wumpus."],
+            "answer": "Tom is a yumpus."}
+
+
+# ------------------------------------------------------------------ data
+@pytest.mark.parametrize("part", ["train", "val"])
+def test_an_empty_data_file_stops_the_run(tmp_path, gpt2_folder, chain_data, part):
+    empty = write_json(tmp_path / "empty.json", [])
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, **{f"{part}_path": empty})
+    assert_fails(tmp_path, [cfg], f"{part}_path {empty}: the file holds no examples")
+
+
+@pytest.mark.parametrize("part", ["train", "val"])
+def test_an_example_longer_than_the_context_is_named(tmp_path, gpt2_folder, chain_data, part):
+    examples = load_data_file(chain_data[part])
+    examples.insert(3, long_example())
+    path = write_json(tmp_path / f"{part}_long.json", examples)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, **{f"{part}_path": path})
+    line = assert_fails(tmp_path, [cfg], f"{path}: example 3 is ", f"is {CONTEXT} positions")
+    assert gpt2_folder in line
+
+
+def test_an_evaluation_prompt_needs_room_for_max_new_tokens(tmp_path, gpt2_folder, chain_data):
+    tokenizer, _ = build_tokenizer(gpt2_folder)
+    question = "Tom is a wumpus."
+    while len(tokenizer.encode(question + "\n")) < CONTEXT - 40:
+        question += " Every wumpus is a yumpus."
+    examples = load_data_file(chain_data["val"]) + [{"question": question, "steps": [], "answer": "x"}]
+    path = write_json(tmp_path / "val.json", examples)
+    # it fits with 16 new tokens; only_eval (no training sequence to check) with 64 it does not
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, val_path=path, max_new_tokens=64, only_eval=True,
+                      load_model_path=chain_data["val"])  # any existing file: the context check comes first
+    assert_fails(tmp_path, [cfg], f"{path}: example {len(examples) - 1} has an evaluation prompt of",
+                 "max_new_tokens 64", "lower max_new_tokens")
+
+
+STAGED_CASES = {
+    "coconut": dict(coconut=True, c_thought=2, max_latent_stage=2, num_epochs=4),
+    "coconut_unpadded_uniform": dict(coconut=True, c_thought=3, max_latent_stage=3, num_epochs=2, uniform_prob=0.5),
+    "coconut_padded_past_the_last_stage": dict(coconut=True, c_thought=4, max_latent_stage=1, num_epochs=3,
+                                               pad_latent_to_max=True, resume=1),
+    "pause_as_thought": dict(pause_as_thought=True, c_thought=1, max_latent_stage=3, num_epochs=4),
+    "no_cot": dict(no_cot=True, c_thought=1, max_latent_stage=1, num_epochs=1),
+    "no_thoughts": dict(no_thoughts=True, c_thought=1, max_latent_stage=2, num_epochs=3),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGED_CASES))
+def test_counted_lengths_are_the_staged_data_lengths(case, gpt2_folder, chain_data):
+    """The reference: the data sets the trainer builds (dataset.py), every stage and every
+    uniform draw it can make; the counted longest sequence and prompt equal theirs."""
+    config = Config.from_dict(dict(train_path=chain_data["train"], val_path=chain_data["val"], **STAGED_CASES[case]))
+    tokenizer, tokens = build_tokenizer(gpt2_folder)
+    layout = PromptLayout.for_config(config, tokens)
+    examples = load_data_file(chain_data["train"])
+    base = get_dataset(chain_data["train"], tokenizer, examples=examples)
+    longest = [0] * len(examples)
+    draws = range(40) if config.uniform_prob else [0]  # many epochs: every uniform draw is seen
+    staging = Staging(layout, config.uniform_prob, drop_steps=not config.method.keeps_steps, seed=0)
+    stages = preflight.run_stages(config)
+    for stage in stages:
+        for epoch in draws:
+            for row in training_dataset(base, staging, stage, epoch):
+                longest[row["idx"]] = max(longest[row["idx"]], len(row["input_ids"]))
+    prompts = [0] * len(examples)
+    for stage in stages:
+        for row in question_dataset(base, layout, stage):
+            prompts[row["idx"]] = max(prompts[row["idx"]], len(row["input_ids"]))
+
+    counted = preflight.piece_lengths(tokenizer, examples)
+    assert [preflight.longest_training(config, layout, p, stages)[0] for p in counted] == longest
+    assert [preflight.longest_prompt(layout, p, stages)[0] for p in counted] == prompts
+
+
+def test_the_byte_bound_passes_over_no_example_that_does_not_fit(gpt2_folder, tmp_path):
+    """Only examples the byte-count bound cannot clear are tokenized: it must flag every
+    example the exact count finds too long, at any context (non-ASCII text included)."""
+    config = Config.from_dict(dict(coconut=True, train_path="t", val_path="v", c_thought=2, max_latent_stage=2,
+                                   num_epochs=3, uniform_prob=0.3, max_new_tokens=8))
+    tokenizer, tokens = build_tokenizer(gpt2_folder)
+    assert preflight.byte_bound_holds(tokenizer)
+    layout = PromptLayout.for_config(config, tokens)
+    examples = load_data_file(write_examples(tmp_path / "d.json", 200, seed=3, steps=(0, 1, 2, 3)))
+    for k, ex in enumerate(examples[::7]):
+        ex["question"] += " ünïcödé 中文 ✓" * k
+    exact = preflight.piece_lengths(tokenizer, examples)
+    stages = preflight.run_stages(config)
+    specials = len(tokenizer.encode("", add_special_tokens=True))
+    both = False
+    for context in range(20, 200, 7):
+        flagged = set(preflight.may_not_fit(config, layout, examples, context, True, specials))
+        too_long = {i for i, p in enumerate(exact) if preflight.misfit(config, layout, p, stages, context, True)}
+        assert too_long <= flagged, context
+        both |= bool(too_long) and len(flagged) < len(examples)
+    assert both  # the premise: some context has examples too long and examples cleared unread
+
+
+# ------------------------------------------------------------------ the model
+def test_model_id_an_empty_folder(tmp_path, gpt2_folder, chain_data):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=str(empty))
+    assert_fails(tmp_path, [cfg], f"model_id {empty}: the folder holds no config.json")
+
+
+@pytest.mark.parametrize("name", ["./models/nope", "models/nope", "/nowhere/model"])
+def test_model_id_a_path_that_does_not_exist(tmp_path, gpt2_folder, chain_data, name, monkeypatch):
+    monkeypatch.chdir(REPO)  # where models/ exists: `models/nope` is a path, not a hub id
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=name)
+    assert_fails(tmp_path, [cfg], f"model_id {name}: no such folder")
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "unreachable"])
+def test_a_hub_id_fails_at_once_when_the_hub_is_offline(tmp_path, gpt2_folder, chain_data, how, monkeypatch):
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    if how == "unreachable":
+        with __import__("socket").socket() as s:  # a port nothing listens on: refused at once
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    else:
+        monkeypatch.setenv(how, "1")
+    name = "someone/not-cached-model"
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=name)
+    began = time.monotonic()
+    line = assert_fails(tmp_path, [cfg], f"model_id {name}: not a local folder", "not in the local Hugging Face cache")
+    assert (f"{how}=1 is set" if how != "unreachable" else "cannot be reached") in line
+    assert time.monotonic() - began < 30  # not a minute of retries (most of this is importing)
+
+
+def _state_of(gpt2_folder, **method):
+    config = Config.from_dict(dict(train_path="t", val_path="v", model_id=gpt2_folder, **method))
+    torch.manual_seed(0)
+    return build_model(config, None, None, silent).model.state_dict()
+
+
+LOADS = [  # (method of the checkpoint, method of the run)
+    ({"coconut": True}, {"coconut": True}), ({"cot": True}, {"coconut": True}),
+    ({"pause_as_thought": True}, {"coconut": True}), ({"cot": True}, {"cot": True}),
+    ({"pause_as_thought": True}, {"pause_as_thought": True}), ({"coconut": True}, {"cot": True}),
+    ({"no_thoughts": True}, {"pause_as_thought": True}),
+]
+
+
+@pytest.mark.parametrize("saved, run", LOADS)
+@pytest.mark.parametrize("damage", [None, "shape", "missing", "extra"])
+def test_checkpoint_check_on_the_meta_device_agrees_with_loading(tmp_path, gpt2_folder, saved, run, damage):
+    """The reference is modeling.build_model itself: the pre-flight refuses exactly the
+    checkpoints it refuses, with the same line, without loading the weights."""
+    state = _state_of(gpt2_folder, **saved)
+    key = sorted(k for k in state if k.endswith("mlp.c_fc.weight"))[0]
+    if damage == "shape":
+        state[key] = torch.zeros(3, 3)
+    elif damage == "missing":
+        del state[key]
+    elif damage == "extra":
+        state["extra.weight"] = torch.zeros(2)
+    path = str(tmp_path / "checkpoint_1")
+    torch.save(state, path)
+    config = Config.from_dict(dict(train_path="t", val_path="v", model_id=gpt2_folder, **run))
+    tokenizer, tokens = build_tokenizer(gpt2_folder)
+    hf_config = preflight.resolve_model("model_id", gpt2_folder, silent)
+    mapped = preflight.load_mapped(path, required=True)
+
+    def outcome(call):
+        try:
+            call()
+        except ModelLoadError as e:
+            return str(e)
+        return None
+
+    expected = outcome(lambda: build_model(config, checkpoint.load_model_state(path), path, silent))
+    found = outcome(lambda: preflight.check_checkpoint_fits(config, hf_config, tokenizer, tokens, mapped, path))
+    assert found == expected
+    # the premise: the reference refuses exactly the damaged files and coconut weights in a plain run
+    assert (expected is None) == (damage is None and not (saved == {"coconut": True} and run != saved))
+
+
+def test_a_checkpoint_of_another_model_stops_the_run(tmp_path, gpt2_folder, chain_data):
+    state = _state_of(gpt2_folder, cot=True)
+    state["transformer.wpe.weight"] = torch.zeros(1024, 64)  # another context size
+    bad = str(tmp_path / "other.pt")
+    torch.save(state, bad)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, load_model_path=bad, resume=1)
+    assert_fails(tmp_path, [cfg], f"{bad}: transformer.wpe.weight has shape (1024, 64) in the checkpoint")
+
+
+def test_a_file_that_is_no_checkpoint_stops_the_run(tmp_path, gpt2_folder, chain_data):
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, load_model_path=chain_data["val"])
+    assert_fails(tmp_path, [cfg], f"checkpoint {chain_data['val']}: does not load")
+
+
+def test_the_note_says_where_the_weights_come_from(gpt2_folder):
+    """No "from scratch" when a checkpoint supplies the weights (DESIGN §5)."""
+    lines = []
+    config = Config.from_dict(dict(train_path="t", val_path="v", model_id=gpt2_folder, cot=True))
+    build_model(config, _state_of(gpt2_folder, cot=True), "ckpt/checkpoint_3", lines.append)
+    assert lines == [f"no weights in {gpt2_folder}: building gpt2 from its config; the weights come from ckpt/checkpoint_3"]
+    build_model(config, None, None, lines.append)
+    assert lines[-1] == f"no weights in {gpt2_folder}: training gpt2 from scratch"
+
+
+# ------------------------------------------------------------------ keys and folders
+def test_save_path_that_cannot_be_written(tmp_path, gpt2_folder, chain_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    keys = keys_for(gpt2_folder, chain_data, blocker, "run", coconut=True)
+    rc, out, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: save_path {blocker}: cannot write checkpoints into {blocker}/run (Not a directory)"], err
+    assert "Running on one process" not in out
+
+
+@pytest.mark.parametrize("over, expected", [
+    (dict(only_eval=True), "only_eval is True but load_model_path is None"),
+    (dict(only_eval=True, load_model_path="LOAD", resume=2, num_epochs=2),
+     "resume is 2 but num_epochs is 2: no epoch left to evaluate"),
+    (dict(resume=3, num_epochs=3), "resume is 3 but num_epochs is 3: no epoch left to train"),
+])
+def test_runs_with_nothing_to_do(tmp_path, gpt2_folder, chain_data, over, expected):
+    over = {k: (chain_data["val"] if v == "LOAD" else v) for k, v in over.items()}
+    assert_fails(tmp_path, [config_file(tmp_path, gpt2_folder, chain_data, **over)], expected)
+
+
+def test_a_finished_run_says_so_and_trains_nothing(tmp_path, gpt2_folder, chain_data):
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=1, save_only_improve=False)
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0, err[-2000:]
+    save_dir = tmp_path / "ckpt" / "run"
+    files = {p.name: p.stat().st_mtime_ns for p in save_dir.iterdir()}
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0, err[-2000:]
+    assert out.splitlines() == [
+        f"run folder {save_dir} already holds checkpoint_1 and num_epochs is 1: this run is finished, nothing to "
+        f"train. To evaluate it: only_eval=True load_model_path={save_dir}/checkpoint_1 resume=0; to train on: a "
+        "larger num_epochs; to start again: another name"], out
+    assert "Training Epoch" not in err
+    assert {p.name: p.stat().st_mtime_ns for p in save_dir.iterdir()} == files
+
+
+def test_save_only_improve_says_when_it_skips_a_save(tmp_path, gpt2_folder, chain_data):
+    # one new token cannot write an answer: accuracy stays 0, never above the best (0)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=1, save_only_improve=True, max_new_tokens=1)
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0, err[-2000:]
+    assert "Accuracy on validation set: 0 / 12 = 0.0" in out
+    assert "save_only_improve: not saving checkpoint_1, its accuracy 0.0 does not beat the best so far (0.0)" in out
+    assert checkpoint.list_checkpoints(tmp_path / "ckpt" / "run") == []
+
+
+def test_a_second_run_on_a_held_folder_names_the_holder(tmp_path, gpt2_folder, chain_data):
+    cfg = config_file(tmp_path, gpt2_folder, chain_data)
+    save_dir = tmp_path / "ckpt" / "run"
+    save_dir.mkdir(parents=True)
+    with runlock.hold(str(save_dir)):
+        rc, out, err = run_in_process(cfg)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"run folder {save_dir} is in use by another run (pid {os.getpid()} on " in lines[0]
+    assert "Running on one process" not in out
+    assert os.listdir(save_dir) == [runlock.LOCK_NAME]
+    with runlock.hold(str(save_dir)):  # released when the block ended
+        pass
+
+
+@pytest.mark.slow
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import runlock, sys, time\nwith runlock.hold(sys.argv[1]):\n    print('held', flush=True)\n"
+         "    time.sleep(60)", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(runlock.RunFolderBusy, match=f"pid {holder.pid} on "):
+            with runlock.hold(str(tmp_path)):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with runlock.hold(str(tmp_path)):
+        assert f"pid {os.getpid()} on " in (tmp_path / runlock.LOCK_NAME).read_text()
+
+
+# ------------------------------------------------------------------ command-line keys
+def test_command_line_keys_are_checked_like_yaml_keys(tmp_path, gpt2_folder, chain_data):
+    cfg = config_file(tmp_path, gpt2_folder, chain_data)
+    assert parse_overrides(["lr=1e-4", "--name", "try2", "--num-epochs=3", "load_model_path=None"]) == {
+        "lr": "1e-4", "name": "try2", "num_epochs": 3, "load_model_path": "None"}
+    config = load_config(cfg, parse_overrides(["lr=1e-4", "--name", "try2", "load_model_path=None"]))
+    reference = dict(yaml.safe_load(open(cfg)), lr="1e-4", name="try2", load_model_path="None")
+    assert config == Config.from_dict(reference)  # the same as writing them in the file
+    assert config.lr == 1e-4 and config.name == "try2"
+    for argv, message in [
+        (["c_thougth=2"], "command line: unknown key 'c_thougth' (did you mean 'c_thought'?)"),
+        (["--bf16", "yes please"], "command line: key 'bf16' must be True or False, got 'yes please'"),
+        (["num_epochs=1.5"], "command line: key 'num_epochs' must be an integer, got 1.5"),
+        (["lr=0"], "key 'lr' must be > 0"),
+        (["lr=1", "--lr", "2"], "command line: key 'lr' is given twice"),
+        (["--lr"], "command line: --lr needs a value"),
+        (["x"], "command line: expected KEY=VALUE or --KEY VALUE"),
+    ]:
+        with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+            load_config(cfg, parse_overrides(argv))
+
+
+def test_command_line_keys_reach_the_run_and_its_echo(tmp_path, gpt2_folder, chain_data):
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=2)
+    rc, out, err = run_in_process(*[cfg, "num_epochs=1", "--name", "try2", "--save-only-improve", "True",
+                             "max_new_tokens=1"])
+    assert rc == 0, err[-2000:]
+    assert out.splitlines()[:4] == ["command line: num_epochs = 1", "command line: name = 'try2'",
+                                    "command line: save_only_improve = True", "command line: max_new_tokens = 1"]
+    assert "not saving checkpoint_1" in out and out.count("Accuracy on validation set") == 1
+    assert (tmp_path / "ckpt" / "try2").is_dir() and not (tmp_path / "ckpt" / "run").exists()
+    rc, out, err = run_in_process(cfg, "c_thougth=2")
+    assert rc == 2 and err.strip().splitlines() == [
+        "error: command line: unknown key 'c_thougth' (did you mean 'c_thought'?)"], err
+
+
+# ------------------------------------------------------------------ torchrun and Ctrl-C
+@pytest.mark.slow
+def test_a_bad_config_under_torchrun_is_one_line_from_rank_0(tmp_path, gpt2_folder, chain_data):
+    cfg = config_file(tmp_path, gpt2_folder, chain_data)
+    proc = run_sub(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    RUN_PY, cfg, "c_thougth=2"], timeout=120)
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert ours == ["error: command line: unknown key 'c_thougth' (did you mean 'c_thought'?)"], proc.stderr
+    # torchrun's own failure report (its exit status 1) names the line, not a link
+    assert "traceback : error: command line: unknown key 'c_thougth'" in proc.stderr
+    assert proc.stderr.count("exitcode  : 2") >= 1 and proc.returncode != 0
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_one_line(tmp_path, gpt2_folder, chain_data):
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=50)
+    err_path = tmp_path / "err.txt"
+    with open(err_path, "w") as err:
+        # SIGINT as a terminal sends it (a child of a background job may inherit it ignored)
+        proc = subprocess.Popen([sys.executable, RUN_PY, cfg], cwd=REPO, env=sub_env(), stdout=subprocess.DEVNULL,
+                                stderr=err, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while "Training Epoch: 2" not in err_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err_path.read_text()
+    assert "Traceback" not in text and text.rstrip().endswith("interrupted"), text[-2000:]
+    assert checkpoint.list_checkpoints(tmp_path / "ckpt" / "run")[:1] == [1]
