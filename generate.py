@@ -27,8 +27,9 @@ its next-token distribution is that position's logits. The top 5 tokens and thei
 probabilities are printed per thought.
 
 Bad input (missing or non-Coconut model folder, unreadable questions file, a question
-longer than the model's context, a stage beyond max_latent_stage): one line on
-stderr, exit status 2.
+longer than the model's context, a stage beyond max_latent_stage, an --output that is a
+folder or cannot be written): one line on stderr, exit status 2, before any answer is
+generated.
 """
 
 import argparse
@@ -77,7 +78,21 @@ def _n_steps(example: dict) -> Optional[int]:
     return len(steps) if isinstance(steps, list) else None
 
 
+def check_output(path: str) -> None:
+    """--output names a file that can be written: UserError before any work if not."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise UserError(f"--output {path}: is a folder; name the file to write, e.g. "
+                        f"{os.path.join(path, 'answers.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--output {path}: its folder does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"--output {path}: cannot be written")
+
+
 def run(args) -> int:
+    if args.output:
+        check_output(args.output)
     exported = open_exported(args.model_dir)
     stage = resolve_stage(exported.settings, args.stage)
     if args.question is not None:
@@ -86,8 +101,6 @@ def run(args) -> int:
         examples = load_questions(args.questions)
     prompts = [prompt_ids(exported, ex["question"], stage, _n_steps(ex)) for ex in examples]
     check_context(prompts, exported.context)
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise UserError(f"--output {args.output}: its folder does not exist")
     exported.load_model(args.device)  # the slow part, once the input is known to be good
 
     from tqdm import tqdm

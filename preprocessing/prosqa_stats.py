@@ -12,7 +12,6 @@ examples at 3/4/5/6 steps, 2 to 6 people, 17 names and 38 concept words).
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,22 @@ from collections import Counter
 if __name__ == "__main__":  # run as a script: the repository root holds our modules
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cli import OneLineParser, UserError, main_guard, read_json_list
 from preprocessing.prosqa import bfs_distances
+
+# what example_stats reads: the keys prosqa.py writes besides question, steps and answer
+PROSQA_KEYS = ("question", "steps", "idx_to_symbol", "edges", "root", "target", "neg_target")
+
+
+def read_examples(path):
+    """A ProsQA file's examples; UserError (one line) for a missing, empty or other file."""
+    data = read_json_list(path, "ProsQA examples")
+    for i, ex in enumerate(data):
+        missing = [key for key in PROSQA_KEYS if not isinstance(ex, dict) or key not in ex]
+        if missing:
+            raise UserError(f"{path}: example {i} is not a ProsQA example as prosqa.py writes them "
+                            f"(no {missing[0]!r})")
+    return data
 
 
 def example_stats(ex):
@@ -98,20 +112,21 @@ def format_table(columns, headers):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="prosqa_stats.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", metavar="FILE", help="one or two ProsQA JSON files")
     args = parser.parse_args(argv)
     if len(args.files) > 2:
         parser.error("give one or two files")
-    per_file = []
-    for path in args.files:
-        with open(path) as f:
-            per_file.append([example_stats(ex) for ex in json.load(f)])
+    return main_guard(lambda: report(args.files))
+
+
+def report(files):
+    per_file = [[example_stats(ex) for ex in read_examples(path)] for path in files]
     step_values = sorted({r["steps"] for rows in per_file for r in rows})
     people_values = sorted({r["people"] for rows in per_file for r in rows})
     columns = [summarise(rows, step_values, people_values) for rows in per_file]
-    print(format_table(columns, args.files))
+    print(format_table(columns, files))
     return 0
 
 

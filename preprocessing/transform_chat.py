@@ -265,8 +265,25 @@ def build_parser():
     return p
 
 
+def output_problem(input_path, output_path):
+    """Why --output cannot be written without harm (None when it can): the input
+    itself (however spelled: a symlink, another relative path, a hard link) or a folder."""
+    same = os.path.realpath(input_path) == os.path.realpath(output_path)
+    if not same and os.path.exists(input_path) and os.path.exists(output_path):
+        same = os.path.samefile(input_path, output_path)
+    if same:
+        return f"--output {output_path} is the input file {input_path}: it would be overwritten"
+    if output_path.endswith(("/", os.sep)) or os.path.isdir(output_path):
+        return f"--output {output_path} is a folder; name the JSON file to write"
+    return None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    problem = output_problem(args.input, args.output)
+    if problem:  # before any work, so that nothing is read for nothing or overwritten
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         nlp = load_pipeline(args.spacy_model)
     except OSError as err:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -140,3 +141,15 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
 def test_from_pretrained_refuses_a_plain_folder(tiny):
     with pytest.raises(ValueError, match="not an exported Coconut model"):
         Coconut.from_pretrained(tiny.model)
+
+
+@pytest.mark.parametrize("kind", ["trailing_slash", "existing_folder", "missing_folder"])
+def test_output_is_checked_before_generating(tiny, tiny_val, capsys, tmp_path, kind):
+    output = {"trailing_slash": str(tmp_path / "new") + "/", "existing_folder": str(tmp_path),
+              "missing_folder": str(tmp_path / "nowhere" / "a.json")}[kind]
+    code, out, err = _run(capsys, [tiny.export, "--questions", tiny.val, "--output", output])
+    assert code == 2 and out == ""  # not one answer generated
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --output {output}: "), err
+    assert ("its folder does not exist" if kind == "missing_folder" else "is a folder") in lines[0]
+    assert os.listdir(tmp_path) == []

@@ -1,6 +1,7 @@
 """Chat-trace conversion (preprocessing/transform_chat.py): offline sentence steps."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -156,3 +157,29 @@ def test_help(capsys):
         tc.main(["--help"])
     assert err.value.code == 0
     assert "In summary" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink", "hardlink"])
+def test_output_equal_to_input_fails_before_writing(tmp_path, capsys, monkeypatch, spelling):
+    src = tmp_path / "traces.jsonl"
+    src.write_text(FIXTURE.read_text())
+    before = src.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    out = {"same": str(src), "relative": "./sub/../traces.jsonl", "symlink": str(tmp_path / "link.json"),
+           "hardlink": str(tmp_path / "hard.json")}[spelling]
+    (tmp_path / "sub").mkdir()
+    if spelling == "symlink":
+        os.symlink(src, out)
+    elif spelling == "hardlink":
+        os.link(src, out)
+    assert tc.main(["--input", str(src), "--output", out, "--no_progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"error: --output {out} is the input file {src}: it would be overwritten"]
+    assert captured.out == "" and src.read_bytes() == before
+
+
+def test_output_a_folder_fails_before_reading(tmp_path, capsys):
+    assert tc.main(["--input", str(FIXTURE), "--output", str(tmp_path), "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output {tmp_path} is a folder; name the JSON file to write"]

@@ -222,3 +222,18 @@ def test_impossible_options_fail_cleanly(tmp_path, capsys, monkeypatch):
     assert prosqa.main(["--num_nodes", "5", "--output", str(tmp_path / "x.json")]) == 2
     assert "raise --num_nodes" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", "must be a non-empty JSON list of ProsQA examples"),  # make demo's empty test split
+    ('[{"question": "q", "steps": [], "answer": "a"}]', "example 0 is not a ProsQA example as prosqa.py writes them (no 'idx_to_symbol')"),
+    ("[{", "not a readable JSON file"),
+])
+def test_stats_on_a_file_it_cannot_read_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "prosqa_test.json"
+    path.write_text(content)
+    assert prosqa_stats.main([str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and message in lines[0], captured.err
+    assert captured.out == ""

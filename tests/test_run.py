@@ -306,10 +306,11 @@ def test_kill_and_resume_is_exact(when, tmp_path, gpt2_folder, chain_data, refer
     proc, out_path, err_path = _start(cfg, tmp_path, "second")
     assert proc.wait(timeout=300) == 0, err_path.read_text()[-3000:]
     out, err = out_path.read_text(), err_path.read_text()
-    if done:
+    if done == 2:  # killed after its last save (during the last evaluation): nothing left to train
+        assert "already holds checkpoint_2 and num_epochs is 2: this run is finished" in out
+    elif done:
         assert f"Loading from previous run epoch_{done}!" in out
-        if done < 2:
-            assert f"restored the optimizer state of epoch {done}" in out
+        assert f"restored the optimizer state of epoch {done}" in out
     else:
         assert "resume from that" not in out
     # no finished epoch is trained again
@@ -361,6 +362,7 @@ def test_cot_state_dict_into_coconut(tmp_path, cot_run, coconut_run):
     rc, out, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
     assert rc == 0, err[-3000:]
     assert f"Loading from {plain} and skip the first 1 epochs" in out
+    assert f"the weights come from {plain}" in out and "from scratch" not in out
     assert epochs_started(err) == [2] and len(acc_lines(out)) == 1
     save_dir = tmp_path / "ckpt" / "from_cot"
     assert list_checkpoints(save_dir) == [2]
