@@ -57,7 +57,6 @@ TOKENIZE_CHUNK = 4096
 @dataclass
 class Preflight:
     finished: Optional[str] = None  # set when the run folder already holds the last epoch
-    resume_epoch: Optional[int] = None  # the run folder's newest usable checkpoint
 
 
 def check(config, data: dict, saves: bool, log: Callable[[str], object] = print) -> Preflight:
@@ -78,14 +77,14 @@ def check(config, data: dict, saves: bool, log: Callable[[str], object] = print)
 
     result = Preflight()
     state, state_path = None, None
-    if not config.only_eval and not config.debug:  # these runs resume their own folder
-        found = resume_point(config.save_dir)
-        if found is not None:
-            result.resume_epoch, state, train_state = found
-            state_path = checkpoint.checkpoint_path(config.save_dir, result.resume_epoch)
-            if result.resume_epoch >= config.num_epochs:
-                result.finished = finished_message(config, result.resume_epoch, train_state)
-    if state_path is None and config.load_model_path is not None:
+    # as trainer.find_start: a training run resumes its own folder's newest checkpoint
+    found = None if config.only_eval or config.debug else resume_point(config.save_dir)
+    if found is not None:
+        epoch, state, train_state = found
+        state_path = checkpoint.checkpoint_path(config.save_dir, epoch)
+        if epoch >= config.num_epochs:
+            result.finished = finished_message(config, epoch, train_state)
+    elif config.load_model_path is not None:
         state_path = config.load_model_path
         state = load_mapped(state_path, required=True)
     if state is not None:

@@ -252,6 +252,46 @@ def test_a_checkpoint_of_another_model_stops_the_run(tmp_path, gpt2_folder, chai
     assert_fails(tmp_path, [cfg], f"{bad}: transformer.wpe.weight has shape (1024, 64) in the checkpoint")
 
 
+def test_the_resume_point_is_the_one_the_run_resumes(tmp_path):
+    """The reference: checkpoint.find_resume_point (what trainer.find_start loads)."""
+    state = {"w": torch.ones(2)}
+    layouts = {
+        "empty": [],
+        "published": [("checkpoint_1", state), ("checkpoint_2", state), ("notes.txt", b"x")],
+        "garbage_newest": [("checkpoint_1", state), ("checkpoint_2", b"\x00 half a file")],
+        "state_of_another_epoch": [("checkpoint_1", state), ("checkpoint_2", state),
+                                   ("checkpoint_2.state", {"checkpoint_epoch": 1, "best_acc": 0.5})],
+        "with_states": [("checkpoint_1", state), ("checkpoint_1.state", {"checkpoint_epoch": 1, "best_acc": 0.25})],
+        "not_a_state_dict": [("checkpoint_1", state), ("checkpoint_2", [1, 2])],
+    }
+    for name, files in layouts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, content in files:
+            if isinstance(content, bytes):
+                (folder / file).write_bytes(content)
+            else:
+                torch.save(content, folder / file)
+        expected = checkpoint.find_resume_point(str(folder), warn=silent)
+        found = preflight.resume_point(str(folder))
+        assert (found and found[0]) == (expected and expected[0]), name
+        if found:
+            assert found[1].keys() == expected[1].keys()
+            assert (found[2] or {}).get("best_acc") == (expected[2] or {}).get("best_acc"), name
+
+
+def test_a_run_folder_of_another_model_stops_the_run(tmp_path, gpt2_folder, chain_data):
+    state = _state_of(gpt2_folder, coconut=True)
+    state["base_causallm.transformer.wpe.weight"] = torch.zeros(1024, 64)
+    save_dir = tmp_path / "ckpt" / "run"
+    checkpoint.save_checkpoint(str(save_dir), 1, state)
+    rc, out, err = run_in_process(config_file(tmp_path, gpt2_folder, chain_data))
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: {save_dir}/checkpoint_1: base_causallm.transformer.wpe.weight has shape (1024, 64) in the "
+        "checkpoint but (512, 64) in this model (a checkpoint of another model?)"], err
+    assert sorted(os.listdir(save_dir)) == ["checkpoint_1"]  # no lock taken, nothing written
+
+
 def test_a_file_that_is_no_checkpoint_stops_the_run(tmp_path, gpt2_folder, chain_data):
     cfg = config_file(tmp_path, gpt2_folder, chain_data, load_model_path=chain_data["val"])
     assert_fails(tmp_path, [cfg], f"checkpoint {chain_data['val']}: does not load")
