@@ -50,6 +50,7 @@ def hold(save_dir: str, warn: Callable[[str], object] = print) -> Iterator[None]
     except OSError as e:
         raise UserError(f"cannot create the lock file {path}: {e.strerror}") from None
     with f:
+        locked = True
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -60,12 +61,12 @@ def hold(save_dir: str, warn: Callable[[str], object] = print) -> Iterator[None]
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
+            locked = False
             warn(f"warning: {save_dir}'s file system cannot lock files ({e.strerror}): "
                  "nothing stops a second run from writing into this folder")
-            yield
-            return
-        f.seek(0)
-        f.truncate()
-        f.write(holder_line() + "\n")
-        f.flush()
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(holder_line() + "\n")
+            f.flush()
         yield  # closing the file (or the process ending) releases the lock
