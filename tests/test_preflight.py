@@ -370,6 +370,20 @@ def test_a_second_run_on_a_held_folder_names_the_holder(tmp_path, gpt2_folder, c
         pass
 
 
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", refuse)
+    said = []
+    with runlock.hold(str(tmp_path), warn=said.append):
+        ran = True
+    assert ran and said == [f"warning: {tmp_path}'s file system cannot lock files (No locks available): "
+                            "nothing stops a second run from writing into this folder"]
+
+
 @pytest.mark.slow
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen(
