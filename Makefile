@@ -25,12 +25,13 @@ test: venv
 # from scratch through the whole Coconut curriculum (args/demo.yaml: 2 epochs of
 # chain-of-thought, then 1, 2, 3 continuous thoughts), printing the validation accuracy
 # after every epoch. About 10 minutes on 2 idle CPU cores, venv setup included (README).
-# DEMO_THREADS=1 suits a machine busy with other work: two threads fighting a busy core
-# for these small matrices can run many times slower.
+# The thread count is fixed, so the same command gives the same numbers on any machine
+# (float sums depend on how they are split over threads); DEMO_THREADS=1 suits a machine
+# busy with other work, and gives other (equally valid) numbers.
 # Each `make demo` starts a fresh run: run.py would otherwise resume checkpoints/demo
 # (and, once finished, do nothing); `python run.py args/demo.yaml` alone resumes.
 DEMO_DATA_ARGS := --split_sizes 6000,200,0 --num_nodes 7 --min_steps 3 --max_steps 3 --seed 0
-DEMO_THREADS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1)
+DEMO_THREADS ?= 2
 
 demo: venv
 	$(PY) preprocessing/prosqa.py --split $(DEMO_DATA_ARGS) --output_dir data/demo

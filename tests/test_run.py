@@ -10,6 +10,7 @@ import concurrent.futures
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -95,13 +96,19 @@ def test_method_runs_two_epochs(method, request, tmp_path, gpt2_folder, llama_fo
 DEMO_YAML = os.path.join(REPO, "args", "demo.yaml")
 
 
-def makefile_demo_data_args() -> list:
-    """The DEMO_DATA_ARGS line of the Makefile, as an argument list."""
+def makefile_variable(name: str) -> str:
+    """The value of a `NAME := value` (or `?=`) line of the Makefile."""
     with open(os.path.join(REPO, "Makefile")) as f:
         for line in f:
-            if line.startswith("DEMO_DATA_ARGS"):
-                return shlex.split(line.split("=", 1)[1])
-    raise AssertionError("Makefile has no DEMO_DATA_ARGS line")
+            match = re.match(rf"{name}\s*[:?]?=\s*(.*)$", line)
+            if match:
+                return match.group(1).strip()
+    raise AssertionError(f"Makefile has no {name} line")
+
+
+def makefile_demo_data_args() -> list:
+    """The DEMO_DATA_ARGS line of the Makefile, as an argument list."""
+    return shlex.split(makefile_variable("DEMO_DATA_ARGS"))
 
 
 def with_option(args: list, option: str, value: str) -> list:
@@ -177,13 +184,21 @@ def test_demo_path_shortened(tmp_path, launcher):
     """`make demo`, shortened: the Makefile's data command on a tiny split and
     args/demo.yaml cut to 2 epochs (stage 0, then latent stage 1), from the repository
     root with the config's relative model folder as committed, in one process and under
-    `torchrun --nproc_per_node 2`."""
+    `torchrun --nproc_per_node 2`. In one process, with the Makefile's thread count, it
+    runs twice and must give the same losses and accuracies, digit for digit."""
     with open(DEMO_YAML) as f:
         model_id = yaml.safe_load(f)["model_id"]
     assert not os.path.isabs(model_id)
     config_path, run_dir = shortened_demo(tmp_path, model_id)
     if launcher == "python":
-        proc = run_sub([RUN_PY, config_path], timeout=240, cwd=REPO)
+        env = sub_env(OMP_NUM_THREADS=makefile_variable("DEMO_THREADS"))
+        proc = run_sub([RUN_PY, config_path], env=env, timeout=240, cwd=REPO)
+        again_path, _ = shortened_demo(tmp_path / "again", model_id)
+        again = run_sub([RUN_PY, again_path], env=env, timeout=240, cwd=REPO)
+        assert again.returncode == 0, again.stderr[-4000:]
+        numbers = re.compile(r"^(eval loss .*|Accuracy on validation set: .*)$", re.M)
+        assert numbers.findall(proc.stdout) == numbers.findall(again.stdout)
+        assert len(numbers.findall(proc.stdout)) == 4
     else:
         proc = run_sub(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                         "run.py", config_path], timeout=240, cwd=REPO)
