@@ -2,7 +2,7 @@
 trains the model (DESIGN §5). Each problem is a UserError whose one line names the
 culprit (key, file, example, checkpoint tensor); nothing has been written by then.
 
-    found = preflight.check(config, data, saves=True, log=print)
+    found = preflight.check(config, data, saves=True)
     if found.finished: print(found.finished)    # a finished run: nothing to train
 
 Checked, in order:
@@ -36,7 +36,7 @@ import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 from urllib.parse import urlparse
 
 import torch
@@ -59,7 +59,7 @@ class Preflight:
     finished: Optional[str] = None  # set when the run folder already holds the last epoch
 
 
-def check(config, data: dict, saves: bool, log: Callable[[str], object] = print) -> Preflight:
+def check(config, data: dict, saves: bool) -> Preflight:
     """Every check of the module docstring; UserError on the first problem.
 
     data: run.py's parsed files, {"val": [...], "train": [...] unless only_eval}.
@@ -68,7 +68,7 @@ def check(config, data: dict, saves: bool, log: Callable[[str], object] = print)
     check_run_keys(config)
     check_data_present(config, data)
     key, name = model_source(config)
-    hf_config = resolve_model(key, name, log)
+    hf_config = resolve_model(key, name)
     try:
         tokenizer, tokens = build_tokenizer(name)
     except (OSError, ValueError, KeyError) as e:
@@ -130,7 +130,7 @@ def looks_like_path(name: str) -> bool:
     return "/" in name and os.path.isdir(name.split("/", 1)[0])
 
 
-def resolve_model(key: str, name: str, log) -> object:
+def resolve_model(key: str, name: str) -> object:
     """The model's transformers config; UserError naming the key when it cannot be had."""
     from transformers import AutoConfig
 
@@ -142,14 +142,14 @@ def resolve_model(key: str, name: str, log) -> object:
     elif looks_like_path(name):
         raise UserError(f"{key} {name}: no such folder")
     else:
-        check_hub(key, name, log)
+        check_hub(key, name)
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{key} {name}: the model's config does not load ({first_line(e)})") from None
 
 
-def check_hub(key: str, name: str, log) -> None:
+def check_hub(key: str, name: str) -> None:
     """A hub id needs the hub unless it is cached; offline and not cached: fail at once."""
     cached = in_hub_cache(name)
     reason = offline_by_setting()

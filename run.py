@@ -68,7 +68,7 @@ def start(config_path: str, overrides: dict) -> int:
     # nor hold it; under torchrun rank 0 writes the checkpoints
     saves = not (config.only_eval or config.debug) and process_rank() == 0
     began = time.monotonic()
-    found = preflight.check(config, data, saves=saves, log=log)
+    found = preflight.check(config, data, saves=saves)
     if found.finished:
         log(found.finished)
         return 0

@@ -226,7 +226,7 @@ def test_checkpoint_check_on_the_meta_device_agrees_with_loading(tmp_path, reque
     torch.save(state, path)
     config = Config.from_dict(dict(train_path="t", val_path="v", model_id=folder, **run))
     tokenizer, tokens = build_tokenizer(folder)
-    hf_config = preflight.resolve_model("model_id", folder, silent)
+    hf_config = preflight.resolve_model("model_id", folder)
     mapped = preflight.load_mapped(path, required=True)
 
     def outcome(call):
