@@ -6,60 +6,84 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                written with torch.save exactly as the published code did,
                                so `torch.load(path, weights_only=True)` reads it. Keys are
                                `base_causallm.*` for coconut runs, the HF model's own
-                               keys otherwise.
-    checkpoint_{epoch}.state   everything else an exact resume needs (optimizer state,
-                               best accuracy, ...): a dict of tensors and
-                               plain python values, also readable with weights_only=True.
-                               Folders written by the published code have none; such
-                               checkpoints still resume, without that state.
+                               keys otherwise. Written by one process, last.
+    checkpoint_{epoch}.state/  everything else an exact resume needs, a folder:
+        train_state.pt         plain values (epoch, best accuracy, ...), torch.save,
+                               readable with weights_only=True;
+        .metadata, *.distcp    the sharded part (the optimizer state, keyed by parameter
+                               name) in torch.distributed.checkpoint (DCP) format: every
+                               process writes its own shard, nothing is gathered, and
+                               any number of processes can load it back (DCP reshards).
+                               `read_sharded_state(folder)` returns it whole.
+    checkpoint_{epoch}.state   (a file) what earlier versions wrote: one torch.save of
+                               {"epoch", "best_acc", "optimizer": whole state dict};
+                               still resumes. Folders written by the published code have
+                               no .state at all; such checkpoints resume without it.
 
 What this module fixes in the published code (SPEC 9):
 - Every file is written to a temporary name in the same folder, fsynced, then renamed
-  onto its final name (`atomic_torch_save`), so a kill during a save never leaves a
-  half-written `checkpoint_N`; the `.state` file is written before the model file, so a
-  model file present means its `.state` (if any) was complete before it.
+  onto its final name (`atomic_torch_save`); the .state folder is written under a
+  temporary name by all processes and renamed once all have finished. The .state is
+  complete before the model file is written, so a model file present means its
+  `.state` (if any) was complete before it.
 - Only files named exactly `checkpoint_{int}` count as checkpoints; anything else in
   the folder (notes, backups, temporary files, directories) is ignored.
-- Loading uses `weights_only=True`; a file that does not load is reported with one line
-  naming it, and `find_resume_point` then falls back to the next older checkpoint.
+- Loading uses `weights_only=True`; a file that does not load (or a .state folder with
+  a missing or short shard file) is reported with one line naming it, and
+  `find_resume_point` then falls back to the next older checkpoint.
 
-It knows nothing of FSDP, ranks, configs or the model: callers hand it plain (CPU)
-state dicts and decide which rank writes; run.py keeps the .state files of the
-newest checkpoints only (`prune_train_states`). Depends on torch and the standard
-library. Resumes need no RNG state: run.py reseeds every epoch from (seed, epoch).
+It knows nothing of FSDP, configs or the model: callers hand it plain (CPU) model state
+dicts, the sharded part as a state dict DCP can save (tensors or DTensors), and, when
+several processes save, whether this one is rank 0 and a barrier. run.py keeps the .state
+of the newest checkpoints only (`prune_train_states`). Resumes need no RNG state: run.py
+reseeds every epoch from (seed, epoch).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import secrets
+import shutil
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 __all__ = [
     "CheckpointError",
+    "ShardedState",
     "atomic_torch_save",
     "checkpoint_path",
     "find_resume_point",
     "list_checkpoints",
     "load_model_state",
     "load_train_state",
+    "load_sharded",
     "prune_train_states",
+    "read_sharded_state",
     "save_checkpoint",
     "state_path",
 ]
 
 STATE_SUFFIX = ".state"
+# the plain part of a .state folder; the sharded part is DCP's own files beside it
+PLAIN_STATE_FILE = "train_state.pt"
+# Written into train_state.pt: the top-level keys whose values are in the DCP part.
+_SHARDED_KEYS = "sharded_keys"
 # Written into every .state file by save_checkpoint (and stripped by load_train_state)
 # to tie it to its model file's epoch.
 _EPOCH_KEY = "checkpoint_epoch"
 
 _CHECKPOINT_RE = re.compile(r"checkpoint_(0|[1-9][0-9]*)")
 # Temporary files of atomic_torch_save for checkpoint files: `.checkpoint_3.tmp-...`,
-# `.checkpoint_3.state.tmp-...`.
+# `.checkpoint_3.state.tmp-...` (also the .state folders being written or deleted).
 _TEMP_RE = re.compile(r"\.checkpoint_[0-9]+(\.state)?\.tmp-.*", re.DOTALL)
 
 
@@ -70,6 +94,18 @@ class CheckpointError(ValueError):
         self.path = os.fspath(path)
         self.reason = " ".join(str(reason).split()) or "unknown error"
         super().__init__(f"checkpoint {self.path}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class ShardedState:
+    """A value of a training state kept in DCP format: `key` of the folder `path`.
+
+    load_train_state returns these instead of the values (which may be larger than one
+    process should hold); `load_sharded` fills a caller's template with them.
+    """
+
+    path: str
+    key: str
 
 
 # ---------------------------------------------------------------------------------
@@ -143,47 +179,83 @@ def save_checkpoint(
     epoch: int,
     model_state: Mapping[str, torch.Tensor],
     train_state: Optional[Mapping[str, Any]] = None,
+    sharded_state: Optional[Mapping[str, Any]] = None,
+    *,
+    is_main: bool = True,
+    barrier: Callable[[], Any] = lambda: None,
 ) -> str:
-    """Write `checkpoint_{epoch}` (and `checkpoint_{epoch}.state`) under `save_dir`.
+    """Write `checkpoint_{epoch}` (and its `checkpoint_{epoch}.state` folder) under `save_dir`.
 
-    `model_state` is a plain state dict (str -> tensor; gather it to CPU first).
-    `train_state` is whatever an exact resume needs (e.g. {"epoch", "best_acc",
-    "optimizer"}), made only of tensors and plain
-    python values so it loads with weights_only=True; this is checked before anything
-    is written (TypeError naming the bad entry). With `train_state` None only the
-    model file is written, and a stale `.state` of that epoch is removed.
+    Called by every process of a run at once (with `is_main` true on rank 0 only and a
+    `barrier` over all of them), or by a lone process with the defaults.
+    `model_state` is a plain state dict (str -> tensor, on CPU) on rank 0; other ranks
+    pass {}. `train_state` holds the plain values an exact resume needs (e.g. {"epoch",
+    "best_acc"}; tensors and plain python values only, so it loads with
+    weights_only=True: checked before anything is written, TypeError naming the bad
+    entry). `sharded_state` (e.g. {"optimizer": ...}) is saved through DCP, each process
+    writing its own part. With both None only the model file is written, and a stale
+    `.state` of that epoch is removed.
 
-    The `.state` file is written first, then the model file, both atomically, so a
-    model file present means its `.state` was complete before it. An existing
-    `checkpoint_{epoch}` is deleted before the new `.state` is written, so the two
-    always come from the same save (a save that dies half way loses that epoch, and
-    resume falls back to the one before). Leftover temporary files of killed earlier
-    saves in `save_dir` are removed first (they can be as big as a model). Creates
-    `save_dir` if missing. Returns the model file's path.
+    Order: rank 0 removes leftover temporary files of killed saves (they can be as big
+    as a model) and this epoch's old files (the model file first, so an old model is
+    never paired with a new .state); all processes write the .state folder under a
+    temporary name; rank 0 renames it, then writes the model file atomically. A save
+    that dies half way loses that epoch, and resume falls back to the one before.
+    Creates `save_dir` if missing. Returns the model file's path.
     """
     _check_epoch(epoch)
-    _check_model_state(model_state)
-    if train_state is not None:
-        if not isinstance(train_state, Mapping):
-            raise TypeError(f"train_state must be a dict, got {type(train_state).__name__}")
-        if _EPOCH_KEY in train_state and train_state[_EPOCH_KEY] != epoch:
-            raise ValueError(f"train_state[{_EPOCH_KEY!r}] is reserved for the epoch ({epoch})")
-        _check_weights_only_safe(train_state, "train_state")
+    if is_main:
+        _check_model_state(model_state)
+    if train_state is not None and not isinstance(train_state, Mapping):
+        raise TypeError(f"train_state must be a dict, got {type(train_state).__name__}")
+    plain = dict(train_state or {})
+    for reserved in (_EPOCH_KEY, _SHARDED_KEYS):
+        if reserved in plain:
+            raise ValueError(f"train_state key {reserved!r} is reserved")
+    _check_weights_only_safe(plain, "train_state")
     save_dir = os.fspath(save_dir)
-    os.makedirs(save_dir, exist_ok=True)
-    _remove_temp_files(save_dir)
     mpath, spath = checkpoint_path(save_dir, epoch), state_path(save_dir, epoch)
-    # Re-saving an epoch: drop the old model file first, so that a kill between the two
-    # writes below cannot pair the old model with the new .state (resume then falls
-    # back to the previous epoch instead).
-    if _unlink(mpath):
-        _fsync_dir(save_dir)
-    if train_state is not None:
-        atomic_torch_save({**dict(train_state), _EPOCH_KEY: epoch}, spath)
-    elif _unlink(spath):
-        _fsync_dir(save_dir)
-    atomic_torch_save(model_state, mpath)
+    tmp = os.path.join(save_dir, f".checkpoint_{epoch}{STATE_SUFFIX}.tmp-saving")  # one name for every rank
+    if is_main:
+        os.makedirs(save_dir, exist_ok=True)
+        _remove_temp_files(save_dir)
+        if _unlink(mpath):
+            _fsync_dir(save_dir)
+        _remove_state(spath)
+    barrier()
+    if train_state is not None or sharded_state is not None:
+        _write_state_folder(tmp, epoch, plain, sharded_state, is_main)
+        if is_main:
+            os.replace(tmp, spath)
+            _fsync_dir(save_dir)
+    if is_main:
+        atomic_torch_save(model_state, mpath)
     return mpath
+
+
+def _write_state_folder(folder: str, epoch: int, plain: dict, sharded_state, is_main: bool) -> None:
+    """DCP's files (every rank its own shard; rank 0 writes `.metadata` once all have
+    written theirs) and rank 0's train_state.pt, all fsynced."""
+    if sharded_state is not None:
+        writer = dcp.FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
+        with _lone_process_quiet():
+            dcp.save(dict(sharded_state), storage_writer=writer, no_dist=_no_dist())
+    if is_main:
+        os.makedirs(folder, exist_ok=True)
+        keys = sorted(sharded_state) if sharded_state is not None else []
+        atomic_torch_save({**plain, _EPOCH_KEY: epoch, _SHARDED_KEYS: keys}, os.path.join(folder, PLAIN_STATE_FILE))
+
+
+def _remove_state(path: str) -> None:
+    """Remove a .state file or folder; a folder is first renamed to a temporary name, so
+    a kill half way leaves nothing that looks like a .state."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        doomed = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-del-{secrets.token_hex(4)}")
+        os.replace(path, doomed)
+        _fsync_dir(os.path.dirname(path))
+        shutil.rmtree(doomed, ignore_errors=True)
+    elif _unlink(path):
+        _fsync_dir(os.path.dirname(path))
 
 
 def _unlink(path: str) -> bool:
@@ -195,9 +267,13 @@ def _unlink(path: str) -> bool:
 
 
 def _remove_temp_files(save_dir: str) -> None:
-    """Remove temporary checkpoint files left by killed saves (one writer per folder)."""
+    """Remove temporary checkpoint files and folders left by killed saves (one run per folder)."""
     for entry in os.scandir(save_dir):
-        if _TEMP_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+        if not _TEMP_RE.fullmatch(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif entry.is_file(follow_symlinks=False):
             _unlink(entry.path)
 
 
@@ -295,19 +371,97 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_train_state(save_dir: str | os.PathLike, epoch: int) -> Optional[dict[str, Any]]:
     """The training state saved beside `checkpoint_{epoch}`, or None if it has none.
 
-    Raises CheckpointError if the `.state` file exists but does not load, is not a
-    dict, or was written for another epoch.
+    From a .state folder: its plain values, and a `ShardedState` for each value in the
+    DCP part (e.g. "optimizer"). From an earlier version's .state file: everything in
+    it. Raises CheckpointError if the .state does not load, is not a dict, was written
+    for another epoch, or misses DCP files (or has short ones).
     """
     path = state_path(save_dir, epoch)
+    if os.path.isdir(path):
+        return _load_state_folder(path, epoch)
     if not os.path.isfile(path):
         return None
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"holds a {type(obj).__name__}, not a dict")
+    _pop_epoch(obj, epoch, path)
+    return obj
+
+
+def _pop_epoch(obj: dict, epoch: int, path: str) -> None:
     saved_epoch = obj.pop(_EPOCH_KEY, epoch)
     if saved_epoch != epoch:
         raise CheckpointError(path, f"was written for epoch {saved_epoch!r}, not {epoch}")
+
+
+def _load_state_folder(folder: str, epoch: int) -> dict[str, Any]:
+    plain_path = os.path.join(folder, PLAIN_STATE_FILE)
+    if not os.path.isfile(plain_path):
+        raise CheckpointError(folder, f"has no {PLAIN_STATE_FILE}")
+    obj = _torch_load(plain_path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(plain_path, f"holds a {type(obj).__name__}, not a dict")
+    _pop_epoch(obj, epoch, plain_path)
+    keys = obj.pop(_SHARDED_KEYS, [])
+    if keys:
+        _check_dcp_files(folder)
+    obj.update({key: ShardedState(folder, key) for key in keys})
     return obj
+
+
+def _check_dcp_files(folder: str) -> None:
+    """DCP's metadata reads and names files that exist and are long enough (a cheap
+    check for a damaged or half-copied folder; the contents are read at load time)."""
+    try:
+        metadata = dcp.FileSystemReader(folder).read_metadata()
+    except Exception as e:  # missing or unreadable .metadata
+        raise CheckpointError(folder, f"has no readable DCP metadata ({type(e).__name__}: {str(e)[:200]})") from e
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(file, "is missing")
+        if os.path.getsize(file) < size:
+            raise CheckpointError(file, f"is truncated ({os.path.getsize(file)} of {size} bytes)")
+
+
+def load_sharded(state: ShardedState, template: Any) -> Any:
+    """Fill `template` (a state dict laid out for this run: its tensors or DTensors give
+    each process's share) with the saved value of `state.key`, in place; returns it.
+
+    Called by every process at once when several run; DCP reads each one's share
+    whatever the number of processes that saved it.
+    """
+    wrapped = {state.key: template}
+    with _lone_process_quiet():
+        dcp.load(wrapped, storage_reader=dcp.FileSystemReader(state.path), no_dist=_no_dist())
+    return wrapped[state.key]
+
+
+@contextlib.contextmanager
+def _lone_process_quiet():
+    """DCP warns on every save and load without a process group: our one-process case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _no_dist() -> bool:
+    """A lone process (no process group): DCP then reads and writes without collectives."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def read_sharded_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The whole DCP part of a .state folder as plain tensors, in this one process
+    (for inspection and tests; it holds everything in memory)."""
+    result: dict[str, Any] = {}
+    # as torch's own dcp_to_torch_save does: an empty planner takes every saved key
+    _load_state_dict(result, storage_reader=dcp.FileSystemReader(os.fspath(folder)),
+                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return result
 
 
 def find_resume_point(
@@ -332,7 +486,8 @@ def find_resume_point(
 
 
 def prune_train_states(save_dir: str | os.PathLike, keep_epochs: Iterable[int]) -> list[str]:
-    """Delete every `checkpoint_{N}.state` in `save_dir` whose N is not in `keep_epochs`.
+    """Delete every `checkpoint_{N}.state` (file or folder) in `save_dir` whose N is not
+    in `keep_epochs`.
 
     Optimizer states are about twice the model's size; the caller decides which
     checkpoints stay exactly resumable (normally at least the newest). Model files are
@@ -348,7 +503,7 @@ def prune_train_states(save_dir: str | os.PathLike, keep_epochs: Iterable[int]) 
         if not entry.name.endswith(STATE_SUFFIX):
             continue
         match = _CHECKPOINT_RE.fullmatch(entry.name[: -len(STATE_SUFFIX)])
-        if match and int(match.group(1)) not in keep and entry.is_file():
-            os.unlink(entry.path)
+        if match and int(match.group(1)) not in keep and (entry.is_file() or entry.is_dir()):
+            _remove_state(entry.path)
             removed.append(entry.path)
     return sorted(removed)

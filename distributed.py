@@ -1,13 +1,22 @@
-"""Process-group setup and model sharding for run.py.
+"""Process-group setup, model sharding and sharded training state for run.py.
 
 One process (`python run.py cfg.yaml`) runs without a process group. Under
 `torchrun` (one node or many, through torchrun's own rendezvous) every process joins
 a group: NCCL when CUDA is available, gloo on CPU. Training shards the model with
 FSDP2 (`fully_shard`) over the model's own transformer block classes, taken from
 `_no_split_modules`; `only_eval` replicates it with DDP.
+
+No process but rank 0 ever holds the whole model while training: the others build it
+on the meta device, every rank shards it, and `fill_from_main` copies rank 0's weights
+into the shards (`broadcast_from_rank0`). The optimizer state is keyed by parameter
+name (`optimizer_state`) and saved sharded through DCP (checkpoint.py), so it loads
+into any number of processes. `mixed_precision` is FSDP2's MixedPrecisionPolicy (fp32
+parameters and optimizer, low-precision compute, fp32 gradient reduction), or
+torch.autocast where nothing is sharded.
 """
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -17,13 +26,19 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
+import checkpoint
+
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+# the `mixed_precision` key's values: the compute dtype (None: no mixed precision)
+COMPUTE_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -67,6 +82,15 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def share(obj, env: DistEnv):
+    """Rank 0's `obj` (small, picklable) on every process."""
+    if not env.distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def loader(dataset, batch_size: int, collator, env: DistEnv) -> DataLoader:
     """Batches in order; with several processes each takes its equal share (no shuffle:
     the staged data sets are shuffled when built)."""
@@ -93,17 +117,52 @@ def block_classes(base_causallm) -> set:
     return classes
 
 
-def shard(model, base_causallm):
+def shard(model, base_causallm, compute_dtype=None):
     """FSDP2: each transformer block is one unit, the rest (embeddings, head) the root.
 
-    `bf16: True` casts the whole model before this, as published (no mixed precision).
+    compute_dtype (e.g. torch.bfloat16): FSDP2 mixed precision, parameters kept in their
+    own dtype (fp32) and cast for compute, gradients reduced in fp32. `bf16: True`
+    instead casts the whole model before this, as published.
     """
+    policy = MixedPrecisionPolicy() if compute_dtype is None else \
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     blocks = tuple(block_classes(base_causallm))
     for module in base_causallm.modules():
         if isinstance(module, blocks):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
+
+
+def fill_from_main(model, source, env: DistEnv) -> None:
+    """Give a sharded model built on the meta device rank 0's weights and buffers.
+
+    `source` is the whole model on rank 0 (None elsewhere), same structure. Every rank
+    allocates only its shards; rank 0's state dict is broadcast one tensor at a time
+    into them. Buffers outside the state dict (rotary `inv_freq`, causal masks) are
+    copied from rank 0's model too, rather than recomputed per model type.
+    """
+    model.to_empty(device=env.device)
+    set_model_state_dict(model, source.state_dict() if env.is_main else {}, options=FROM_RANK0)
+    source_buffers = dict(source.named_buffers()) if env.is_main else {}
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if env.is_main:
+                buffer.copy_(source_buffers[name])
+            dist.broadcast(buffer.view(torch.uint8) if buffer.dtype == torch.bool else buffer, src=0)
+
+
+def autocast_forward(module, compute_dtype, device: torch.device) -> None:
+    """Run `module`'s forward under torch.autocast: mixed precision without FSDP
+    (one process, or DDP for only_eval), parameters and optimizer left in fp32."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def forward_in_autocast(*args, **kwargs):
+        with torch.autocast(device_type=device.type, dtype=compute_dtype):
+            return forward(*args, **kwargs)
+
+    module.forward = forward_in_autocast
 
 
 def replicate(model, env: DistEnv):
@@ -143,18 +202,41 @@ def full_model_state(model) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def full_optimizer_state(model, optimizer) -> dict:
-    if isinstance(unwrap(model), FSDPModule):
-        return get_optimizer_state_dict(unwrap(model), optimizer, options=FULL_ON_RANK0)
-    return optimizer.state_dict()
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer state keyed by parameter name (the same in every layout), each
+    rank's own shard under FSDP: what DCP saves and reshards."""
+    return get_optimizer_state_dict(unwrap(model), optimizer)
 
 
-def load_optimizer_state(model, optimizer, state: dict, env: DistEnv) -> None:
-    if isinstance(unwrap(model), FSDPModule):
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_optimizer_state_dict(unwrap(model), optimizer, state if env.is_main else {}, options=options)
-    else:
-        optimizer.load_state_dict(state)
+def load_optimizer_state(model, optimizer, state, env: DistEnv) -> None:
+    """Restore a saved optimizer state into this run's optimizer, any process count.
+
+    `state` is a checkpoint.ShardedState (DCP, read by every rank), or a whole state
+    dict from an earlier version's .state file, on rank 0 ({} elsewhere): keyed by
+    parameter name (saved under FSDP) or by parameter index (a lone process's
+    `optimizer.state_dict()`), broadcast from rank 0.
+    """
+    inner = unwrap(model)
+    if isinstance(state, checkpoint.ShardedState):
+        # a template in this run's layout (creates the moments, zero); DCP fills it
+        template = checkpoint.load_sharded(state, get_optimizer_state_dict(inner, optimizer))
+        set_optimizer_state_dict(inner, optimizer, template)
+        return
+    whole = by_parameter_name(inner, state) if env.is_main else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.distributed)
+    set_optimizer_state_dict(inner, optimizer, whole, options=options)
+
+
+def by_parameter_name(model, state: dict) -> dict:
+    """A whole optimizer state dict keyed by parameter name: index keys (the i-th
+    parameter of `model.parameters()`, which is how run.py builds AdamW) are renamed."""
+    names = [name for name, _ in model.named_parameters()]
+
+    def name_of(key):
+        return names[key] if isinstance(key, int) else key
+
+    groups = [{**group, "params": [name_of(k) for k in group["params"]]} for group in state["param_groups"]]
+    return {"state": {name_of(k): v for k, v in state["state"].items()}, "param_groups": groups}
 
 
 def set_gradient_sync(model, sync: bool) -> None:

@@ -17,7 +17,7 @@ import distributed
 from coconut import Coconut
 from dataset import MyCollator, get_cot_latent_dataset, get_dataset, get_question_latent_dataset
 from evaluate import generation_accuracy, generator_for, report, to_device, validation_loss
-from modeling import ModelLoadError, build_model, uses_latent_tokens
+from modeling import ModelLoadError, build_empty_model, build_model, checkpoint_blocks, uses_latent_tokens
 from utils import set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32
@@ -53,8 +53,48 @@ def _wandb_logged_in() -> bool:
     return bool(os.environ.get("WANDB_API_KEY")) or (os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read())
 
 
-def find_start(config, log):
-    """(first epoch, model state, its path, training state) for this run."""
+def find_start(config, log, env=None):
+    """(first epoch, model state, its path, training state) for this run.
+
+    Sharded training: rank 0 alone reads the files; the others get the epoch, the path
+    and the training state without the model state, and without an earlier version's
+    whole optimizer state ({} instead: rank 0 broadcasts it when loading).
+    """
+    if env is None or not sharded_training(config, env):
+        return _find_start(config, log)
+    found = on_main(lambda: _find_start(config, log), env)  # None on ranks > 0
+    epoch, path, train_state = distributed.share(found and _without_weights(*found), env)
+    return found if env.is_main else (epoch, None, path, train_state)
+
+
+def _without_weights(epoch, state, path, train_state):
+    if train_state and isinstance(train_state.get("optimizer"), dict):
+        train_state = {**train_state, "optimizer": {}}
+    return epoch, path, train_state
+
+
+def on_main(fn, env):
+    """fn() on rank 0 only (None elsewhere); a user error there stops every process."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except LATE_USER_ERRORS as e:
+            error = e
+    message = distributed.share(None if error is None else str(error), env)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ModelLoadError(message)
+    return result
+
+
+def sharded_training(config, env) -> bool:
+    """FSDP: every process holds a shard of the model, none but rank 0 the whole."""
+    return env.distributed and not config.only_eval
+
+
+def _find_start(config, log):
     if not config.only_eval and not config.debug:
         found = checkpoint.find_resume_point(config.save_dir, warn=log)
         if found is not None:
@@ -105,12 +145,14 @@ def train_one_epoch(model, optimizer, train_loader, config, epoch, env, wandb_ru
 
 
 def save(model, optimizer, config, epoch_done, best_acc, keep_optimizer, env, log):
-    """checkpoint_{epoch_done} (weights, published layout) and its resume state; rank 0 writes."""
+    """checkpoint_{epoch_done} (weights in the published layout, gathered to rank 0 one
+    tensor at a time) and its resume state (the optimizer sharded, each rank its part)."""
+    sharded = {"optimizer": distributed.optimizer_state(model, optimizer)} if keep_optimizer else None
     model_state = distributed.full_model_state(model)
-    optimizer_state = distributed.full_optimizer_state(model, optimizer) if keep_optimizer else None
+    checkpoint.save_checkpoint(config.save_dir, epoch_done, model_state, {"epoch": epoch_done, "best_acc": best_acc},
+                               sharded, is_main=env.is_main, barrier=lambda: distributed.barrier(env))
+    del model_state
     if env.is_main:
-        train_state = {"epoch": epoch_done, "best_acc": best_acc, "optimizer": optimizer_state}
-        checkpoint.save_checkpoint(config.save_dir, epoch_done, model_state, train_state)
         newest = checkpoint.list_checkpoints(config.save_dir)[-STATES_KEPT:]
         checkpoint.prune_train_states(config.save_dir, {epoch_done, *newest})
         log("saving model.")
@@ -146,25 +188,51 @@ class Stager:
 
 
 # ------------------------------------------------------------------ main loop
-def place_model(built, config, env, log):
-    """On the device; FSDP2 for training and DDP for only_eval when several processes."""
-    model = built.model.to(env.device)
+def build(config, state, state_path, env, log):
+    """(the model this process trains, rank 0's whole model to fill its shards or None).
+
+    Sharded training: rank 0 builds the whole model as a lone process would, the
+    others only its structure on the meta device (no memory)."""
+    if not sharded_training(config, env):
+        return build_model(config, state, state_path, log), None
+    source = on_main(lambda: build_model(config, state, state_path, log), env)
+    dtype = distributed.share(source and next(source.model.parameters()).dtype, env)
+    return build_empty_model(config, dtype), source
+
+
+def place_model(built, config, env, log, source=None):
+    """On the device; FSDP2 for training and DDP for only_eval when several processes.
+
+    `source`: rank 0's whole model when built is an empty (meta) one to shard and fill."""
+    if config.activation_checkpointing:
+        checkpoint_blocks(built.base_causallm)
+    compute_dtype = distributed.COMPUTE_DTYPES[config.mixed_precision]
+    model = built.model
     if isinstance(model, Coconut):  # FSDP: every process runs as many base-model passes
         model.sync_passes_across_ranks = env.distributed
+    if sharded_training(config, env):
+        log(f"Running FSDP on rank = {env.rank}, world size = {env.world_size}")
+        model = distributed.shard(model, built.base_causallm, compute_dtype)
+        distributed.fill_from_main(model, source and source.model, env)
+        return model
+    model = model.to(env.device)
+    if compute_dtype is not None:  # no FSDP: the same mixed precision through autocast
+        distributed.autocast_forward(built.base_causallm, compute_dtype, env.device)
     if not env.distributed:
         log("Running on one process")
         return model
-    log(f"Running {'DDP' if config.only_eval else 'FSDP'} on rank = {env.rank}, world size = {env.world_size}")
-    return distributed.replicate(model, env) if config.only_eval else distributed.shard(model, built.base_causallm)
+    log(f"Running DDP on rank = {env.rank}, world size = {env.world_size}")
+    return distributed.replicate(model, env)
 
 
 def run(config, data, env) -> None:
     log = log_on(env)
     set_seed(config.seed)  # identical initial weights on every process
-    start_epoch, state, state_path, train_state = find_start(config, log)
-    built = build_model(config, state, state_path, log)
+    start_epoch, state, state_path, train_state = find_start(config, log, env)
+    built, source = build(config, state, state_path, env, log)
     del state
-    model = place_model(built, config, env, log)
+    model = place_model(built, config, env, log, source)
+    del source
     tokenizer = built.tokenizer
     collator = MyCollator(tokenizer, latent_id=built.tokens.latent_id, label_pad_token_id=-100)
     stager = Stager(config, tokenizer, built.tokens, data)

@@ -36,6 +36,9 @@ CURRICULUM_METHODS = ("coconut", "pause_as_thought", "no_thoughts")
 GSM_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_NEW_TOKENS = 128
 
+# The `mixed_precision` key's values (the compute dtype; "none": full precision).
+MIXED_PRECISION_VALUES = ("none", "bf16", "fp16")
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming the key (and file)."""
@@ -86,6 +89,11 @@ class Config:
     num_epochs: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
+    # Large models (docs/LARGE_MODELS.md): fp32 parameters and optimizer with
+    # low-precision compute ("none", "bf16", "fp16"), unlike `bf16: True`, which casts
+    # the whole model as published; and recomputing each block's activations.
+    mixed_precision: str = "none"
+    activation_checkpointing: bool = False
 
     # Keys of later published configs, accepted so those YAML files keep working:
     # `local: True` loads the model from `local_path` instead of `model_id`; the
@@ -353,6 +361,12 @@ def _value_problems(config: Config):
             f"key 'no_curriculum' needs one of {', '.join(CURRICULUM_METHODS)} "
             f"(got {on[0]}, which has no curriculum)"
         )
+
+    if config.mixed_precision not in MIXED_PRECISION_VALUES:
+        yield f"key 'mixed_precision' must be one of {', '.join(MIXED_PRECISION_VALUES)}, got {config.mixed_precision!r}"
+    elif config.bf16 and config.mixed_precision != "none":
+        yield ("keys 'bf16' and 'mixed_precision' cannot both be on: bf16: True casts the whole model "
+               "(published behaviour), mixed_precision keeps fp32 parameters; choose one")
 
     if config.local and not config.local_path:
         yield "key 'local_path' is required when local is True"
