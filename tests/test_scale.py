@@ -15,7 +15,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-import yaml
+from torch.utils._pytree import tree_map
 
 import checkpoint
 import distributed
@@ -113,3 +113,196 @@ def test_autocast_bf16_matches_fp32_within_bf16_tolerance():
     total = torch.cat([g.flatten() for g in grads.values()])
     mixed_total = torch.cat([g.flatten() for g in mixed_grads.values()])
     assert torch.nn.functional.cosine_similarity(total, mixed_total, dim=0) > 0.99
+
+
+# ------------------------------------------------------------------ several processes
+def model_folder(folder):
+    """conftest's tiny GPT-2 folder (tied embeddings, a causal-mask buffer) without
+    dropout, so that runs with different process counts draw no different masks."""
+    from conftest import write_model_folder
+    from transformers import GPT2Config
+
+    write_model_folder(folder, "gpt2")
+    config = GPT2Config.from_pretrained(folder)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+def run_config(model, save_dir, **over):
+    keys = dict(coconut=True, model_id=model, train_path="unused.json", val_path="unused.json",
+                save_path=os.path.dirname(save_dir), name=os.path.basename(save_dir), lr=1e-2,
+                epochs_per_stage=100, reset_optimizer=False, seed=0)
+    keys.update(over)
+    return Config.from_dict(keys)
+
+
+def global_batch(tokens, step):
+    """Step `step`'s batch of GLOBAL_BATCH examples, in the layout coconut_batch builds,
+    with this tokenizer's latent ids."""
+    batch = coconut_batch(GLOBAL_BATCH, seed=step)
+    ids = batch["input_ids"] % 300  # ordinary tokens of the tiny tokenizer
+    ids[:, 4], ids[:, 5:8], ids[:, 8] = tokens.start_id, tokens.latent_id, tokens.end_id
+    return {**batch, "input_ids": ids}
+
+
+def train(config, env, save_at=None):
+    """What run.py does, on fixed batches: one optimizer step per "epoch", from the
+    resume point (if any) to STEPS. Returns {"losses": {step: global mean loss},
+    "restored": the optimizer state right after the resume (whole, on rank 0)}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    def log(message):
+        pass
+
+    trainer.set_seed(config.seed)
+    start, state, path, train_state = trainer.find_start(config, log, env)
+    built, source = trainer.build(config, state, path, env, log)
+    model = trainer.place_model(built, config, env, log, source)
+    optimizer = trainer.stage_optimizer(model, None, config, 0, None, start, train_state, env, log)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    restored = get_optimizer_state_dict(model, optimizer, options=full) if start else None
+    # a copy: some values are the optimizer's own tensors, which the next step changes
+    result = {"losses": {}, "restored": tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, restored)}
+    model.train()
+    for step in range(start, STEPS):
+        batch = rank_share(global_batch(built.tokens, step), env.rank, env.world_size)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result["losses"][step] = distributed.all_reduce_sum([loss.item()], env)[0] / env.world_size
+        if step + 1 == save_at:
+            trainer.save(model, optimizer, config, step + 1, 0.0, True, env, log)
+    return result
+
+
+def _worker(rank, world_size, port, jobs, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = distributed.setup()
+    try:
+        results = {name: train(run_config(**keys), env, save_at) for name, (keys, save_at) in jobs.items()}
+    finally:
+        distributed.teardown()
+    if rank == 0:
+        torch.save(results, out)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world_size, jobs, tmp):
+    """Run `jobs` ({name: (run_config keys, save_at)}) in `world_size` processes, in turn."""
+    out = str(tmp / f"results_{world_size}.pt")
+    mp.spawn(_worker, args=(world_size, free_port(), jobs, out), nprocs=world_size)
+    return torch.load(out, weights_only=True)
+
+
+def in_process(jobs):
+    return {name: train(run_config(**keys), DistEnv(), save_at) for name, (keys, save_at) in jobs.items()}
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Uninterrupted runs on 1 and 2 processes, and resumes on 1, 2 and 4 processes of
+    checkpoints written after step SAVED_AFTER by another process count."""
+    tmp = tmp_path_factory.mktemp("scale")
+    model = model_folder(tmp / "model")
+    one = in_process({"plain": (dict(model=model, save_dir=str(tmp / "one")), SAVED_AFTER)})
+    # what an earlier version wrote on one process: the optimizer state keyed by index
+    legacy = copy_run(tmp / "one", tmp / "legacy")
+    opt_state = checkpoint.read_sharded_state(os.path.join(legacy, "checkpoint_2.state"))["optimizer"]
+    names = list(opt_state["state"])  # one process: named in model.parameters() order
+    indexed = {"state": {names.index(k): v for k, v in opt_state["state"].items()},
+               "param_groups": [{**g, "params": [names.index(p) for p in g["params"]]} for g in opt_state["param_groups"]]}
+    import shutil
+
+    shutil.rmtree(os.path.join(legacy, "checkpoint_2.state"))
+    torch.save({"epoch": 2, "best_acc": 0.0, "optimizer": indexed, "checkpoint_epoch": 2},
+               os.path.join(legacy, "checkpoint_2.state"))
+    for name in ("two_to_one", "two_to_four"):
+        os.makedirs(tmp / name)
+    two = spawn(2, {
+        "plain": (dict(model=model, save_dir=str(tmp / "two")), SAVED_AFTER),
+        "checkpointed": (dict(model=model, save_dir=str(tmp / "two_ac"), activation_checkpointing=True), None),
+        "bf16": (dict(model=model, save_dir=str(tmp / "two_bf16"), mixed_precision="bf16"), None),
+        "one_to_two": (dict(model=model, save_dir=copy_run(tmp / "one", tmp / "one_to_two")), STEPS),
+        "legacy_to_two": (dict(model=model, save_dir=legacy), None),
+    }, tmp)
+    resumed_on_one = in_process({"two_to_one": (dict(model=model, save_dir=copy_run(tmp / "two", tmp / "2to1")), STEPS)})
+    four = spawn(4, {"two_to_four": (dict(model=model, save_dir=copy_run(tmp / "two", tmp / "2to4")), None)}, tmp)
+    return {"one": one, "two": two, "resumed_on_one": resumed_on_one, "four": four, "tmp": tmp}
+
+
+def assert_same_curve(losses, reference, tol):
+    assert losses.keys() <= reference.keys() and losses, (losses, reference)
+    for step, loss in losses.items():
+        assert abs(loss - reference[step]) <= tol * max(1.0, abs(reference[step])), (step, losses, reference)
+
+
+def test_two_processes_give_the_one_process_loss_curve(runs):
+    reference = runs["one"]["plain"]["losses"]
+    assert list(reference) == list(range(STEPS))
+    assert len(set(reference.values())) == STEPS  # premise: the model learns, steps differ
+    assert_same_curve(runs["two"]["plain"]["losses"], reference, 1e-5)
+
+
+def test_two_processes_with_activation_checkpointing_give_the_same_curve(runs):
+    assert_same_curve(runs["two"]["checkpointed"]["losses"], runs["one"]["plain"]["losses"], 1e-5)
+
+
+def test_fsdp_bf16_mixed_precision_stays_within_bf16_tolerance(runs):
+    mixed, reference = runs["two"]["bf16"]["losses"], runs["one"]["plain"]["losses"]
+    assert mixed != reference  # premise: the compute really was bf16
+    assert_same_curve(mixed, reference, 3e-2)
+
+
+def _assert_restored(result, saved_folder):
+    """The optimizer state after the resume is exactly the one saved, and the next step
+    continues the uninterrupted run."""
+    saved = checkpoint.read_sharded_state(os.path.join(saved_folder, "checkpoint_2.state"))["optimizer"]
+    restored = result["restored"]
+    assert restored["state"].keys() == saved["state"].keys()
+    for name, moments in saved["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(restored["state"][name][key], value), (name, key)
+    assert list(result["losses"]) == [SAVED_AFTER]
+
+
+@pytest.mark.parametrize("direction", ["one_to_two", "two_to_one", "two_to_four"])
+def test_resume_on_another_process_count(runs, direction):
+    source, result = {
+        "one_to_two": ("one", runs["two"]["one_to_two"]),
+        "two_to_one": ("two", runs["resumed_on_one"]["two_to_one"]),
+        "two_to_four": ("two", runs["four"]["two_to_four"]),
+    }[direction]
+    _assert_restored(result, runs["tmp"] / source)
+    assert_same_curve(result["losses"], runs["one"]["plain"]["losses"], 1e-5)
+
+
+def test_resumed_run_saves_again_in_its_own_layout(runs):
+    """1 -> 2 and 2 -> 1 saved checkpoint_3 with each process's own shard."""
+    on_two = os.listdir(runs["tmp"] / "one_to_two" / "checkpoint_3.state")
+    on_one = os.listdir(runs["tmp"] / "2to1" / "checkpoint_3.state")
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(on_two) and "__1_0.distcp" not in on_one
+    assert checkpoint.list_checkpoints(runs["tmp"] / "one_to_two") == [2, 3]
+
+
+def test_earlier_versions_index_keyed_state_resumes_on_two_processes(runs):
+    """The reported bug: one process's `.state` (parameter indices, not names) resumed
+    under torchrun raised KeyError '0'."""
+    result = runs["two"]["legacy_to_two"]
+    _assert_restored(result, runs["tmp"] / "one")
+    assert_same_curve(result["losses"], runs["one"]["plain"]["losses"], 1e-5)
