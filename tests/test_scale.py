@@ -56,6 +56,21 @@ def loss_and_grads(model, batch, seed=0):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+# ------------------------------------------------------------------ config keys
+def test_config_keys_for_large_models():
+    from utils import ConfigError
+
+    base = dict(coconut=True, train_path="t.json", val_path="v.json")
+    config = Config.from_dict(base)
+    assert (config.mixed_precision, config.activation_checkpointing) == ("none", False)
+    assert Config.from_dict({**base, "mixed_precision": "bf16", "activation_checkpointing": True}).mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="'mixed_precision' must be one of none, bf16, fp16, got 'fp8'"):
+        Config.from_dict({**base, "mixed_precision": "fp8"})
+    with pytest.raises(ConfigError, match="'bf16' and 'mixed_precision'"):
+        Config.from_dict({**base, "bf16": True, "mixed_precision": "bf16"})
+    assert Config.from_dict({**base, "bf16": True, "mixed_precision": "none"}).bf16  # the published meaning
+
+
 # ------------------------------------------------------------------ activation checkpointing
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch):
@@ -306,3 +321,29 @@ def test_earlier_versions_index_keyed_state_resumes_on_two_processes(runs):
     result = runs["two"]["legacy_to_two"]
     _assert_restored(result, runs["tmp"] / "one")
     assert_same_curve(result["losses"], runs["one"]["plain"]["losses"], 1e-5)
+
+
+# ------------------------------------------------------------------ run.py, end to end
+@pytest.mark.slow
+def test_torchrun_then_one_process_then_torchrun_on_one_run_folder(tmp_path, gpt2_folder, chain_data):
+    """The issue's scenario: each launch raises num_epochs and resumes the same folder
+    with the optimizer state (reset_optimizer False) on another process count."""
+    from test_run import RUN_PY, acc_lines, epochs_started, free_port as run_port, keys_for, run_sub, write_cfg
+
+    save_dir = tmp_path / "ckpt" / "mixed"
+    launches = [("torchrun", 1), ("python", 2), ("torchrun", 3)]
+    for launcher, num_epochs in launches:
+        keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "mixed", coconut=True, num_epochs=num_epochs,
+                        reset_optimizer=False, max_latent_stage=2, batch_size_training=4)
+        cfg = write_cfg(tmp_path / f"cfg_{num_epochs}.yaml", keys)
+        torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(run_port())]
+        proc = run_sub([*(torchrun if launcher == "torchrun" else []), RUN_PY, cfg], timeout=240)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert epochs_started(proc.stderr) == [num_epochs]  # one new epoch per launch
+        assert len(acc_lines(proc.stdout)) == 1
+        if num_epochs > 1:
+            assert f"restored the optimizer state of epoch {num_epochs - 1}" in proc.stdout
+        assert checkpoint.list_checkpoints(save_dir) == list(range(1, num_epochs + 1))
+    for epoch in (2, 3):  # the two newest keep their sharded training state
+        assert checkpoint.read_sharded_state(save_dir / f"checkpoint_{epoch}.state")["optimizer"]["state"]
+    assert not (save_dir / "checkpoint_1.state").exists()
