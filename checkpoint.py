@@ -48,8 +48,9 @@ import re
 import secrets
 import shutil
 import warnings
+import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -59,6 +60,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 __all__ = [
     "CheckpointError",
     "ShardedState",
+    "StreamedModelState",
     "atomic_torch_save",
     "checkpoint_path",
     "find_resume_point",
@@ -106,6 +108,22 @@ class ShardedState:
 
     path: str
     key: str
+
+
+@dataclass
+class StreamedModelState:
+    """A model state dict that no process holds whole: written one tensor at a time.
+
+    `templates`: name -> a tensor with the saved shape and dtype (e.g. on the meta
+    device), in the order of the state dict; names given the same template object
+    share one storage in the file (tied weights, as torch.save of a state dict keeps
+    them). `tensors()`: called on every process at once (it may gather, a collective);
+    yields each name of `templates` once, in order, with its whole value on CPU on
+    rank 0, and None elsewhere (or for a name whose storage an earlier name holds).
+    """
+
+    templates: dict
+    tensors: Callable[[], Iterator[tuple[str, Optional[torch.Tensor]]]]
 
 
 # ---------------------------------------------------------------------------------
@@ -188,8 +206,8 @@ def save_checkpoint(
 
     Called by every process of a run at once (with `is_main` true on rank 0 only and a
     `barrier` over all of them), or by a lone process with the defaults.
-    `model_state` is a plain state dict (str -> tensor, on CPU) on rank 0; other ranks
-    pass {}. `train_state` holds the plain values an exact resume needs (e.g. {"epoch",
+    `model_state` is a plain state dict (str -> tensor, on CPU) on rank 0 (other ranks
+    pass {}), or a StreamedModelState on every rank. `train_state` holds the plain values an exact resume needs (e.g. {"epoch",
     "best_acc"}; tensors and plain python values only, so it loads with
     weights_only=True: checked before anything is written, TypeError naming the bad
     entry). `sharded_state` (e.g. {"optimizer": ...}) is saved through DCP, each process
@@ -204,8 +222,9 @@ def save_checkpoint(
     Creates `save_dir` if missing. Returns the model file's path.
     """
     _check_epoch(epoch)
+    streamed = isinstance(model_state, StreamedModelState)
     if is_main:
-        _check_model_state(model_state)
+        _check_model_state(model_state.templates if streamed else model_state)
     if train_state is not None and not isinstance(train_state, Mapping):
         raise TypeError(f"train_state must be a dict, got {type(train_state).__name__}")
     plain = dict(train_state or {})
@@ -228,9 +247,68 @@ def save_checkpoint(
         if is_main:
             os.replace(tmp, spath)
             _fsync_dir(save_dir)
-    if is_main:
+    if streamed:
+        _atomic_streamed_save(model_state, mpath, is_main)
+    elif is_main:
         atomic_torch_save(model_state, mpath)
     return mpath
+
+
+def _atomic_streamed_save(state: StreamedModelState, path: str, is_main: bool) -> None:
+    """torch.save's file of the state dict, its bytes written one tensor at a time.
+
+    torch.save runs first under `skip_data` on untouched (never resident) empty tensors,
+    which lays out the zip file with room for every storage; each tensor's bytes then
+    go to its storage's record as it arrives. The result loads like any torch.save file
+    (its data records carry no zip CRC, which torch.load does not read). Atomic as
+    atomic_torch_save: a temporary name, fsync, rename.
+    """
+    if not is_main:
+        for _ in state.tensors():  # take part in the gathers
+            pass
+        return
+    storages = {}  # id(template) -> empty tensor, one per storage of the file
+    empties = {name: storages.setdefault(id(t), torch.empty(t.shape, dtype=t.dtype)) for name, t in state.templates.items()}
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with torch.serialization.skip_data():
+            torch.save(empties, tmp)
+        offsets = _storage_offsets(tmp, [t.untyped_storage().nbytes() for t in storages.values()])
+        first_name = {id(t): n for n, t in reversed(list(empties.items()))}  # the name that writes each storage
+        order = {id(t): i for i, t in enumerate(storages.values())}
+        with open(tmp, "r+b") as f:
+            for key, tensor in state.tensors():
+                empty = empties[key]
+                if first_name[id(empty)] != key:
+                    continue
+                if tensor is None or tensor.shape != empty.shape or tensor.dtype != empty.dtype:
+                    raise ValueError(f"streamed model state: {key} is not a {empty.dtype} tensor of shape {tuple(empty.shape)}")
+                f.seek(offsets[order[id(empty)]])
+                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _storage_offsets(path: str, sizes: list) -> list:
+    """File offsets of the data of storages 0, 1, ... of a torch.save zip file, checked
+    against their expected sizes (torch numbers storages in the order it meets them)."""
+    with zipfile.ZipFile(path) as z:
+        records = {info.filename.split("/", 1)[1]: info for info in z.infolist()}
+    with open(path, "rb") as f:
+        reader = torch._C.PyTorchFileReader(f)
+        offsets = []
+        for i, size in enumerate(sizes):
+            info = records.get(f"data/{i}")
+            if info is None or info.file_size != size:
+                raise RuntimeError(f"{path}: torch.save laid out storage {i} unexpectedly")
+            offsets.append(reader.get_record_offset(f"data/{i}"))
+    return offsets
 
 
 def _write_state_folder(folder: str, epoch: int, plain: dict, sharded_state, is_main: bool) -> None:

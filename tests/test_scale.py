@@ -189,7 +189,22 @@ def train(config, env, save_at=None):
         result["losses"][step] = distributed.all_reduce_sum([loss.item()], env)[0] / env.world_size
         if step + 1 == save_at:
             trainer.save(model, optimizer, config, step + 1, 0.0, True, env, log)
+            result["file_is_the_model"] = model_file_is_the_model(model, config, step + 1, env)
     return result
+
+
+def model_file_is_the_model(model, config, epoch, env):
+    """checkpoint_N (written one gathered tensor at a time under FSDP) holds exactly the
+    model's whole state dict, GPT-2's tied embedding once, as torch.save writes it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main:
+        return None
+    saved = torch.load(checkpoint.checkpoint_path(config.save_dir, epoch), weights_only=True)
+    wte, head = saved["base_causallm.transformer.wte.weight"], saved["base_causallm.lm_head.weight"]
+    return (saved.keys() == whole.keys() and all(torch.equal(saved[k], whole[k]) for k in whole)
+            and wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr())
 
 
 def _worker(rank, world_size, port, jobs, out):
@@ -307,6 +322,12 @@ def test_resume_on_another_process_count(runs, direction):
     assert_same_curve(result["losses"], runs["one"]["plain"]["losses"], 1e-5)
 
 
+def test_checkpoint_file_is_the_whole_model_on_any_process_count(runs):
+    assert runs["one"]["plain"]["file_is_the_model"] is True
+    assert runs["two"]["plain"]["file_is_the_model"] is True
+    assert runs["two"]["one_to_two"]["file_is_the_model"] is True
+
+
 def test_resumed_run_saves_again_in_its_own_layout(runs):
     """1 -> 2 and 2 -> 1 saved checkpoint_3 with each process's own shard."""
     on_two = os.listdir(runs["tmp"] / "one_to_two" / "checkpoint_3.state")
@@ -327,14 +348,18 @@ def test_earlier_versions_index_keyed_state_resumes_on_two_processes(runs):
 @pytest.mark.slow
 def test_torchrun_then_one_process_then_torchrun_on_one_run_folder(tmp_path, gpt2_folder, chain_data):
     """The issue's scenario: each launch raises num_epochs and resumes the same folder
-    with the optimizer state (reset_optimizer False) on another process count."""
+    with the optimizer state (reset_optimizer False) on another process count. The
+    later launches also turn on mixed precision (autocast on one process, FSDP's policy
+    under torchrun) and activation checkpointing, which leave the saved state's layout
+    (fp32, by parameter name) unchanged."""
     from test_run import RUN_PY, acc_lines, epochs_started, free_port as run_port, keys_for, run_sub, write_cfg
 
     save_dir = tmp_path / "ckpt" / "mixed"
-    launches = [("torchrun", 1), ("python", 2), ("torchrun", 3)]
-    for launcher, num_epochs in launches:
+    launches = [("torchrun", 1, {}), ("python", 2, {"mixed_precision": "bf16"}),
+                ("torchrun", 3, {"mixed_precision": "bf16", "activation_checkpointing": True})]
+    for launcher, num_epochs, options in launches:
         keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "mixed", coconut=True, num_epochs=num_epochs,
-                        reset_optimizer=False, max_latent_stage=2, batch_size_training=4)
+                        reset_optimizer=False, max_latent_stage=2, batch_size_training=4, **options)
         cfg = write_cfg(tmp_path / f"cfg_{num_epochs}.yaml", keys)
         torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(run_port())]
         proc = run_sub([*(torchrun if launcher == "torchrun" else []), RUN_PY, cfg], timeout=240)
