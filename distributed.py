@@ -264,7 +264,10 @@ def load_optimizer_state(model, optimizer, state, env: DistEnv) -> None:
     """
     inner = unwrap(model)
     if isinstance(state, checkpoint.ShardedState):
-        # a template in this run's layout (creates the moments, zero); DCP fills it
+        # The template in this run's layout: get_optimizer_state_dict creates the moments
+        # (zero) by a step with zero gradients, but only if no gradient is set; with one
+        # left over, the template would be empty and nothing load.
+        optimizer.zero_grad(set_to_none=True)
         template = checkpoint.load_sharded(state, get_optimizer_state_dict(inner, optimizer))
         set_optimizer_state_dict(inner, optimizer, template)
         return

@@ -130,6 +130,25 @@ def test_autocast_bf16_matches_fp32_within_bf16_tolerance():
     assert torch.nn.functional.cosine_similarity(total, mixed_total, dim=0) > 0.99
 
 
+# ------------------------------------------------------------------ optimizer state, one process
+def test_optimizer_state_round_trip_with_gradients_left_over(tmp_path):
+    """Restoring must not depend on the gradients being cleared first (DCP's template
+    is built by a step with zero gradients, which torch skips if any gradient is set)."""
+    model = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for seed in (0, 1):
+        loss_and_grads(model, coconut_batch(2, seed))
+        optimizer.step()  # gradients stay set
+    checkpoint.save_checkpoint(tmp_path, 1, distributed.full_model_state(model), {},
+                               {"optimizer": distributed.optimizer_state(model, optimizer)})
+    restored = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    distributed.load_optimizer_state(model, restored, checkpoint.load_train_state(tmp_path, 1)["optimizer"], DistEnv())
+    assert len(restored.state) == len(optimizer.state) == len(list(model.parameters()))
+    for param, moments in optimizer.state.items():
+        for key, value in moments.items():
+            assert torch.equal(restored.state[param][key], value), key
+
+
 # ------------------------------------------------------------------ several processes
 def model_folder(folder):
     """conftest's tiny GPT-2 folder (tied embeddings, a causal-mask buffer) without
