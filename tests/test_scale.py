@@ -391,3 +391,24 @@ def test_torchrun_then_one_process_then_torchrun_on_one_run_folder(tmp_path, gpt
     for epoch in (2, 3):  # the two newest keep their sharded training state
         assert checkpoint.read_sharded_state(save_dir / f"checkpoint_{epoch}.state")["optimizer"]["state"]
     assert not (save_dir / "checkpoint_1.state").exists()
+
+
+@pytest.mark.slow
+def test_host_memory_bench_runs(tmp_path):
+    """bench/host_memory.py --quick: both measurements on tiny models (~40 s)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "host_memory.json"
+    proc = subprocess.run([sys.executable, "bench/host_memory.py", "--quick", "--output", str(out)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    sharding, steps = results["sharding"], results["checkpointing"]
+    assert len(sharding["two_process_peak_bytes"]) == 2
+    assert sharding["ratio"] == max(sharding["two_process_peak_bytes"]) / sharding["one_process_peak_bytes"]
+    assert steps["checkpointing_same_loss"] is True
+    variants = steps["variants"]
+    assert variants["checkpointing"]["saved_activation_bytes"] < variants["plain"]["saved_activation_bytes"]
