@@ -32,9 +32,10 @@ What this module fixes in the published code (SPEC 9):
   a missing or short shard file) is reported with one line naming it, and
   `find_resume_point` then falls back to the next older checkpoint.
 
-It knows nothing of FSDP, configs or the model: callers hand it plain (CPU) model state
-dicts, the sharded part as a state dict DCP can save (tensors or DTensors), and, when
-several processes save, whether this one is rank 0 and a barrier. run.py keeps the .state
+It knows nothing of FSDP, configs or the model: callers hand it the model's state dict
+(a plain CPU one, or a `StreamedModelState` that delivers one whole tensor at a time so
+no process holds them all), the sharded part as a state dict DCP can save (tensors or
+DTensors), and, when several processes save, whether this one is rank 0 and a barrier. run.py keeps the .state
 of the newest checkpoints only (`prune_train_states`). Resumes need no RNG state: run.py
 reseeds every epoch from (seed, epoch).
 """
