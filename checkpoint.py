@@ -48,8 +48,10 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
@@ -260,9 +262,9 @@ def _atomic_streamed_save(state: StreamedModelState, path: str, is_main: bool) -
 
     torch.save runs first under `skip_data` on untouched (never resident) empty tensors,
     which lays out the zip file with room for every storage; each tensor's bytes then
-    go to its storage's record as it arrives. The result loads like any torch.save file
-    (its data records carry no zip CRC, which torch.load does not read). Atomic as
-    atomic_torch_save: a temporary name, fsync, rename.
+    go to its storage's record as it arrives, and its CRC-32 into the zip's tables. The
+    result is a torch.save file like any other. Atomic as atomic_torch_save: a
+    temporary name, fsync, rename.
     """
     if not is_main:
         for _ in state.tensors():  # take part in the gathers
@@ -278,6 +280,7 @@ def _atomic_streamed_save(state: StreamedModelState, path: str, is_main: bool) -
         offsets = _storage_offsets(tmp, [t.untyped_storage().nbytes() for t in storages.values()])
         first_name = {id(t): n for n, t in reversed(list(empties.items()))}  # the name that writes each storage
         order = {id(t): i for i, t in enumerate(storages.values())}
+        crcs = {}  # record name -> CRC-32 of its bytes
         with open(tmp, "r+b") as f:
             for key, tensor in state.tensors():
                 empty = empties[key]
@@ -285,8 +288,13 @@ def _atomic_streamed_save(state: StreamedModelState, path: str, is_main: bool) -
                     continue
                 if tensor is None or tensor.shape != empty.shape or tensor.dtype != empty.dtype:
                     raise ValueError(f"streamed model state: {key} is not a {empty.dtype} tensor of shape {tuple(empty.shape)}")
+                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
                 f.seek(offsets[order[id(empty)]])
-                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                crcs[f"data/{order[id(empty)]}"] = zlib.crc32(data)
+            if len(crcs) != len(storages):
+                raise ValueError("streamed model state: some tensors never arrived")
+            _write_crcs(f, tmp, crcs)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -294,6 +302,36 @@ def _atomic_streamed_save(state: StreamedModelState, path: str, is_main: bool) -
         _unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def _write_crcs(f, path: str, crcs: dict) -> None:
+    """Put each record's CRC-32 where zip readers look for it (skip_data leaves 0): the
+    data descriptor after its data, and its central directory entry."""
+    with zipfile.ZipFile(path) as z:
+        central, infos = z.start_dir, z.infolist()
+    for info in infos:
+        crc = crcs.get(info.filename.split("/", 1)[1])
+        if crc is None:
+            continue
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        descriptor = info.header_offset + 30 + name_length + extra_length + info.compress_size
+        f.seek(descriptor)
+        has_signature = f.read(4) == b"PK\x07\x08"
+        f.seek(descriptor + (4 if has_signature else 0))
+        f.write(struct.pack("<I", crc))
+    position = central
+    for info in infos:
+        f.seek(position)
+        header = f.read(46)
+        if header[:4] != b"PK\x01\x02":
+            raise RuntimeError(f"{path}: unexpected zip central directory")
+        name_length, extra_length, comment_length = struct.unpack("<HHH", header[28:34])
+        crc = crcs.get(f.read(name_length).decode("utf-8").split("/", 1)[1])
+        if crc is not None:
+            f.seek(position + 16)
+            f.write(struct.pack("<I", crc))
+        position += 46 + name_length + extra_length + comment_length
 
 
 def _storage_offsets(path: str, sizes: list) -> list:

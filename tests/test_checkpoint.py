@@ -147,6 +147,37 @@ def test_files_are_plain_and_load_with_weights_only(tmp_path):
     assert {".metadata", "__0_0.distcp"} <= set(os.listdir(tmp_path / "checkpoint_1.state"))
 
 
+def test_streamed_model_state_writes_the_same_file(tmp_path):
+    """Under FSDP the model file is written one tensor at a time (StreamedModelState);
+    it must load as torch.save's file of the whole dict does, ties and zip CRCs included."""
+    import zipfile
+
+    whole = model_state(3.5)
+    templates, first = {}, {}
+    for name, value in whole.items():  # the tied head shares the embedding's template
+        twin = next((n for n in first if whole[n] is value), None)
+        templates[name] = first[twin] if twin else first.setdefault(name, torch.empty(value.shape, dtype=value.dtype, device="meta"))
+    arrived = []
+
+    def tensors():
+        for name, value in whole.items():
+            arrived.append(name)
+            yield name, value if name in first else None
+
+    path = save_checkpoint(tmp_path, 1, checkpoint.StreamedModelState(templates, tensors), train_state())
+    assert arrived == list(whole)
+    loaded = load_model_state(path)
+    assert_same(loaded, whole)
+    wte, head = loaded["base_causallm.transformer.wte.weight"], loaded["base_causallm.lm_head.weight"]
+    assert wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None  # every record's CRC-32 is right
+    torch.save(whole, tmp_path / "plain")
+    with zipfile.ZipFile(path) as streamed, zipfile.ZipFile(tmp_path / "plain") as plain:
+        data = [n.split("/", 1)[1] for n in plain.namelist() if "/data/" in n]
+        assert data == [n.split("/", 1)[1] for n in streamed.namelist() if "/data/" in n]
+
+
 def test_earlier_versions_state_file_still_loads(tmp_path):
     """Earlier versions wrote `.state` as one file holding the whole optimizer state."""
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
