@@ -6,62 +6,91 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                written with torch.save exactly as the published code did,
                                so `torch.load(path, weights_only=True)` reads it. Keys are
                                `base_causallm.*` for coconut runs, the HF model's own
-                               keys otherwise.
-    checkpoint_{epoch}.state   everything else an exact resume needs (optimizer state,
-                               best accuracy, ...): a dict of tensors and
-                               plain python values, also readable with weights_only=True.
-                               Folders written by the published code have none; such
-                               checkpoints still resume, without that state.
+                               keys otherwise. Written by one process, last.
+    checkpoint_{epoch}.state/  everything else an exact resume needs, a folder:
+        train_state.pt         plain values (epoch, best accuracy, ...), torch.save,
+                               readable with weights_only=True;
+        .metadata, *.distcp    the sharded part (the optimizer state, keyed by parameter
+                               name) in torch.distributed.checkpoint (DCP) format: every
+                               process writes its own shard, nothing is gathered, and
+                               any number of processes can load it back (DCP reshards).
+                               `read_sharded_state(folder)` returns it whole.
+    checkpoint_{epoch}.state   (a file) what earlier versions wrote: one torch.save of
+                               {"epoch", "best_acc", "optimizer": whole state dict};
+                               still resumes. Folders written by the published code have
+                               no .state at all; such checkpoints resume without it.
 
 What this module fixes in the published code (DESIGN §9):
 - Every file is written to a temporary name in the same folder, fsynced, then renamed
-  onto its final name (`atomic_torch_save`), so a kill during a save never leaves a
-  half-written `checkpoint_N`; the `.state` file is written before the model file, so a
-  model file present means its `.state` (if any) was complete before it.
+  onto its final name (`atomic_torch_save`); the .state folder is written under a
+  temporary name by all processes and renamed once all have finished. The .state is
+  complete before the model file is written, so a model file present means its
+  `.state` (if any) was complete before it.
 - Only files named exactly `checkpoint_{int}` count as checkpoints; anything else in
   the folder (notes, backups, temporary files, directories) is ignored.
-- Loading uses `weights_only=True`; a file that does not load is reported with one line
-  naming it, and `find_resume_point` then falls back to the next older checkpoint.
+- Loading uses `weights_only=True`; a file that does not load (or a .state folder with
+  a missing or short shard file) is reported with one line naming it, and
+  `find_resume_point` then falls back to the next older checkpoint.
 
-It knows nothing of FSDP, ranks, configs or the model: callers hand it plain (CPU)
-state dicts and decide which rank writes; run.py keeps the .state files of the
-newest checkpoints only (`prune_train_states`). Depends on torch and the standard
-library. Resumes need no RNG state: run.py reseeds every epoch from (seed, epoch).
+It knows nothing of FSDP, configs or the model: callers hand it the model's state dict
+(a plain CPU one, or a `StreamedModelState` that delivers one whole tensor at a time so
+no process holds them all), the sharded part as a state dict DCP can save (tensors or
+DTensors), and, when several processes save, whether this one is rank 0 and a barrier. run.py keeps the .state
+of the newest checkpoints only (`prune_train_states`). Resumes need no RNG state: run.py
+reseeds every epoch from (seed, epoch).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import secrets
-from typing import Any, Callable, Iterable, Mapping, Optional
+import zipfile
+import shutil
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from cli import UserError
 
 __all__ = [
     "CheckpointError",
+    "ShardedState",
+    "StreamedModelState",
     "atomic_torch_save",
     "checkpoint_path",
     "find_resume_point",
     "list_checkpoints",
     "load_model_state",
     "load_train_state",
+    "load_sharded",
     "prune_train_states",
+    "read_sharded_state",
     "save_checkpoint",
     "state_path",
 ]
 
 STATE_SUFFIX = ".state"
+# the plain part of a .state folder; the sharded part is DCP's own files beside it
+PLAIN_STATE_FILE = "train_state.pt"
+# Written into train_state.pt: the top-level keys whose values are in the DCP part.
+_SHARDED_KEYS = "sharded_keys"
 # Written into every .state file by save_checkpoint (and stripped by load_train_state)
 # to tie it to its model file's epoch.
 _EPOCH_KEY = "checkpoint_epoch"
 
 _CHECKPOINT_RE = re.compile(r"checkpoint_(0|[1-9][0-9]*)")
 # Temporary files of atomic_torch_save for checkpoint files: `.checkpoint_3.tmp-...`,
-# `.checkpoint_3.state.tmp-...`.
+# `.checkpoint_3.state.tmp-...` (also the .state folders being written or deleted).
 _TEMP_RE = re.compile(r"\.checkpoint_[0-9]+(\.state)?\.tmp-.*", re.DOTALL)
 
 
@@ -72,6 +101,34 @@ class CheckpointError(UserError):
         self.path = os.fspath(path)
         self.reason = " ".join(str(reason).split()) or "unknown error"
         super().__init__(f"checkpoint {self.path}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class ShardedState:
+    """A value of a training state kept in DCP format: `key` of the folder `path`.
+
+    load_train_state returns these instead of the values (which may be larger than one
+    process should hold); `load_sharded` fills a caller's template with them.
+    """
+
+    path: str
+    key: str
+
+
+@dataclass
+class StreamedModelState:
+    """A model state dict that no process holds whole: written one tensor at a time.
+
+    `templates`: name -> a tensor with the saved shape and dtype (e.g. on the meta
+    device), in the order of the state dict; names given the same template object
+    share one storage in the file (tied weights, as torch.save of a state dict keeps
+    them). `tensors()`: called on every process at once (it may gather, a collective);
+    yields each name of `templates` once, in order, with its whole value on CPU on
+    rank 0, and None elsewhere (or for a name whose storage an earlier name holds).
+    """
+
+    templates: dict
+    tensors: Callable[[], Iterator[tuple[str, Optional[torch.Tensor]]]]
 
 
 # ---------------------------------------------------------------------------------
@@ -145,47 +202,179 @@ def save_checkpoint(
     epoch: int,
     model_state: Mapping[str, torch.Tensor],
     train_state: Optional[Mapping[str, Any]] = None,
+    sharded_state: Optional[Mapping[str, Any]] = None,
+    *,
+    is_main: bool = True,
+    barrier: Callable[[], Any] = lambda: None,
 ) -> str:
-    """Write `checkpoint_{epoch}` (and `checkpoint_{epoch}.state`) under `save_dir`.
+    """Write `checkpoint_{epoch}` (and its `checkpoint_{epoch}.state` folder) under `save_dir`.
 
-    `model_state` is a plain state dict (str -> tensor; gather it to CPU first).
-    `train_state` is whatever an exact resume needs (e.g. {"epoch", "best_acc",
-    "optimizer"}), made only of tensors and plain
-    python values so it loads with weights_only=True; this is checked before anything
-    is written (TypeError naming the bad entry). With `train_state` None only the
-    model file is written, and a stale `.state` of that epoch is removed.
+    Called by every process of a run at once (with `is_main` true on rank 0 only and a
+    `barrier` over all of them), or by a lone process with the defaults.
+    `model_state` is a plain state dict (str -> tensor, on CPU) on rank 0 (other ranks
+    pass {}), or a StreamedModelState on every rank. `train_state` holds the plain values an exact resume needs (e.g. {"epoch",
+    "best_acc"}; tensors and plain python values only, so it loads with
+    weights_only=True: checked before anything is written, TypeError naming the bad
+    entry). `sharded_state` (e.g. {"optimizer": ...}) is saved through DCP, each process
+    writing its own part. With both None only the model file is written, and a stale
+    `.state` of that epoch is removed.
 
-    The `.state` file is written first, then the model file, both atomically, so a
-    model file present means its `.state` was complete before it. An existing
-    `checkpoint_{epoch}` is deleted before the new `.state` is written, so the two
-    always come from the same save (a save that dies half way loses that epoch, and
-    resume falls back to the one before). Leftover temporary files of killed earlier
-    saves in `save_dir` are removed first (they can be as big as a model). Creates
-    `save_dir` if missing. Returns the model file's path.
+    Order: rank 0 removes leftover temporary files of killed saves (they can be as big
+    as a model) and this epoch's old files (the model file first, so an old model is
+    never paired with a new .state); all processes write the .state folder under a
+    temporary name; rank 0 renames it, then writes the model file atomically. A save
+    that dies half way loses that epoch, and resume falls back to the one before.
+    Creates `save_dir` if missing. Returns the model file's path.
     """
     _check_epoch(epoch)
-    _check_model_state(model_state)
-    if train_state is not None:
-        if not isinstance(train_state, Mapping):
-            raise TypeError(f"train_state must be a dict, got {type(train_state).__name__}")
-        if _EPOCH_KEY in train_state and train_state[_EPOCH_KEY] != epoch:
-            raise ValueError(f"train_state[{_EPOCH_KEY!r}] is reserved for the epoch ({epoch})")
-        _check_weights_only_safe(train_state, "train_state")
+    streamed = isinstance(model_state, StreamedModelState)
+    if is_main:
+        _check_model_state(model_state.templates if streamed else model_state)
+    if train_state is not None and not isinstance(train_state, Mapping):
+        raise TypeError(f"train_state must be a dict, got {type(train_state).__name__}")
+    plain = dict(train_state or {})
+    for reserved in (_EPOCH_KEY, _SHARDED_KEYS):
+        if reserved in plain:
+            raise ValueError(f"train_state key {reserved!r} is reserved")
+    _check_weights_only_safe(plain, "train_state")
     save_dir = os.fspath(save_dir)
-    os.makedirs(save_dir, exist_ok=True)
-    _remove_temp_files(save_dir)
     mpath, spath = checkpoint_path(save_dir, epoch), state_path(save_dir, epoch)
-    # Re-saving an epoch: drop the old model file first, so that a kill between the two
-    # writes below cannot pair the old model with the new .state (resume then falls
-    # back to the previous epoch instead).
-    if _unlink(mpath):
-        _fsync_dir(save_dir)
-    if train_state is not None:
-        atomic_torch_save({**dict(train_state), _EPOCH_KEY: epoch}, spath)
-    elif _unlink(spath):
-        _fsync_dir(save_dir)
-    atomic_torch_save(model_state, mpath)
+    tmp = os.path.join(save_dir, f".checkpoint_{epoch}{STATE_SUFFIX}.tmp-saving")  # one name for every rank
+    if is_main:
+        os.makedirs(save_dir, exist_ok=True)
+        _remove_temp_files(save_dir)
+        if _unlink(mpath):
+            _fsync_dir(save_dir)
+        _remove_state(spath)
+    barrier()
+    if train_state is not None or sharded_state is not None:
+        _write_state_folder(tmp, epoch, plain, sharded_state, is_main)
+        if is_main:
+            os.replace(tmp, spath)
+            _fsync_dir(save_dir)
+    if streamed:
+        _atomic_streamed_save(model_state, mpath, is_main)
+    elif is_main:
+        atomic_torch_save(model_state, mpath)
     return mpath
+
+
+def _atomic_streamed_save(state: StreamedModelState, path: str, is_main: bool) -> None:
+    """torch.save's file of the state dict, its bytes written one tensor at a time.
+
+    torch.save runs first under `skip_data` on untouched (never resident) empty tensors,
+    which lays out the zip file with room for every storage; each tensor's bytes then
+    go to its storage's record as it arrives, and its CRC-32 into the zip's tables. The
+    result is a torch.save file like any other. Atomic as atomic_torch_save: a
+    temporary name, fsync, rename.
+    """
+    if not is_main:
+        for _ in state.tensors():  # take part in the gathers
+            pass
+        return
+    storages = {}  # id(template) -> empty tensor, one per storage of the file
+    empties = {name: storages.setdefault(id(t), torch.empty(t.shape, dtype=t.dtype)) for name, t in state.templates.items()}
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with torch.serialization.skip_data():
+            torch.save(empties, tmp)
+        offsets = _storage_offsets(tmp, [t.untyped_storage().nbytes() for t in storages.values()])
+        first_name = {id(t): n for n, t in reversed(list(empties.items()))}  # the name that writes each storage
+        order = {id(t): i for i, t in enumerate(storages.values())}
+        crcs = {}  # record name -> CRC-32 of its bytes
+        with open(tmp, "r+b") as f:
+            for key, tensor in state.tensors():
+                empty = empties[key]
+                if first_name[id(empty)] != key:
+                    continue
+                if tensor is None or tensor.shape != empty.shape or tensor.dtype != empty.dtype:
+                    raise ValueError(f"streamed model state: {key} is not a {empty.dtype} tensor of shape {tuple(empty.shape)}")
+                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.seek(offsets[order[id(empty)]])
+                f.write(data)
+                crcs[f"data/{order[id(empty)]}"] = zlib.crc32(data)
+            if len(crcs) != len(storages):
+                raise ValueError("streamed model state: some tensors never arrived")
+            _write_crcs(f, tmp, crcs)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _write_crcs(f, path: str, crcs: dict) -> None:
+    """Put each record's CRC-32 where zip readers look for it (skip_data leaves 0): the
+    data descriptor after its data, and its central directory entry."""
+    with zipfile.ZipFile(path) as z:
+        central, infos = z.start_dir, z.infolist()
+    for info in infos:
+        crc = crcs.get(info.filename.split("/", 1)[1])
+        if crc is None:
+            continue
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        descriptor = info.header_offset + 30 + name_length + extra_length + info.compress_size
+        f.seek(descriptor)
+        has_signature = f.read(4) == b"PK\x07\x08"
+        f.seek(descriptor + (4 if has_signature else 0))
+        f.write(struct.pack("<I", crc))
+    position = central
+    for info in infos:
+        f.seek(position)
+        header = f.read(46)
+        if header[:4] != b"PK\x01\x02":
+            raise RuntimeError(f"{path}: unexpected zip central directory")
+        name_length, extra_length, comment_length = struct.unpack("<HHH", header[28:34])
+        crc = crcs.get(f.read(name_length).decode("utf-8").split("/", 1)[1])
+        if crc is not None:
+            f.seek(position + 16)
+            f.write(struct.pack("<I", crc))
+        position += 46 + name_length + extra_length + comment_length
+
+
+def _storage_offsets(path: str, sizes: list) -> list:
+    """File offsets of the data of storages 0, 1, ... of a torch.save zip file, checked
+    against their expected sizes (torch numbers storages in the order it meets them)."""
+    with zipfile.ZipFile(path) as z:
+        records = {info.filename.split("/", 1)[1]: info for info in z.infolist()}
+    with open(path, "rb") as f:
+        reader = torch._C.PyTorchFileReader(f)
+        offsets = []
+        for i, size in enumerate(sizes):
+            info = records.get(f"data/{i}")
+            if info is None or info.file_size != size:
+                raise RuntimeError(f"{path}: torch.save laid out storage {i} unexpectedly")
+            offsets.append(reader.get_record_offset(f"data/{i}"))
+    return offsets
+
+
+def _write_state_folder(folder: str, epoch: int, plain: dict, sharded_state, is_main: bool) -> None:
+    """DCP's files (every rank its own shard; rank 0 writes `.metadata` once all have
+    written theirs) and rank 0's train_state.pt, all fsynced."""
+    if sharded_state is not None:
+        writer = dcp.FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
+        with _lone_process_quiet():
+            dcp.save(dict(sharded_state), storage_writer=writer, no_dist=_no_dist())
+    if is_main:
+        os.makedirs(folder, exist_ok=True)
+        keys = sorted(sharded_state) if sharded_state is not None else []
+        atomic_torch_save({**plain, _EPOCH_KEY: epoch, _SHARDED_KEYS: keys}, os.path.join(folder, PLAIN_STATE_FILE))
+
+
+def _remove_state(path: str) -> None:
+    """Remove a .state file or folder; a folder is first renamed to a temporary name, so
+    a kill half way leaves nothing that looks like a .state."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        doomed = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-del-{secrets.token_hex(4)}")
+        os.replace(path, doomed)
+        _fsync_dir(os.path.dirname(path))
+        shutil.rmtree(doomed, ignore_errors=True)
+    elif _unlink(path):
+        _fsync_dir(os.path.dirname(path))
 
 
 def _unlink(path: str) -> bool:
@@ -197,9 +386,13 @@ def _unlink(path: str) -> bool:
 
 
 def _remove_temp_files(save_dir: str) -> None:
-    """Remove temporary checkpoint files left by killed saves (one writer per folder)."""
+    """Remove temporary checkpoint files and folders left by killed saves (one run per folder)."""
     for entry in os.scandir(save_dir):
-        if _TEMP_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+        if not _TEMP_RE.fullmatch(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif entry.is_file(follow_symlinks=False):
             _unlink(entry.path)
 
 
@@ -266,8 +459,9 @@ def list_checkpoints(save_dir: str | os.PathLike) -> list[int]:
 
 
 def _torch_load(path: str) -> Any:
+    # mmap: tensors are read from the file as they are used, not copied in all at once
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # truncated zip, unpickling refused, I/O error, ...
         first_line = next((ln for ln in str(e).splitlines() if ln.strip()), "")
         reason = f"does not load ({type(e).__name__}: {first_line[:200]})"
@@ -297,19 +491,97 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_train_state(save_dir: str | os.PathLike, epoch: int) -> Optional[dict[str, Any]]:
     """The training state saved beside `checkpoint_{epoch}`, or None if it has none.
 
-    Raises CheckpointError if the `.state` file exists but does not load, is not a
-    dict, or was written for another epoch.
+    From a .state folder: its plain values, and a `ShardedState` for each value in the
+    DCP part (e.g. "optimizer"). From an earlier version's .state file: everything in
+    it. Raises CheckpointError if the .state does not load, is not a dict, was written
+    for another epoch, or misses DCP files (or has short ones).
     """
     path = state_path(save_dir, epoch)
+    if os.path.isdir(path):
+        return _load_state_folder(path, epoch)
     if not os.path.isfile(path):
         return None
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"holds a {type(obj).__name__}, not a dict")
+    _pop_epoch(obj, epoch, path)
+    return obj
+
+
+def _pop_epoch(obj: dict, epoch: int, path: str) -> None:
     saved_epoch = obj.pop(_EPOCH_KEY, epoch)
     if saved_epoch != epoch:
         raise CheckpointError(path, f"was written for epoch {saved_epoch!r}, not {epoch}")
+
+
+def _load_state_folder(folder: str, epoch: int) -> dict[str, Any]:
+    plain_path = os.path.join(folder, PLAIN_STATE_FILE)
+    if not os.path.isfile(plain_path):
+        raise CheckpointError(folder, f"has no {PLAIN_STATE_FILE}")
+    obj = _torch_load(plain_path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(plain_path, f"holds a {type(obj).__name__}, not a dict")
+    _pop_epoch(obj, epoch, plain_path)
+    keys = obj.pop(_SHARDED_KEYS, [])
+    if keys:
+        _check_dcp_files(folder)
+    obj.update({key: ShardedState(folder, key) for key in keys})
     return obj
+
+
+def _check_dcp_files(folder: str) -> None:
+    """DCP's metadata reads and names files that exist and are long enough (a cheap
+    check for a damaged or half-copied folder; the contents are read at load time)."""
+    try:
+        metadata = dcp.FileSystemReader(folder).read_metadata()
+    except Exception as e:  # missing or unreadable .metadata
+        raise CheckpointError(folder, f"has no readable DCP metadata ({type(e).__name__}: {str(e)[:200]})") from e
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(file, "is missing")
+        if os.path.getsize(file) < size:
+            raise CheckpointError(file, f"is truncated ({os.path.getsize(file)} of {size} bytes)")
+
+
+def load_sharded(state: ShardedState, template: Any) -> Any:
+    """Fill `template` (a state dict laid out for this run: its tensors or DTensors give
+    each process's share) with the saved value of `state.key`, in place; returns it.
+
+    Called by every process at once when several run; DCP reads each one's share
+    whatever the number of processes that saved it.
+    """
+    wrapped = {state.key: template}
+    with _lone_process_quiet():
+        dcp.load(wrapped, storage_reader=dcp.FileSystemReader(state.path), no_dist=_no_dist())
+    return wrapped[state.key]
+
+
+@contextlib.contextmanager
+def _lone_process_quiet():
+    """DCP warns on every save and load without a process group: our one-process case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _no_dist() -> bool:
+    """A lone process (no process group): DCP then reads and writes without collectives."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def read_sharded_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The whole DCP part of a .state folder as plain tensors, in this one process
+    (for inspection and tests; it holds everything in memory)."""
+    result: dict[str, Any] = {}
+    # as torch's own dcp_to_torch_save does: an empty planner takes every saved key
+    _load_state_dict(result, storage_reader=dcp.FileSystemReader(os.fspath(folder)),
+                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return result
 
 
 def find_resume_point(
@@ -334,7 +606,8 @@ def find_resume_point(
 
 
 def prune_train_states(save_dir: str | os.PathLike, keep_epochs: Iterable[int]) -> list[str]:
-    """Delete every `checkpoint_{N}.state` in `save_dir` whose N is not in `keep_epochs`.
+    """Delete every `checkpoint_{N}.state` (file or folder) in `save_dir` whose N is not
+    in `keep_epochs`.
 
     Optimizer states are about twice the model's size; the caller decides which
     checkpoints stay exactly resumable (normally at least the newest). Model files are
@@ -350,7 +623,7 @@ def prune_train_states(save_dir: str | os.PathLike, keep_epochs: Iterable[int]) 
         if not entry.name.endswith(STATE_SUFFIX):
             continue
         match = _CHECKPOINT_RE.fullmatch(entry.name[: -len(STATE_SUFFIX)])
-        if match and int(match.group(1)) not in keep and entry.is_file():
-            os.unlink(entry.path)
+        if match and int(match.group(1)) not in keep and (entry.is_file() or entry.is_dir()):
+            _remove_state(entry.path)
             removed.append(entry.path)
     return sorted(removed)

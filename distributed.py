@@ -1,13 +1,22 @@
-"""Process-group setup and model sharding for run.py.
+"""Process-group setup, model sharding and sharded training state for run.py.
 
 One process (`python run.py cfg.yaml`) runs without a process group. Under
 `torchrun` (one node or many, through torchrun's own rendezvous) every process joins
 a group: NCCL when CUDA is available, gloo on CPU. Training shards the model with
 FSDP2 (`fully_shard`) over the model's own transformer block classes, taken from
 `_no_split_modules`; `only_eval` replicates it with DDP.
+
+No process but rank 0 ever holds the whole model while training: the others build it
+on the meta device, every rank shards it, and `fill_from_main` copies rank 0's weights
+into the shards (`broadcast_from_rank0`). The optimizer state is keyed by parameter
+name (`optimizer_state`) and saved sharded through DCP (checkpoint.py), so it loads
+into any number of processes. `mixed_precision` is FSDP2's MixedPrecisionPolicy (fp32
+parameters and optimizer, low-precision compute, fp32 gradient reduction), or
+torch.autocast where nothing is sharded.
 """
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -15,15 +24,20 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+import checkpoint
+
+FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+# the `mixed_precision` key's values: the compute dtype (None: no mixed precision)
+COMPUTE_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -51,10 +65,32 @@ def setup() -> DistEnv:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if device.type == "cpu":
+        return_large_blocks_to_the_os()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+# glibc's mallopt parameter number, and the size from which blocks are mmapped
+M_MMAP_THRESHOLD, MMAP_FROM_BYTES = -3, 1 << 20
+
+
+def return_large_blocks_to_the_os() -> bool:
+    """Training on the CPU frees megabyte-sized tensors every step (gathered blocks and
+    gradients under FSDP, AdamW's temporaries). glibc raises its mmap threshold as they
+    are freed, so later ones come from the heap, which fragments and is not given back:
+    +0.5 GB of peak memory a process for a 200M model under FSDP (bench/host_memory.py).
+    A fixed threshold keeps such blocks mmapped, returned on free. False where the C
+    library is not glibc (nothing changed)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_FROM_BYTES))
 
 
 def teardown() -> None:
@@ -65,6 +101,15 @@ def teardown() -> None:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def share(obj, env: DistEnv):
+    """Rank 0's `obj` (small, picklable) on every process."""
+    if not env.distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def loader(dataset, batch_size: int, collator, env: DistEnv) -> DataLoader:
@@ -98,17 +143,52 @@ def block_classes(base_causallm) -> set:
     return classes
 
 
-def shard(model, base_causallm):
+def shard(model, base_causallm, compute_dtype=None):
     """FSDP2: each transformer block is one unit, the rest (embeddings, head) the root.
 
-    `bf16: True` casts the whole model before this, as published (no mixed precision).
+    compute_dtype (e.g. torch.bfloat16): FSDP2 mixed precision, parameters kept in their
+    own dtype (fp32) and cast for compute, gradients reduced in fp32. `bf16: True`
+    instead casts the whole model before this, as published.
     """
+    policy = MixedPrecisionPolicy() if compute_dtype is None else \
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     blocks = tuple(block_classes(base_causallm))
     for module in base_causallm.modules():
         if isinstance(module, blocks):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
+
+
+def fill_from_main(model, source, env: DistEnv) -> None:
+    """Give a sharded model built on the meta device rank 0's weights and buffers.
+
+    `source` is the whole model on rank 0 (None elsewhere), same structure. Every rank
+    allocates only its shards; rank 0's state dict is broadcast one tensor at a time
+    into them. Buffers outside the state dict (rotary `inv_freq`, causal masks) are
+    copied from rank 0's model too, rather than recomputed per model type.
+    """
+    model.to_empty(device=env.device)
+    set_model_state_dict(model, source.state_dict() if env.is_main else {}, options=FROM_RANK0)
+    source_buffers = dict(source.named_buffers()) if env.is_main else {}
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if env.is_main:
+                buffer.copy_(source_buffers[name])
+            dist.broadcast(buffer.view(torch.uint8) if buffer.dtype == torch.bool else buffer, src=0)
+
+
+def autocast_forward(module, compute_dtype, device: torch.device) -> None:
+    """Run `module`'s forward under torch.autocast: mixed precision without FSDP
+    (one process, or DDP for only_eval), parameters and optimizer left in fp32."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def forward_in_autocast(*args, **kwargs):
+        with torch.autocast(device_type=device.type, dtype=compute_dtype):
+            return forward(*args, **kwargs)
+
+    module.forward = forward_in_autocast
 
 
 def replicate(model, env: DistEnv):
@@ -140,26 +220,77 @@ def gathered_root(model):
         yield
 
 
-def full_model_state(model) -> dict:
-    """The whole (unsharded) state dict on CPU, on rank 0; empty on other ranks."""
+def full_model_state(model):
+    """The whole (unsharded) state dict for the checkpoint file. One process: the
+    model's own tensors (detached, on CPU). FSDP: a checkpoint.StreamedModelState that
+    gathers one tensor at a time to rank 0, which writes it and lets it go."""
     model = unwrap(model)
-    if isinstance(model, FSDPModule):
-        return get_model_state_dict(model, options=FULL_ON_RANK0)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not isinstance(model, FSDPModule):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sharded = model.state_dict()  # name -> DTensor (parameters) or tensor (buffers)
+    owner = {}  # id(parameter) -> its first name: tied weights share one storage in the file
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner.setdefault(id(param), name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    templates, first = {}, {}
+    for name, value in sharded.items():
+        tied_to = owner.get(id(params[name])) if name in params else None
+        if tied_to is not None and tied_to != name and tied_to in first:
+            templates[name] = first[tied_to]
+            continue
+        templates[name] = first[name] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+    is_main = dist.get_rank() == 0
+
+    def tensors():
+        for name, value in sharded.items():
+            if templates[name] is not first.get(name):
+                yield name, None  # a tied name: its storage is written under the first name
+                continue
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            yield name, whole.cpu() if is_main else None
+            del whole
+
+    return checkpoint.StreamedModelState(templates, tensors)
 
 
-def full_optimizer_state(model, optimizer) -> dict:
-    if isinstance(unwrap(model), FSDPModule):
-        return get_optimizer_state_dict(unwrap(model), optimizer, options=FULL_ON_RANK0)
-    return optimizer.state_dict()
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer state keyed by parameter name (the same in every layout), each
+    rank's own shard under FSDP: what DCP saves and reshards."""
+    return get_optimizer_state_dict(unwrap(model), optimizer)
 
 
-def load_optimizer_state(model, optimizer, state: dict, env: DistEnv) -> None:
-    if isinstance(unwrap(model), FSDPModule):
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_optimizer_state_dict(unwrap(model), optimizer, state if env.is_main else {}, options=options)
-    else:
-        optimizer.load_state_dict(state)
+def load_optimizer_state(model, optimizer, state, env: DistEnv) -> None:
+    """Restore a saved optimizer state into this run's optimizer, any process count.
+
+    `state` is a checkpoint.ShardedState (DCP, read by every rank), or a whole state
+    dict from an earlier version's .state file, on rank 0 ({} elsewhere): keyed by
+    parameter name (saved under FSDP) or by parameter index (a lone process's
+    `optimizer.state_dict()`), broadcast from rank 0.
+    """
+    inner = unwrap(model)
+    if isinstance(state, checkpoint.ShardedState):
+        # The template in this run's layout: get_optimizer_state_dict creates the moments
+        # (zero) by a step with zero gradients, but only if no gradient is set; with one
+        # left over, the template would be empty and nothing load.
+        optimizer.zero_grad(set_to_none=True)
+        template = checkpoint.load_sharded(state, get_optimizer_state_dict(inner, optimizer))
+        set_optimizer_state_dict(inner, optimizer, template)
+        return
+    whole = by_parameter_name(inner, state) if env.is_main else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.distributed)
+    set_optimizer_state_dict(inner, optimizer, whole, options=options)
+
+
+def by_parameter_name(model, state: dict) -> dict:
+    """A whole optimizer state dict keyed by parameter name: index keys (the i-th
+    parameter of `model.parameters()`, which is how run.py builds AdamW) are renamed."""
+    names = [name for name, _ in model.named_parameters()]
+
+    def name_of(key):
+        return names[key] if isinstance(key, int) else key
+
+    groups = [{**group, "params": [name_of(k) for k in group["params"]]} for group in state["param_groups"]]
+    return {"state": {name_of(k): v for k, v in state["state"].items()}, "param_groups": groups}
 
 
 def set_gradient_sync(model, sync: bool) -> None:

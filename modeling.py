@@ -8,18 +8,26 @@
 - `load_model_path`: a plain state dict loads into the base model (before the resize,
   so a CoT checkpoint feeds a coconut run); a coconut state dict (`base_causallm.*`)
   loads into the Coconut wrapper, and into a non-coconut run is an error.
+- `build_empty_model`: the same modules on the meta device (no memory, no weights), for
+  the processes of a sharded run that receive rank 0's weights (distributed.py).
+- `checkpoint_blocks`: activation checkpointing per transformer block that stays exact
+  when a block writes the KV cache, as Coconut's latent passes do.
 """
 
+import functools
 import glob
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import Cache
 
 from cli import UserError
 from coconut import Coconut
+from distributed import block_classes
 from layout import END, LATENT, START, LatentTokens
 WRAPPER_PREFIX = "base_causallm."
 # the published wrapper registered the input embedding as `embedding`, a second name
@@ -143,11 +151,88 @@ def build_model(config, state: Optional[dict], state_path: Optional[str], log) -
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the checkpoint sets the rows
     if resized_state:  # e.g. a pause_as_thought checkpoint: its embeddings hold the new rows
         load_state_checked(base, state, state_path)
-    model = base
-    if config.method.fills_latents:
-        model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokenizer.eos_token_id)
+    model = _wrap(config, base, tokenizer, tokens)
     if wrapper_state:
         load_state_checked(model, state, state_path)
     if config.bf16:
         model = model.to(torch.bfloat16)
     return BuiltModel(model, base, tokenizer, tokens, state_path if state is not None else None)
+
+
+def _wrap(config, base, tokenizer, tokens):
+    if config.method.fills_latents:
+        return Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokenizer.eos_token_id)
+    return base
+
+
+def build_empty_model(config, dtype: torch.dtype) -> BuiltModel:
+    """build_model's modules on the meta device, in `dtype` (that of rank 0's model):
+    no memory and no weights until distributed.fill_from_main gives them rank 0's."""
+    tokenizer, tokens = build_tokenizer(config.model_path)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model_path), dtype=dtype)
+        if config.method.latent_tokens:
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return BuiltModel(_wrap(config, base, tokenizer, tokens), base, tokenizer, tokens, None)
+
+
+# ------------------------------------------------------------------ activation checkpointing
+def checkpoint_blocks(base_causallm) -> int:
+    """Recompute each transformer block's activations in the backward pass instead of
+    keeping them (torch.utils.checkpoint, non-reentrant). Returns the number of blocks.
+
+    The block's `forward` is replaced, not its `__call__`, so FSDP's hooks stay outside
+    and run once. Hugging Face's own gradient checkpointing turns the KV cache off in
+    training, which Coconut's latent passes need; here the cache stays on (see
+    `_checkpointed`).
+    """
+    blocks = tuple(block_classes(base_causallm))
+    count = 0
+    for module in base_causallm.modules():
+        if isinstance(module, blocks):
+            module.forward = functools.partial(_checkpointed, module.forward)
+            count += 1
+    return count
+
+
+def _checkpointed(forward, *args, **kwargs):
+    """forward(*args, **kwargs), its activations recomputed in the backward pass.
+
+    A block appends its keys and values to the KV cache; when the backward pass
+    recomputes it, later passes have appended more. So the recomputation runs with the
+    cache as it was at the first call (cache layers replace their tensors instead of
+    writing into them, so the old ones are intact) and puts the later state back after.
+    """
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
+    at_first_call = _cache_state(cache)
+    calls = 0
+
+    def run(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1 or cache is None:
+            return forward(*args, **kwargs)
+        now = _cache_state(cache)
+        _set_cache_state(cache, at_first_call)
+        try:
+            return forward(*args, **kwargs)
+        finally:  # also when checkpoint stops the recomputation early
+            _set_cache_state(cache, now)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def _cache_state(cache):
+    if cache is None:
+        return None
+    return list(cache.layers), [dict(layer.__dict__) for layer in cache.layers]
+
+
+def _set_cache_state(cache, state) -> None:
+    layers, attributes = state
+    cache.layers = list(layers)
+    for layer, saved in zip(layers, attributes):
+        layer.__dict__.clear()
+        layer.__dict__.update(saved)

@@ -358,16 +358,10 @@ def resume_point(save_dir: str) -> Optional[tuple]:
         state = load_mapped(path, required=False)
         if state is None and not os.path.isdir(path):
             continue  # unusable: the run skips it too
-        train_state = None
-        spath = checkpoint.state_path(save_dir, epoch)
-        if os.path.isfile(spath):
-            try:
-                train_state = torch.load(spath, map_location="cpu", weights_only=True, mmap=True)
-            except Exception:
-                continue
-            # checkpoint.save_checkpoint ties each .state to its epoch
-            if not isinstance(train_state, dict) or train_state.get("checkpoint_epoch", epoch) != epoch:
-                continue
+        try:
+            train_state = checkpoint.load_train_state(save_dir, epoch)
+        except checkpoint.CheckpointError:
+            continue  # the run skips it too
         return epoch, state, train_state
     return None
 

@@ -10,7 +10,6 @@ describes (if any), builds a `TrainingRun` and runs every epoch from the resume 
 """
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,11 +18,10 @@ from tqdm import tqdm
 import checkpoint
 import distributed
 from cli import UserError, fail
-from coconut import Coconut
 from dataset import MyCollator, Staging, get_dataset, question_dataset, training_dataset
 from evaluate import generation_accuracy, generator_for, report, validation_loss
 from layout import PromptLayout
-from modeling import build_model
+from startup import Start, build_and_place, find_start
 from utils import set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32
@@ -57,46 +55,6 @@ def _wandb_logged_in() -> bool:
     return bool(os.environ.get("WANDB_API_KEY")) or (os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read())
 
 
-@dataclass
-class Start:
-    """Where a run starts: its first epoch and the weights (and training state) it loads."""
-
-    epoch: int = 0
-    model_state: Optional[dict] = None
-    model_path: Optional[str] = None
-    train_state: Optional[dict] = None  # not None: resuming this run's own checkpoint
-
-
-def find_start(config, log) -> Start:
-    """This run's own newest checkpoint (preemption), else load_model_path and resume."""
-    if not config.only_eval and not config.debug:
-        found = checkpoint.find_resume_point(config.save_dir, warn=log)
-        if found is not None:
-            epoch, state, train_state = found
-            log(f"Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
-            log(f"Loading from previous run epoch_{epoch}!")
-            # {} (not None) for a published-layout checkpoint, which has no .state: it is a resume
-            return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch), train_state or {})
-    if config.load_model_path is not None:
-        log(f"Loading from {config.load_model_path} and skip the first {config.resume} epochs")
-        return Start(config.resume, checkpoint.load_model_state(config.load_model_path), config.load_model_path)
-    if config.resume:
-        log(f"Warning: you want to skip the first {config.resume} but you are not loading any existing checkpoint!")
-    return Start(config.resume)
-
-
-def place_model(built, config, env, log):
-    """On the device; FSDP2 for training and DDP for only_eval when several processes."""
-    model = built.model.to(env.device)
-    if isinstance(model, Coconut):  # FSDP: every process runs as many base-model passes
-        model.sync_passes_across_ranks = env.distributed
-    if not env.distributed:
-        log("Running on one process")
-        return model
-    log(f"Running {'DDP' if config.only_eval else 'FSDP'} on rank = {env.rank}, world size = {env.world_size}")
-    return distributed.replicate(model, env) if config.only_eval else distributed.shard(model, built.base_causallm)
-
-
 # ------------------------------------------------------------------ data per stage
 class Stager:
     """The staged data sets of DESIGN §2 for one run: train, validation loss, questions."""
@@ -127,10 +85,9 @@ class TrainingRun:
     def __init__(self, config, data, env):
         self.config, self.env, self.log = config, env, log_on(env)
         set_seed(config.seed)  # identical initial weights on every process
-        self.start = find_start(config, self.log)
-        built = build_model(config, self.start.model_state, self.start.model_path, self.log)
+        self.start = find_start(config, self.log, env)
+        built, self.model = build_and_place(config, self.start, env, self.log)
         self.start.model_state = None  # the model holds the weights now
-        self.model = place_model(built, config, env, self.log)
         self.tokenizer = built.tokenizer
         self.collator = MyCollator(self.tokenizer, latent_id=built.tokens.latent_id, label_pad_token_id=-100)
         self.stager = Stager(config, self.tokenizer, PromptLayout.for_config(config, built.tokens), data)
@@ -172,18 +129,9 @@ class TrainingRun:
     # -------------------------------------------------------------- per epoch
     def optimizer_for(self, epoch: int):
         """The optimizer of `epoch`: the running one, a restored one, or a new AdamW."""
-        carries_over = self.config.optimizer_carries_over(epoch)
-        if self.optimizer is not None and carries_over:
+        if self.optimizer is not None and self.config.optimizer_carries_over(epoch):
             return self.optimizer
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
-        resumed = self.start.train_state if epoch == self.start.epoch else None
-        if resumed is not None and carries_over:
-            if resumed.get("optimizer") is not None:
-                distributed.load_optimizer_state(self.model, optimizer, resumed["optimizer"], self.env)
-                self.log(f"restored the optimizer state of epoch {epoch}")
-            else:
-                self.log("the checkpoint has no optimizer state (published layout): starting a new AdamW")
-        return optimizer
+        return new_optimizer(self.model, self.config, self.start, epoch, self.env, self.log)
 
     def train_epoch(self, stage: int, epoch: int) -> None:
         config, env, model, optimizer = self.config, self.env, self.model, self.optimizer
@@ -232,14 +180,30 @@ class TrainingRun:
             self.wandb.log(metrics)
 
 
+def new_optimizer(model, config, start: Start, epoch: int, env, log):
+    """A new AdamW for `epoch`, holding the saved optimizer state when the run resumes at
+    `epoch` and the reset rule carries the optimizer over."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    resumed = start.train_state if epoch == start.epoch else None
+    if resumed is not None and config.optimizer_carries_over(epoch):
+        if resumed.get("optimizer") is not None:
+            distributed.load_optimizer_state(model, optimizer, resumed["optimizer"], env)
+            log(f"restored the optimizer state of epoch {epoch}")
+        else:
+            log("the checkpoint has no optimizer state (published layout): starting a new AdamW")
+    return optimizer
+
+
 def save_run_state(model, optimizer, save_dir: str, epoch_done: int, best_acc: float, env) -> None:
-    """Write checkpoint_{epoch_done} and its .state (optimizer state when one is given),
-    then drop the .state files of all but the STATES_KEPT newest checkpoints."""
+    """Write checkpoint_{epoch_done} (the weights in the published layout, gathered to rank
+    0 one tensor at a time) and its .state (the optimizer sharded, each rank writing its
+    part, when one is given), then drop the .state of all but the STATES_KEPT newest."""
+    sharded = {"optimizer": distributed.optimizer_state(model, optimizer)} if optimizer is not None else None
     model_state = distributed.full_model_state(model)
-    optimizer_state = distributed.full_optimizer_state(model, optimizer) if optimizer is not None else None
+    checkpoint.save_checkpoint(save_dir, epoch_done, model_state, {"epoch": epoch_done, "best_acc": best_acc},
+                               sharded, is_main=env.is_main, barrier=lambda: distributed.barrier(env))
+    del model_state
     if env.is_main:
-        train_state = {"epoch": epoch_done, "best_acc": best_acc, "optimizer": optimizer_state}
-        checkpoint.save_checkpoint(save_dir, epoch_done, model_state, train_state)
         newest = checkpoint.list_checkpoints(save_dir)[-STATES_KEPT:]
         checkpoint.prune_train_states(save_dir, {epoch_done, *newest})
     distributed.barrier(env)

@@ -63,6 +63,9 @@ METHOD_FLAGS = tuple(METHODS)
 GSM_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_NEW_TOKENS = 128
 
+# The `mixed_precision` key's values (the compute dtype; "none": full precision).
+MIXED_PRECISION_VALUES = ("none", "bf16", "fp16")
+
 
 class ConfigError(UserError):
     """A config that cannot be used; the message is one line naming the key (and file)."""
@@ -116,6 +119,11 @@ class Config:
     num_epochs: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
+    # Large models (docs/LARGE_MODELS.md): fp32 parameters and optimizer with
+    # low-precision compute ("none", "bf16", "fp16"), unlike `bf16: True`, which casts
+    # the whole model as published; and recomputing each block's activations.
+    mixed_precision: str = "none"
+    activation_checkpointing: bool = False
 
     # Keys of later published configs, accepted so those YAML files keep working:
     # `local: True` loads the model from `local_path` instead of `model_id`; the
@@ -444,6 +452,12 @@ def _value_problems(config: Config):
     elif config.no_curriculum and not METHODS[on[0]].curriculum:
         with_curriculum = ", ".join(m.name for m in METHODS.values() if m.curriculum)
         yield f"key 'no_curriculum' needs one of {with_curriculum} (got {on[0]}, which has no curriculum)"
+
+    if config.mixed_precision not in MIXED_PRECISION_VALUES:
+        yield f"key 'mixed_precision' must be one of {', '.join(MIXED_PRECISION_VALUES)}, got {config.mixed_precision!r}"
+    elif config.bf16 and config.mixed_precision != "none":
+        yield ("keys 'bf16' and 'mixed_precision' cannot both be on: bf16: True casts the whole model "
+               "(published behaviour), mixed_precision keeps fp32 parameters; choose one")
 
     if config.local and not config.local_path:
         yield "key 'local_path' is required when local is True"

@@ -1,7 +1,9 @@
-"""Tests for checkpoint.py: layout, weights_only loading, resume choice, crash safety, RNG.
+"""Tests for checkpoint.py: layout, weights_only loading, resume choice, crash safety.
 
-All on real files under tmp_path. The crash tests kill real writer processes with
-SIGKILL at random moments and check that no half-written checkpoint is ever chosen.
+All on real files under tmp_path, in one process (DCP without a process group; the
+multi-process saves and loads are in test_scale.py). The crash tests kill real writer
+processes with SIGKILL at random moments and check that no half-written checkpoint is
+ever chosen.
 """
 
 import os
@@ -18,12 +20,15 @@ import torch
 import checkpoint
 from checkpoint import (
     CheckpointError,
+    ShardedState,
     atomic_torch_save,
     find_resume_point,
     list_checkpoints,
     load_model_state,
+    load_sharded,
     load_train_state,
     prune_train_states,
+    read_sharded_state,
     save_checkpoint,
 )
 
@@ -42,39 +47,54 @@ def model_state(marker=1.0):
 
 
 def optimizer_state():
-    """A real AdamW state dict after one step."""
-    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    sum((p**2).sum() for p in params).backward()
+    """A real AdamW state dict after one step, keyed by parameter name (as run.py saves it)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    model(torch.randn(4, 3)).square().sum().backward()
     opt.step()
-    return opt.state_dict()
+    return get_optimizer_state_dict(model, opt)
 
 
 def train_state(**extra):
+    """The plain part of a training state."""
     return {
         "epoch": 4,
         "best_acc": 0.375,
         "stage": 1,
-        "optimizer": optimizer_state(),
         # nested plain values of the kinds a .state may hold
         "extra": {"tuple": (3, [1, 2], 0.5, "s"), "bytes": torch.arange(4, dtype=torch.uint8), "none": None},
         **extra,
     }
 
 
-def assert_same(a, b):
+def sharded(marker=0.0):
+    """The sharded part: an optimizer state and a tensor that identifies the save."""
+    return {"optimizer": optimizer_state(), "marker": {"value": torch.full((3,), float(marker))}}
+
+
+def legacy_save(folder, epoch, model, state):
+    """A checkpoint as earlier versions wrote it: the model file and a .state *file*
+    (torch.save of the plain values and the whole optimizer state dict)."""
+    os.makedirs(folder, exist_ok=True)
+    torch.save({**state, "checkpoint_epoch": epoch}, os.path.join(folder, f"checkpoint_{epoch}.state"))
+    torch.save(model, os.path.join(folder, f"checkpoint_{epoch}"))
+
+
+def assert_same(a, b, ordered=True):
     """Deep equality for nested dicts/lists/tuples of tensors and plain values."""
     assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), (type(a), type(b))
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
     elif isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys())
+        assert list(a.keys()) == list(b.keys()) if ordered else a.keys() == b.keys()
         for k in a:
-            assert_same(a[k], b[k])
+            assert_same(a[k], b[k], ordered)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b)
         for x, y in zip(a, b):
-            assert_same(x, y)
+            assert_same(x, y, ordered)
     else:
         assert a == b
 
@@ -91,33 +111,86 @@ def one_line_naming(err, path):
 
 
 def test_round_trip_model_and_train_state(tmp_path):
-    model, state = model_state(2.5), train_state(note="x", losses=[1.0, 0.5])
-    path = save_checkpoint(tmp_path / "run", 3, model, state)
+    model, state, parts = model_state(2.5), train_state(note="x", losses=[1.0, 0.5]), sharded(7)
+    path = save_checkpoint(tmp_path / "run", 3, model, state, parts)
 
     assert path == str(tmp_path / "run" / "checkpoint_3")
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint_3", "checkpoint_3.state"]
     assert_same(load_model_state(path), model)
-    assert_same(load_train_state(tmp_path / "run", 3), state)
+    folder = str(tmp_path / "run" / "checkpoint_3.state")
+    loaded = load_train_state(tmp_path / "run", 3)
+    assert loaded.keys() == {*state, *parts}
+    assert_same({k: loaded[k] for k in state}, state)
+    assert loaded["optimizer"] == ShardedState(folder, "optimizer")
+    # the sharded part comes back whole, or into a template laid out for the loader
+    assert_same(read_sharded_state(folder), parts, ordered=False)
+    template = {"value": torch.zeros(3)}
+    assert load_sharded(loaded["marker"], template) is template
+    assert torch.equal(template["value"], torch.full((3,), 7.0))
     # Tied weights stay tied (one storage, as torch.save of the model's state dict).
-    loaded = load_model_state(path)
-    wte, head = loaded["base_causallm.transformer.wte.weight"], loaded["base_causallm.lm_head.weight"]
+    weights = load_model_state(path)
+    wte, head = weights["base_causallm.transformer.wte.weight"], weights["base_causallm.lm_head.weight"]
     assert wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
 
 
 def test_files_are_plain_and_load_with_weights_only(tmp_path):
     model, state = model_state(), train_state()
-    save_checkpoint(tmp_path, 1, model, state)
+    save_checkpoint(tmp_path, 1, model, state, sharded())
 
     # The model file is exactly the state dict, as the published code wrote it.
     raw_model = torch.load(tmp_path / "checkpoint_1", weights_only=True)
     assert_same(raw_model, model)
-    raw_state = torch.load(tmp_path / "checkpoint_1.state", weights_only=True)
+    raw_state = torch.load(tmp_path / "checkpoint_1.state" / "train_state.pt", weights_only=True)
     assert isinstance(raw_state, dict)
     for key, value in state.items():
         assert_same(raw_state[key], value)
-    # The saved states can be handed straight back to torch.
-    params = [torch.nn.Parameter(torch.zeros(5, 3)), torch.nn.Parameter(torch.zeros(3))]
-    torch.optim.AdamW(params).load_state_dict(raw_state["optimizer"])
+    assert {".metadata", "__0_0.distcp"} <= set(os.listdir(tmp_path / "checkpoint_1.state"))
+
+
+def test_streamed_model_state_writes_the_same_file(tmp_path):
+    """Under FSDP the model file is written one tensor at a time (StreamedModelState);
+    it must load as torch.save's file of the whole dict does, ties and zip CRCs included."""
+    import zipfile
+
+    whole = model_state(3.5)
+    templates, first = {}, {}
+    for name, value in whole.items():  # the tied head shares the embedding's template
+        twin = next((n for n in first if whole[n] is value), None)
+        templates[name] = first[twin] if twin else first.setdefault(name, torch.empty(value.shape, dtype=value.dtype, device="meta"))
+    arrived = []
+
+    def tensors():
+        for name, value in whole.items():
+            arrived.append(name)
+            yield name, value if name in first else None
+
+    path = save_checkpoint(tmp_path, 1, checkpoint.StreamedModelState(templates, tensors), train_state())
+    assert arrived == list(whole)
+    loaded = load_model_state(path)
+    assert_same(loaded, whole)
+    wte, head = loaded["base_causallm.transformer.wte.weight"], loaded["base_causallm.lm_head.weight"]
+    assert wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None  # every record's CRC-32 is right
+    torch.save(whole, tmp_path / "plain")
+    with zipfile.ZipFile(path) as streamed, zipfile.ZipFile(tmp_path / "plain") as plain:
+        data = [n.split("/", 1)[1] for n in plain.namelist() if "/data/" in n]
+        assert data == [n.split("/", 1)[1] for n in streamed.namelist() if "/data/" in n]
+
+
+def test_earlier_versions_state_file_still_loads(tmp_path):
+    """Earlier versions wrote `.state` as one file holding the whole optimizer state."""
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    opt = torch.optim.AdamW(params)
+    sum((p**2).sum() for p in params).backward()
+    opt.step()
+    legacy_save(tmp_path, 2, model_state(2), {"epoch": 2, "best_acc": 0.5, "optimizer": opt.state_dict()})
+    epoch, model, state = find_resume_point(tmp_path)
+    assert (epoch, state["best_acc"]) == (2, 0.5)
+    assert_same(state["optimizer"], opt.state_dict())
+    # the next save of that epoch replaces the file by a folder
+    save_checkpoint(tmp_path, 2, model_state(3), train_state(), sharded())
+    assert (tmp_path / "checkpoint_2.state").is_dir()
 
 
 def test_save_rejects_values_that_weights_only_cannot_load(tmp_path):
@@ -148,7 +221,7 @@ def test_list_checkpoints_ignores_other_files(tmp_path):
 
 def test_find_resume_point_picks_newest(tmp_path):
     for epoch in (1, 3, 2):
-        save_checkpoint(tmp_path, epoch, model_state(epoch), train_state(epoch=epoch))
+        save_checkpoint(tmp_path, epoch, model_state(epoch), train_state(epoch=epoch), sharded(epoch))
     warnings = []
     epoch, model, state = find_resume_point(tmp_path, warn=warnings.append)
     assert (epoch, state["epoch"], warnings) == (3, 3, [])
@@ -182,17 +255,48 @@ def test_find_resume_point_skips_damaged_newest(tmp_path, damage):
     one_line_naming(warnings[0], newest)
 
 
-def test_find_resume_point_skips_checkpoint_with_damaged_state(tmp_path):
-    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1))
-    save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2))
-    state_file = tmp_path / "checkpoint_2.state"
-    state_file.write_bytes(state_file.read_bytes()[:100])
+def _damage_state(folder, damage):
+    """Damage checkpoint_2's .state the given way; returns the path the warning must name."""
+    state = folder / "checkpoint_2.state"
+    shard, plain = state / "__0_0.distcp", state / "train_state.pt"
+    if damage == "truncated_shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+        return shard
+    if damage == "missing_shard":
+        shard.unlink()
+        return shard
+    if damage == "missing_metadata":
+        (state / ".metadata").unlink()
+        return state
+    if damage == "garbage_train_state":
+        plain.write_bytes(b"junk")
+        return plain
+    if damage == "missing_train_state":
+        plain.unlink()
+        return state
+    # an earlier version's .state file, truncated
+    legacy = folder / "legacy.state"
+    torch.save({"best_acc": 0.5, "checkpoint_epoch": 2}, legacy)
+    import shutil
+
+    shutil.rmtree(state)
+    state.write_bytes(legacy.read_bytes()[:100])
+    legacy.unlink()
+    return state
+
+
+@pytest.mark.parametrize("damage", ["truncated_shard", "missing_shard", "missing_metadata",
+                                    "garbage_train_state", "missing_train_state", "truncated_file"])
+def test_find_resume_point_skips_checkpoint_with_damaged_state(tmp_path, damage):
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1), sharded(1))
+    save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2), sharded(2))
+    named = _damage_state(tmp_path, damage)
 
     warnings = []
     epoch, _, state = find_resume_point(tmp_path, warn=warnings.append)
     assert (epoch, state["epoch"]) == (1, 1)
     assert len(warnings) == 1
-    one_line_naming(warnings[0], state_file)
+    one_line_naming(warnings[0], named)
 
 
 def test_find_resume_point_none_when_all_damaged(tmp_path):
@@ -240,12 +344,16 @@ def test_load_model_state_errors_name_the_file(tmp_path):
 
 
 def test_load_train_state(tmp_path):
-    save_checkpoint(tmp_path, 1, model_state(), train_state(epoch=1))
+    save_checkpoint(tmp_path, 1, model_state(), train_state(epoch=1), sharded())
     assert load_train_state(tmp_path, 2) is None  # no such file
     # A .state that belongs to another epoch is refused, not silently paired.
     os.replace(tmp_path / "checkpoint_1.state", tmp_path / "checkpoint_2.state")
     with pytest.raises(CheckpointError, match="epoch 1"):
         load_train_state(tmp_path, 2)
+    legacy_save(tmp_path, 4, model_state(), {"best_acc": 0.0})
+    os.replace(tmp_path / "checkpoint_4.state", tmp_path / "checkpoint_5.state")
+    with pytest.raises(CheckpointError, match="epoch 4"):
+        load_train_state(tmp_path, 5)
     (tmp_path / "checkpoint_3.state").write_bytes(b"junk")
     with pytest.raises(CheckpointError) as info:
         load_train_state(tmp_path, 3)
@@ -253,7 +361,7 @@ def test_load_train_state(tmp_path):
 
 
 def test_save_without_train_state_drops_stale_state(tmp_path):
-    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1))
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1), sharded())
     save_checkpoint(tmp_path, 1, model_state(2), None)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_1"]
     epoch, model, state = find_resume_point(tmp_path)
@@ -261,14 +369,22 @@ def test_save_without_train_state_drops_stale_state(tmp_path):
     assert_same(model, model_state(2))
 
 
+def test_train_state_without_sharded_part(tmp_path):
+    """keep_optimizer off (the stage changes, reset_optimizer): plain values only."""
+    save_checkpoint(tmp_path, 1, model_state(), train_state(), None)
+    assert os.listdir(tmp_path / "checkpoint_1.state") == ["train_state.pt"]
+    assert_same(load_train_state(tmp_path, 1), train_state())
+
+
 def test_prune_train_states(tmp_path):
     for epoch in (1, 2, 3):
-        save_checkpoint(tmp_path, epoch, model_state(epoch), train_state(epoch=epoch))
+        save_checkpoint(tmp_path, epoch, model_state(epoch), train_state(epoch=epoch), sharded(epoch))
+    legacy_save(tmp_path, 4, model_state(4), {"epoch": 4})
     (tmp_path / "notes.state").write_bytes(b"keep me")
     removed = prune_train_states(tmp_path, keep_epochs=[3])
-    assert removed == [str(tmp_path / "checkpoint_1.state"), str(tmp_path / "checkpoint_2.state")]
+    assert removed == [str(tmp_path / f"checkpoint_{e}.state") for e in (1, 2, 4)]
     assert sorted(os.listdir(tmp_path)) == [
-        "checkpoint_1", "checkpoint_2", "checkpoint_3", "checkpoint_3.state", "notes.state"]
+        "checkpoint_1", "checkpoint_2", "checkpoint_3", "checkpoint_3.state", "checkpoint_4", "notes.state"]
     assert load_train_state(tmp_path, 3)["epoch"] == 3
 
 
@@ -309,7 +425,7 @@ def test_atomic_save_failing_at_rename(tmp_path, monkeypatch):
 
 
 def test_crash_between_state_and_model_file(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1))
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1), sharded(1))
     real = checkpoint.atomic_torch_save
     calls = []
 
@@ -321,8 +437,8 @@ def test_crash_between_state_and_model_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "atomic_torch_save", crash_on_second_file)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2))
-    assert calls == [str(tmp_path / "checkpoint_2.state"), str(tmp_path / "checkpoint_2")]
+        save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2), sharded(2))
+    assert calls == [str(tmp_path / ".checkpoint_2.state.tmp-saving" / "train_state.pt"), str(tmp_path / "checkpoint_2")]
     assert list_checkpoints(tmp_path) == [1]
     warnings = []
     epoch, _, state = find_resume_point(tmp_path, warn=warnings.append)
@@ -331,17 +447,37 @@ def test_crash_between_state_and_model_file(tmp_path, monkeypatch):
     # Re-saving an existing epoch and dying half way must not pair old model + new state.
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 1, model_state(5), train_state(epoch=5))
+        save_checkpoint(tmp_path, 1, model_state(5), train_state(epoch=5), sharded(5))
     assert find_resume_point(tmp_path, warn=warnings.append) is None
     assert warnings == []
+
+
+def test_crash_while_writing_the_sharded_state(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1), sharded(1))
+
+    def dying_save(state_dict, storage_writer, **kwargs):
+        os.makedirs(storage_writer.path, exist_ok=True)
+        (storage_writer.path / "__0_0.distcp").write_bytes(b"half a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.dcp, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2), sharded(2))
+    assert sorted(os.listdir(tmp_path)) == [".checkpoint_2.state.tmp-saving", "checkpoint_1", "checkpoint_1.state"]
+    assert find_resume_point(tmp_path)[0] == 1
+    monkeypatch.undo()
+    save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2), sharded(2))  # clears the leftover
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_1", "checkpoint_1.state", "checkpoint_2", "checkpoint_2.state"]
 
 
 def test_save_removes_leftover_temp_files(tmp_path):
     leftovers = [".checkpoint_3.tmp-123-abcd", ".checkpoint_3.state.tmp-123-beef"]
     for name in leftovers:
         (tmp_path / name).write_bytes(b"x" * 100)
+    (tmp_path / ".checkpoint_3.state.tmp-saving").mkdir()
+    (tmp_path / ".checkpoint_3.state.tmp-saving" / "__1_0.distcp").write_bytes(b"x")
     (tmp_path / ".other.tmp-1").write_bytes(b"not ours")
-    save_checkpoint(tmp_path, 4, model_state(), train_state())
+    save_checkpoint(tmp_path, 4, model_state(), train_state(), sharded())
     assert sorted(os.listdir(tmp_path)) == [".other.tmp-1", "checkpoint_4", "checkpoint_4.state"]
 
 
@@ -363,8 +499,8 @@ while True:
     if pid == 0:
         for k in range(1, 1_000_000):
             model = {{"w": torch.full((n,), k, dtype=torch.int64), "b": torch.full((7,), k)}}
-            state = {{"k": k, "optimizer": {{"m": torch.full((n,), k, dtype=torch.int64)}}}}
-            save_checkpoint(folder, k % 3 + 1, model, state)  # cycles: rewrites old epochs
+            parts = {{"optimizer": {{"m": torch.full((n,), k, dtype=torch.int64)}}}}
+            save_checkpoint(folder, k % 3 + 1, model, {{"k": k}}, parts)  # cycles: rewrites old epochs
             if k == 3:  # every epoch exists: from now on each save rewrites one
                 print("ready", os.getpid(), flush=True)
         os._exit(0)
@@ -417,7 +553,7 @@ def test_sigkill_during_saves_never_leaves_a_usable_half_checkpoint(tmp_path):
         assert warnings == [], context
         k = int(model["w"][0])
         assert state["k"] == k, context  # the .state belongs to this very model file
-        moments = state["optimizer"]["m"]
+        moments = read_sharded_state(state["optimizer"].path)["optimizer"]["m"]
         assert moments.numel() == numel and bool((moments == k).all()), context
         # The next save clears what the killed one left behind.
         save_checkpoint(folder, 9, {"w": torch.zeros(1)}, None)

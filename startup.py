@@ -1,0 +1,122 @@
+"""Where a run starts, and its model on every process (DESIGN §5).
+
+- `find_start`: this run's own newest checkpoint (preemption), else `load_model_path`
+  and `resume`. Under sharded training only rank 0 reads the files; the others learn
+  the epoch and the training state without the weights.
+- `build_and_place`: the model this process trains. One process, or DDP for
+  only_eval: the whole model on the device. Sharded training (FSDP2): rank 0 builds the
+  whole model as a lone process would, the others only its structure on the meta
+  device (no memory); every rank shards it, then rank 0's weights fill the shards one
+  tensor at a time. `activation_checkpointing` and `mixed_precision` apply here.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import checkpoint
+import distributed
+from cli import UserError
+from coconut import Coconut
+from modeling import BuiltModel, ModelLoadError, build_empty_model, build_model, checkpoint_blocks
+
+
+@dataclass
+class Start:
+    """Where a run starts: its first epoch and the weights (and training state) it loads."""
+
+    epoch: int = 0
+    model_state: Optional[dict] = None  # None on ranks > 0 of a sharded run
+    model_path: Optional[str] = None
+    train_state: Optional[dict] = None  # not None: resuming this run's own checkpoint
+
+
+def sharded_training(config, env) -> bool:
+    """FSDP: every process holds a shard of the model, none but rank 0 the whole."""
+    return env.distributed and not config.only_eval
+
+
+def on_main(fn, env):
+    """fn() on rank 0 only (None elsewhere); a user error there stops every process."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    message = distributed.share(None if error is None else str(error), env)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ModelLoadError(message)
+    return result
+
+
+def find_start(config, log, env) -> Start:
+    if not sharded_training(config, env):
+        return _find_start(config, log)
+    found = on_main(lambda: _find_start(config, log), env)  # None on ranks > 0
+    shared = distributed.share(found and _without_weights(found), env)
+    return found if env.is_main else shared
+
+
+def _without_weights(start: Start) -> Start:
+    """What ranks > 0 need of rank 0's start: no weights, and no earlier version's whole
+    optimizer state ({} instead: rank 0 broadcasts it when loading)."""
+    train_state = start.train_state
+    if train_state and isinstance(train_state.get("optimizer"), dict):
+        train_state = {**train_state, "optimizer": {}}
+    return Start(start.epoch, None, start.model_path, train_state)
+
+
+def _find_start(config, log) -> Start:
+    if not config.only_eval and not config.debug:
+        found = checkpoint.find_resume_point(config.save_dir, warn=log)
+        if found is not None:
+            epoch, state, train_state = found
+            log(f"Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
+            log(f"Loading from previous run epoch_{epoch}!")
+            # {} (not None) for a published-layout checkpoint, which has no .state: it is a resume
+            return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch), train_state or {})
+    if config.load_model_path is not None:
+        log(f"Loading from {config.load_model_path} and skip the first {config.resume} epochs")
+        return Start(config.resume, checkpoint.load_model_state(config.load_model_path), config.load_model_path)
+    if config.resume:
+        log(f"Warning: you want to skip the first {config.resume} but you are not loading any existing checkpoint!")
+    return Start(config.resume)
+
+
+def build_and_place(config, start: Start, env, log) -> tuple:
+    """(BuiltModel, the model this process runs: sharded, replicated or whole)."""
+    if not sharded_training(config, env):
+        built = build_model(config, start.model_state, start.model_path, log)
+        return built, _place_whole(built, config, env, log)
+    source = on_main(lambda: build_model(config, start.model_state, start.model_path, log), env)
+    dtype = distributed.share(source and next(source.model.parameters()).dtype, env)
+    built = build_empty_model(config, dtype)
+    _prepare(built, config, env)
+    log(f"Running FSDP on rank = {env.rank}, world size = {env.world_size}")
+    model = distributed.shard(built.model, built.base_causallm, distributed.COMPUTE_DTYPES[config.mixed_precision])
+    distributed.fill_from_main(model, source and source.model, env)
+    return built, model
+
+
+def _prepare(built: BuiltModel, config, env) -> None:
+    if config.activation_checkpointing:
+        checkpoint_blocks(built.base_causallm)
+    if isinstance(built.model, Coconut):  # FSDP: every process runs as many base-model passes
+        built.model.sync_passes_across_ranks = env.distributed
+
+
+def _place_whole(built: BuiltModel, config, env, log):
+    """One process, or DDP for only_eval: the whole model on the device; mixed precision
+    through autocast (parameters and optimizer stay fp32)."""
+    _prepare(built, config, env)
+    model = built.model.to(env.device)
+    compute_dtype = distributed.COMPUTE_DTYPES[config.mixed_precision]
+    if compute_dtype is not None:
+        distributed.autocast_forward(built.base_causallm, compute_dtype, env.device)
+    if not env.distributed:
+        log("Running on one process")
+        return model
+    log(f"Running DDP on rank = {env.rank}, world size = {env.world_size}")
+    return distributed.replicate(model, env)

@@ -1,0 +1,415 @@
+"""Training at scale on CPU: sharded training state, resume on another process count,
+meta-device builds, mixed precision, activation checkpointing (docs/LARGE_MODELS.md).
+
+Multi-process parts use real torch.distributed (gloo) in processes started with
+torch.multiprocessing; the run.py end-to-end run (torchrun 2 -> python -> torchrun 2)
+is marked slow. Tiny everything: a 2-layer 64-wide GPT-2 and fixed synthetic batches
+in which every example has the same number of supervised tokens, so the mean loss of a
+global batch equals the mean of the per-process means and runs with different process
+counts are comparable step by step.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils._pytree import tree_map
+
+import checkpoint
+import distributed
+import startup
+import trainer
+from coconut import Coconut
+from distributed import DistEnv
+from modeling import build_model, checkpoint_blocks
+from tiny import make_gpt2, make_llama
+from utils import Config
+
+VOCAB = 64
+LATENT, START, END, EOS = 61, 62, 63, 0
+SEQ, GLOBAL_BATCH, STEPS, SAVED_AFTER = 14, 4, 3, 2
+
+
+# ------------------------------------------------------------------ batches
+def coconut_batch(rows, seed=0):
+    """`rows` examples of SEQ tokens with 3 latents in the same columns (MyCollator's
+    layout) and the same supervised tokens count in every row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, LATENT, (rows, SEQ), generator=g)
+    ids[:, 4], ids[:, 5:8], ids[:, 8] = START, LATENT, END
+    labels = ids.clone()
+    labels[:, :9] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def rank_share(batch, rank, world_size):
+    return {k: v[rank::world_size] for k, v in batch.items()}
+
+
+def loss_and_grads(model, batch, seed=0):
+    torch.manual_seed(seed)  # dropout: the same masks in both runs
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------ config keys
+def test_config_keys_for_large_models():
+    from utils import ConfigError
+
+    base = dict(coconut=True, train_path="t.json", val_path="v.json")
+    config = Config.from_dict(base)
+    assert (config.mixed_precision, config.activation_checkpointing) == ("none", False)
+    assert Config.from_dict({**base, "mixed_precision": "bf16", "activation_checkpointing": True}).mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="'mixed_precision' must be one of none, bf16, fp16, got 'fp8'"):
+        Config.from_dict({**base, "mixed_precision": "fp8"})
+    with pytest.raises(ConfigError, match="'bf16' and 'mixed_precision'"):
+        Config.from_dict({**base, "bf16": True, "mixed_precision": "bf16"})
+    assert Config.from_dict({**base, "bf16": True, "mixed_precision": "none"}).bf16  # the published meaning
+
+
+# ------------------------------------------------------------------ activation checkpointing
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch):
+    """Latent passes write the KV cache in every block; the recomputed blocks must see
+    the cache as it was, or the gradients (or the recomputation's shapes) differ."""
+    make = make_gpt2 if arch == "gpt2" else make_llama
+    plain = Coconut(make(VOCAB), LATENT, START, END, EOS)
+    checkpointed = Coconut(make(VOCAB), LATENT, START, END, EOS)
+    assert checkpoint_blocks(checkpointed.base_causallm) == 2
+    batch = coconut_batch(2)
+    loss, grads = loss_and_grads(plain, batch)
+    ac_loss, ac_grads = loss_and_grads(checkpointed, batch)
+    torch.testing.assert_close(ac_loss, loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ac_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(ac_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    # premise: there were latent passes, and the checkpointed blocks kept fewer tensors
+    assert int((batch["input_ids"] == LATENT).sum()) == 6
+
+
+def saved_tensor_bytes(model, batch):
+    """Bytes of the tensors autograd keeps for the backward pass (distinct storages)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch).loss.backward()
+    return sum(seen.values())
+
+
+def test_activation_checkpointing_keeps_fewer_activations():
+    plain = Coconut(make_gpt2(VOCAB, n_layer=4), LATENT, START, END, EOS).train()
+    checkpointed = Coconut(make_gpt2(VOCAB, n_layer=4), LATENT, START, END, EOS).train()
+    checkpoint_blocks(checkpointed.base_causallm)
+    batch = coconut_batch(4)
+    assert saved_tensor_bytes(checkpointed, batch) < 0.5 * saved_tensor_bytes(plain, batch)
+
+
+# ------------------------------------------------------------------ mixed precision, one process
+def test_autocast_bf16_matches_fp32_within_bf16_tolerance():
+    reference = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    mixed = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    distributed.autocast_forward(mixed.base_causallm, torch.bfloat16, torch.device("cpu"))
+    batch = coconut_batch(2)
+    loss, grads = loss_and_grads(reference, batch)
+    mixed_loss, mixed_grads = loss_and_grads(mixed, batch)
+    # the parameters and their gradients stay fp32; only the compute is bf16
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    assert all(g.dtype == torch.float32 for g in mixed_grads.values())
+    assert mixed_loss != loss  # premise: the compute really was bf16
+    torch.testing.assert_close(mixed_loss, loss, rtol=2e-2, atol=2e-2)
+    total = torch.cat([g.flatten() for g in grads.values()])
+    mixed_total = torch.cat([g.flatten() for g in mixed_grads.values()])
+    assert torch.nn.functional.cosine_similarity(total, mixed_total, dim=0) > 0.99
+
+
+# ------------------------------------------------------------------ optimizer state, one process
+def test_optimizer_state_round_trip_with_gradients_left_over(tmp_path):
+    """Restoring must not depend on the gradients being cleared first (DCP's template
+    is built by a step with zero gradients, which torch skips if any gradient is set)."""
+    model = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for seed in (0, 1):
+        loss_and_grads(model, coconut_batch(2, seed))
+        optimizer.step()  # gradients stay set
+    checkpoint.save_checkpoint(tmp_path, 1, distributed.full_model_state(model), {},
+                               {"optimizer": distributed.optimizer_state(model, optimizer)})
+    restored = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    distributed.load_optimizer_state(model, restored, checkpoint.load_train_state(tmp_path, 1)["optimizer"], DistEnv())
+    assert len(restored.state) == len(optimizer.state) == len(list(model.parameters()))
+    for param, moments in optimizer.state.items():
+        for key, value in moments.items():
+            assert torch.equal(restored.state[param][key], value), key
+
+
+# ------------------------------------------------------------------ several processes
+def model_folder(folder):
+    """conftest's tiny GPT-2 folder (tied embeddings, a causal-mask buffer) without
+    dropout, so that runs with different process counts draw no different masks."""
+    from conftest import write_model_folder
+    from transformers import GPT2Config
+
+    write_model_folder(folder, "gpt2")
+    config = GPT2Config.from_pretrained(folder)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+def run_config(model, save_dir, **over):
+    keys = dict(coconut=True, model_id=model, train_path="unused.json", val_path="unused.json",
+                save_path=os.path.dirname(save_dir), name=os.path.basename(save_dir), lr=1e-2,
+                epochs_per_stage=100, reset_optimizer=False, seed=0)
+    keys.update(over)
+    return Config.from_dict(keys)
+
+
+def global_batch(tokens, step):
+    """Step `step`'s batch of GLOBAL_BATCH examples, in the layout coconut_batch builds,
+    with this tokenizer's latent ids."""
+    batch = coconut_batch(GLOBAL_BATCH, seed=step)
+    ids = batch["input_ids"] % 300  # ordinary tokens of the tiny tokenizer
+    ids[:, 4], ids[:, 5:8], ids[:, 8] = tokens.start_id, tokens.latent_id, tokens.end_id
+    return {**batch, "input_ids": ids}
+
+
+def train(config, env, save_at=None):
+    """What run.py does, on fixed batches: one optimizer step per "epoch", from the
+    resume point (if any) to STEPS. Returns {"losses": {step: global mean loss},
+    "restored": the optimizer state right after the resume (whole, on rank 0)}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    def log(message):
+        pass
+
+    trainer.set_seed(config.seed)
+    resume = startup.find_start(config, log, env)
+    built, model = startup.build_and_place(config, resume, env, log)
+    optimizer = trainer.new_optimizer(model, config, resume, resume.epoch, env, log)
+    start = resume.epoch
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    restored = get_optimizer_state_dict(model, optimizer, options=full) if start else None
+    # a copy: some values are the optimizer's own tensors, which the next step changes
+    result = {"losses": {}, "restored": tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, restored)}
+    model.train()
+    for step in range(start, STEPS):
+        batch = rank_share(global_batch(built.tokens, step), env.rank, env.world_size)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result["losses"][step] = distributed.all_reduce_sum([loss.item()], env)[0] / env.world_size
+        if step + 1 == save_at:
+            trainer.save_run_state(model, optimizer, config.save_dir, step + 1, 0.0, env)
+            result["file_is_the_model"] = model_file_is_the_model(model, config, step + 1, env)
+    return result
+
+
+def model_file_is_the_model(model, config, epoch, env):
+    """checkpoint_N (written one gathered tensor at a time under FSDP) holds exactly the
+    model's whole state dict, GPT-2's tied embedding once, as torch.save writes it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main:
+        return None
+    saved = torch.load(checkpoint.checkpoint_path(config.save_dir, epoch), weights_only=True)
+    wte, head = saved["base_causallm.transformer.wte.weight"], saved["base_causallm.lm_head.weight"]
+    return (saved.keys() == whole.keys() and all(torch.equal(saved[k], whole[k]) for k in whole)
+            and wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr())
+
+
+def _worker(rank, world_size, port, jobs, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = distributed.setup()
+    try:
+        results = {name: train(run_config(**keys), env, save_at) for name, (keys, save_at) in jobs.items()}
+    finally:
+        distributed.teardown()
+    if rank == 0:
+        torch.save(results, out)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world_size, jobs, tmp):
+    """Run `jobs` ({name: (run_config keys, save_at)}) in `world_size` processes, in turn."""
+    out = str(tmp / f"results_{world_size}.pt")
+    mp.spawn(_worker, args=(world_size, free_port(), jobs, out), nprocs=world_size)
+    return torch.load(out, weights_only=True)
+
+
+def in_process(jobs):
+    return {name: train(run_config(**keys), DistEnv(), save_at) for name, (keys, save_at) in jobs.items()}
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Uninterrupted runs on 1 and 2 processes, and resumes on 1, 2 and 4 processes of
+    checkpoints written after step SAVED_AFTER by another process count."""
+    tmp = tmp_path_factory.mktemp("scale")
+    model = model_folder(tmp / "model")
+    one = in_process({"plain": (dict(model=model, save_dir=str(tmp / "one")), SAVED_AFTER)})
+    # what an earlier version wrote on one process: the optimizer state keyed by index
+    legacy = copy_run(tmp / "one", tmp / "legacy")
+    opt_state = checkpoint.read_sharded_state(os.path.join(legacy, "checkpoint_2.state"))["optimizer"]
+    names = list(opt_state["state"])  # one process: named in model.parameters() order
+    indexed = {"state": {names.index(k): v for k, v in opt_state["state"].items()},
+               "param_groups": [{**g, "params": [names.index(p) for p in g["params"]]} for g in opt_state["param_groups"]]}
+    import shutil
+
+    shutil.rmtree(os.path.join(legacy, "checkpoint_2.state"))
+    torch.save({"epoch": 2, "best_acc": 0.0, "optimizer": indexed, "checkpoint_epoch": 2},
+               os.path.join(legacy, "checkpoint_2.state"))
+    for name in ("two_to_one", "two_to_four"):
+        os.makedirs(tmp / name)
+    two = spawn(2, {
+        "plain": (dict(model=model, save_dir=str(tmp / "two")), SAVED_AFTER),
+        "checkpointed": (dict(model=model, save_dir=str(tmp / "two_ac"), activation_checkpointing=True), None),
+        "bf16": (dict(model=model, save_dir=str(tmp / "two_bf16"), mixed_precision="bf16"), None),
+        "one_to_two": (dict(model=model, save_dir=copy_run(tmp / "one", tmp / "one_to_two")), STEPS),
+        "legacy_to_two": (dict(model=model, save_dir=legacy), None),
+    }, tmp)
+    resumed_on_one = in_process({"two_to_one": (dict(model=model, save_dir=copy_run(tmp / "two", tmp / "2to1")), STEPS)})
+    four = spawn(4, {"two_to_four": (dict(model=model, save_dir=copy_run(tmp / "two", tmp / "2to4")), None)}, tmp)
+    return {"one": one, "two": two, "resumed_on_one": resumed_on_one, "four": four, "tmp": tmp}
+
+
+def assert_same_curve(losses, reference, tol):
+    assert losses.keys() <= reference.keys() and losses, (losses, reference)
+    for step, loss in losses.items():
+        assert abs(loss - reference[step]) <= tol * max(1.0, abs(reference[step])), (step, losses, reference)
+
+
+def test_two_processes_give_the_one_process_loss_curve(runs):
+    reference = runs["one"]["plain"]["losses"]
+    assert list(reference) == list(range(STEPS))
+    assert len(set(reference.values())) == STEPS  # premise: the model learns, steps differ
+    assert_same_curve(runs["two"]["plain"]["losses"], reference, 1e-5)
+
+
+def test_two_processes_with_activation_checkpointing_give_the_same_curve(runs):
+    assert_same_curve(runs["two"]["checkpointed"]["losses"], runs["one"]["plain"]["losses"], 1e-5)
+
+
+def test_fsdp_bf16_mixed_precision_stays_within_bf16_tolerance(runs):
+    mixed, reference = runs["two"]["bf16"]["losses"], runs["one"]["plain"]["losses"]
+    assert mixed != reference  # premise: the compute really was bf16
+    assert_same_curve(mixed, reference, 3e-2)
+
+
+def _assert_restored(result, saved_folder):
+    """The optimizer state after the resume is exactly the one saved, and the next step
+    continues the uninterrupted run."""
+    saved = checkpoint.read_sharded_state(os.path.join(saved_folder, "checkpoint_2.state"))["optimizer"]
+    restored = result["restored"]
+    assert restored["state"].keys() == saved["state"].keys()
+    for name, moments in saved["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(restored["state"][name][key], value), (name, key)
+    assert list(result["losses"]) == [SAVED_AFTER]
+
+
+@pytest.mark.parametrize("direction", ["one_to_two", "two_to_one", "two_to_four"])
+def test_resume_on_another_process_count(runs, direction):
+    source, result = {
+        "one_to_two": ("one", runs["two"]["one_to_two"]),
+        "two_to_one": ("two", runs["resumed_on_one"]["two_to_one"]),
+        "two_to_four": ("two", runs["four"]["two_to_four"]),
+    }[direction]
+    _assert_restored(result, runs["tmp"] / source)
+    assert_same_curve(result["losses"], runs["one"]["plain"]["losses"], 1e-5)
+
+
+def test_checkpoint_file_is_the_whole_model_on_any_process_count(runs):
+    assert runs["one"]["plain"]["file_is_the_model"] is True
+    assert runs["two"]["plain"]["file_is_the_model"] is True
+    assert runs["two"]["one_to_two"]["file_is_the_model"] is True
+
+
+def test_resumed_run_saves_again_in_its_own_layout(runs):
+    """1 -> 2 and 2 -> 1 saved checkpoint_3 with each process's own shard."""
+    on_two = os.listdir(runs["tmp"] / "one_to_two" / "checkpoint_3.state")
+    on_one = os.listdir(runs["tmp"] / "2to1" / "checkpoint_3.state")
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(on_two) and "__1_0.distcp" not in on_one
+    assert checkpoint.list_checkpoints(runs["tmp"] / "one_to_two") == [2, 3]
+
+
+def test_earlier_versions_index_keyed_state_resumes_on_two_processes(runs):
+    """The reported bug: one process's `.state` (parameter indices, not names) resumed
+    under torchrun raised KeyError '0'."""
+    result = runs["two"]["legacy_to_two"]
+    _assert_restored(result, runs["tmp"] / "one")
+    assert_same_curve(result["losses"], runs["one"]["plain"]["losses"], 1e-5)
+
+
+# ------------------------------------------------------------------ run.py, end to end
+@pytest.mark.slow
+def test_torchrun_then_one_process_then_torchrun_on_one_run_folder(tmp_path, gpt2_folder, chain_data):
+    """The issue's scenario: each launch raises num_epochs and resumes the same folder
+    with the optimizer state (reset_optimizer False) on another process count. The
+    later launches also turn on mixed precision (autocast on one process, FSDP's policy
+    under torchrun) and activation checkpointing, which leave the saved state's layout
+    (fp32, by parameter name) unchanged."""
+    from test_run import RUN_PY, acc_lines, epochs_started, free_port as run_port, keys_for, run_sub, write_cfg
+
+    save_dir = tmp_path / "ckpt" / "mixed"
+    launches = [("torchrun", 1, {}), ("python", 2, {"mixed_precision": "bf16"}),
+                ("torchrun", 3, {"mixed_precision": "bf16", "activation_checkpointing": True})]
+    for launcher, num_epochs, options in launches:
+        keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "mixed", coconut=True, num_epochs=num_epochs,
+                        reset_optimizer=False, max_latent_stage=2, batch_size_training=4, **options)
+        cfg = write_cfg(tmp_path / f"cfg_{num_epochs}.yaml", keys)
+        torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(run_port())]
+        proc = run_sub([*(torchrun if launcher == "torchrun" else []), RUN_PY, cfg], timeout=240)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert epochs_started(proc.stderr) == [num_epochs]  # one new epoch per launch
+        assert len(acc_lines(proc.stdout)) == 1
+        if num_epochs > 1:
+            assert f"restored the optimizer state of epoch {num_epochs - 1}" in proc.stdout
+        assert checkpoint.list_checkpoints(save_dir) == list(range(1, num_epochs + 1))
+    for epoch in (2, 3):  # the two newest keep their sharded training state
+        assert checkpoint.read_sharded_state(save_dir / f"checkpoint_{epoch}.state")["optimizer"]["state"]
+    assert not (save_dir / "checkpoint_1.state").exists()
+
+
+@pytest.mark.slow
+def test_host_memory_bench_runs(tmp_path):
+    """bench/host_memory.py --quick: both measurements on tiny models (~40 s)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "host_memory.json"
+    proc = subprocess.run([sys.executable, "bench/host_memory.py", "--quick", "--output", str(out)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    sharding, steps = results["sharding"], results["checkpointing"]
+    assert len(sharding["two_process_peak_bytes"]) == 2
+    assert sharding["ratio"] == max(sharding["two_process_peak_bytes"]) / sharding["one_process_peak_bytes"]
+    assert steps["checkpointing_same_loss"] is True
+    variants = steps["variants"]
+    assert variants["checkpointing"]["saved_activation_bytes"] < variants["plain"]["saved_activation_bytes"]
