@@ -22,7 +22,7 @@ import distributed
 import trainer
 from coconut import Coconut
 from distributed import DistEnv
-from modeling import build_model, checkpoint_blocks
+from modeling import checkpoint_blocks
 from tiny import make_gpt2, make_llama
 from utils import Config
 
