@@ -1,5 +1,5 @@
 """Training at scale on CPU: sharded training state, resume on another process count,
-meta-device builds, mixed precision, activation checkpointing (docs/LARGE_MODELS.md).
+meta-device builds, mixed precision, activation checkpointing (README, "Large models").
 
 Multi-process parts use real torch.distributed (gloo) in processes started with
 torch.multiprocessing; the run.py end-to-end run (torchrun 2 -> python -> torchrun 2)
