@@ -119,7 +119,7 @@ class Config:
     num_epochs: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
-    # Large models (docs/LARGE_MODELS.md): fp32 parameters and optimizer with
+    # For large models (README, "Large models"): fp32 parameters and optimizer with
     # low-precision compute ("none", "bf16", "fp16"), unlike `bf16: True`, which casts
     # the whole model as published; and recomputing each block's activations.
     mixed_precision: str = "none"

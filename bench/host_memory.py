@@ -7,7 +7,7 @@
 Writes bench/results/host_memory.json and prints the figures. `measure_sharding` and
 `measure_checkpointing` can also be called from bench/bench.py.
 
-1. Sharding (docs/LARGE_MODELS.md): a ~200M-parameter Llama built from a config (16
+1. Sharding (README, "Large models"): a ~200M-parameter Llama built from a config (16
    layers x 1024 wide, no weights) trained by run.py for one epoch (build, a few
    optimizer steps, save checkpoint_1 and its sharded state, validation loss,
    generation), once as one process and once as `torchrun --nproc_per_node 2` with the

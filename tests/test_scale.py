@@ -1,5 +1,5 @@
 """Training at scale on CPU: sharded training state, resume on another process count,
-meta-device builds, mixed precision, activation checkpointing (docs/LARGE_MODELS.md).
+meta-device builds, mixed precision, activation checkpointing (README, "Large models").
 
 Multi-process parts use real torch.distributed (gloo) in processes started with
 torch.multiprocessing; the run.py end-to-end run (torchrun 2 -> python -> torchrun 2)
@@ -23,7 +23,7 @@ import startup
 import trainer
 from coconut import Coconut
 from distributed import DistEnv
-from modeling import build_model, checkpoint_blocks
+from modeling import checkpoint_blocks
 from tiny import make_gpt2, make_llama
 from utils import Config
 
