@@ -302,6 +302,7 @@ def assert_same_curve(losses, reference, tol):
         assert abs(loss - reference[step]) <= tol * max(1.0, abs(reference[step])), (step, losses, reference)
 
 
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
 def test_two_processes_give_the_one_process_loss_curve(runs):
     reference = runs["one"]["plain"]["losses"]
     assert list(reference) == list(range(STEPS))
@@ -309,10 +310,12 @@ def test_two_processes_give_the_one_process_loss_curve(runs):
     assert_same_curve(runs["two"]["plain"]["losses"], reference, 1e-5)
 
 
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
 def test_two_processes_with_activation_checkpointing_give_the_same_curve(runs):
     assert_same_curve(runs["two"]["checkpointed"]["losses"], runs["one"]["plain"]["losses"], 1e-5)
 
 
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
 def test_fsdp_bf16_mixed_precision_stays_within_bf16_tolerance(runs):
     mixed, reference = runs["two"]["bf16"]["losses"], runs["one"]["plain"]["losses"]
     assert mixed != reference  # premise: the compute really was bf16
@@ -331,6 +334,7 @@ def _assert_restored(result, saved_folder):
     assert list(result["losses"]) == [SAVED_AFTER]
 
 
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
 @pytest.mark.parametrize("direction", ["one_to_two", "two_to_one", "two_to_four"])
 def test_resume_on_another_process_count(runs, direction):
     source, result = {
@@ -342,12 +346,14 @@ def test_resume_on_another_process_count(runs, direction):
     assert_same_curve(result["losses"], runs["one"]["plain"]["losses"], 1e-5)
 
 
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
 def test_checkpoint_file_is_the_whole_model_on_any_process_count(runs):
     assert runs["one"]["plain"]["file_is_the_model"] is True
     assert runs["two"]["plain"]["file_is_the_model"] is True
     assert runs["two"]["one_to_two"]["file_is_the_model"] is True
 
 
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
 def test_resumed_run_saves_again_in_its_own_layout(runs):
     """1 -> 2 and 2 -> 1 saved checkpoint_3 with each process's own shard."""
     on_two = os.listdir(runs["tmp"] / "one_to_two" / "checkpoint_3.state")
@@ -356,6 +362,7 @@ def test_resumed_run_saves_again_in_its_own_layout(runs):
     assert checkpoint.list_checkpoints(runs["tmp"] / "one_to_two") == [2, 3]
 
 
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
 def test_earlier_versions_index_keyed_state_resumes_on_two_processes(runs):
     """The reported bug: one process's `.state` (parameter indices, not names) resumed
     under torchrun raised KeyError '0'."""
