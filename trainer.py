@@ -86,12 +86,14 @@ def train_one_epoch(model, optimizer, train_loader, config, epoch, env, wandb_ru
     distributed.unwrap(model).train()
     accumulation = config.gradient_accumulation_steps
     n_batches = len(train_loader)
+    # Coconut computes the LM head only where the loss needs it, not full logits
+    skip_logits = {"return_logits": False} if isinstance(distributed.unwrap(model), Coconut) else {}
     bar = tqdm(total=n_batches // accumulation, desc=f"Training Epoch: {epoch + 1}", colour="blue",
                dynamic_ncols=True, disable=not env.is_main)
     for step, batch in enumerate(train_loader):
         steps_now = (step + 1) % accumulation == 0 or step == n_batches - 1  # the last partial group steps too
         distributed.set_gradient_sync(model, steps_now)
-        loss = model(**to_device(batch, env.device)).loss / accumulation
+        loss = model(**to_device(batch, env.device), **skip_logits).loss / accumulation
         loss.backward()
         if steps_now:
             optimizer.step()
@@ -164,6 +166,10 @@ def run(config, data, env) -> None:
     start_epoch, state, state_path, train_state = find_start(config, log)
     built = build_model(config, state, state_path, log)
     del state
+    if config.compile:  # regional torch.compile of the transformer blocks, before sharding
+        import compiling
+
+        compiling.compile_blocks(built.model)
     model = place_model(built, config, env, log)
     tokenizer = built.tokenizer
     collator = MyCollator(tokenizer, latent_id=built.tokens.latent_id, label_pad_token_id=-100)

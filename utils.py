@@ -86,6 +86,7 @@ class Config:
     num_epochs: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
+    compile: bool = False  # torch.compile each transformer block (compiling.py)
 
     # Keys of later published configs, accepted so those YAML files keep working:
     # `local: True` loads the model from `local_path` instead of `model_id`; the

@@ -6,6 +6,7 @@ bench/gpu.sh must refuse clearly without a GPU.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,8 @@ def test_quick_bench_writes_its_json(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_gpu_script_refuses_clearly_without_cuda():
-    out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs a CUDA GPU" in lines[0]

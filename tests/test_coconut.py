@@ -167,7 +167,7 @@ def test_generation_stops_when_every_row_hit_eos():
         base.transformer.wte.weight[EOS] = 50 * base.transformer.ln_f.bias
     coconut = Coconut(base, LATENT, START, END, EOS).eval()
     calls = []
-    base.register_forward_hook(lambda *args: calls.append(1))
+    coconut.decoder.register_forward_hook(lambda *args: calls.append(1))  # the stack, without the LM head
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     with torch.no_grad():
         out = coconut.generate(ids, torch.ones_like(ids), max_new_tokens=50)

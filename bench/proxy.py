@@ -1,0 +1,119 @@
+"""A dispatch-bound CPU proxy of a GPU training step and decoding step.
+
+    python bench/proxy.py            # about a minute on one thread; `make bench` runs it too
+
+On a GPU a latent pass over one column of a batch costs what launching its kernels
+costs (Python, Hugging Face's per-call mask and cache work, one kernel per small op),
+not its arithmetic. On a CPU a normal-sized model hides that: the arithmetic
+dominates. This proxy makes the CPU behave like the GPU: a deep and very narrow GPT-2
+(12 layers x 64 wide, 4 heads, GPT-2's vocabulary) on short sequences (batch 4, ~60
+tokens), one thread, so every op costs about its dispatch.
+
+Measured side by side (interleaved, median of the repeats):
+- a training step (forward + backward) with 6 latents per example over the step with
+  none, on the same tokens (bench/workload.py: latents replace step tokens, so both
+  batches have the same length). Target: at most 1.5x.
+- the time per generated token at batch 1 of `Coconut.generate` and of the naive
+  no-cache loop (bench/naive.py), from the difference of two generation lengths (so
+  the prompt's passes cancel out).
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":  # as a script, sys.path[0] is bench/, where bench.py shadows the package
+    sys.path[0] = str(ROOT)
+
+import torch  # noqa: E402
+
+from bench import workload  # noqa: E402
+from bench.naive import naive_generate_one  # noqa: E402
+from coconut import Coconut  # noqa: E402
+
+SHAPE = workload.Shape(question=40, question_jitter=4, steps=14, answer=4)  # ~60 tokens
+LAYERS, WIDTH, HEADS, BATCH, LATENTS = 12, 64, 4, 4, 6
+TARGET_RATIO = 1.5
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def train_ratio(coconut, repeats: int) -> dict:
+    """Step time with LATENTS latents per example and with none, interleaved."""
+    ids = workload.ids_for(SHAPE.vocab)
+    batches = {k: workload.training_batch(SHAPE, BATCH, k) for k in (0, LATENTS)}
+
+    def step(k):
+        coconut.zero_grad(set_to_none=True)
+        coconut(**batches[k]).loss.backward()
+
+    for k in (0, LATENTS, 0, LATENTS):  # warm-up
+        step(k)
+    times = {0: [], LATENTS: []}
+    for r in range(repeats):
+        for k in ((0, LATENTS) if r % 2 == 0 else (LATENTS, 0)):
+            times[k].append(_median_time(lambda: step(k), 3))
+    s0, s6 = statistics.median(times[0]), statistics.median(times[LATENTS])
+    del ids
+    return {"batch": BATCH, "seq_len": batches[0]["input_ids"].shape[1], "latents": LATENTS,
+            "stage_0_s": s0, f"stage_{LATENTS}_s": s6, "ratio": s6 / s0, "target": TARGET_RATIO,
+            "target_met": s6 / s0 <= TARGET_RATIO}
+
+
+def decode_per_token(model, coconut, repeats: int, short=1, long=33) -> dict:
+    """Seconds per generated token at batch 1: (time(long) - time(short)) / (long - short)."""
+    ids = workload.ids_for(SHAPE.vocab)
+    prompt = workload.prompts(SHAPE, 1, n_latents=LATENTS)[0]
+    mask = torch.ones_like(prompt[None])
+
+    def ours(n):
+        with torch.no_grad():
+            return coconut.generate(prompt[None], mask, max_new_tokens=n)[0].tolist()
+
+    def naive(n):
+        return naive_generate_one(model, prompt, ids.latent, ids.eos, n)
+
+    assert ours(long) == naive(long) + [ids.eos] * (len(ours(long)) - len(naive(long))), "decoding differs from naive"
+    result = {"prompt_tokens": len(prompt), "new_tokens": long - short}
+    for name, fn in (("ours", ours), ("naive", naive)):
+        t_long = _median_time(lambda: fn(long), repeats)
+        t_short = _median_time(lambda: fn(short), repeats)
+        result[f"{name}_s_per_token"] = (t_long - t_short) / (long - short)
+    result["naive_over_ours"] = result["naive_s_per_token"] / result["ours_s_per_token"]
+    return result
+
+
+def run(repeats: int = 5, log=print) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = workload.make_model(LAYERS, WIDTH, HEADS, vocab=SHAPE.vocab, n_positions=256)
+        ids = workload.ids_for(SHAPE.vocab)
+        coconut = Coconut(model, ids.latent, ids.start, ids.end, ids.eos)
+        model.train()
+        train = train_ratio(coconut, repeats)
+        log(f"proxy train step ({LAYERS} layers x {WIDTH}, batch {BATCH} x {train['seq_len']} tokens, 1 thread): "
+            f"no latents {train['stage_0_s'] * 1e3:.1f} ms, {LATENTS} latents {train[f'stage_{LATENTS}_s'] * 1e3:.1f} ms, "
+            f"ratio {train['ratio']:.2f}x (target <= {TARGET_RATIO}x)")
+        model.eval()
+        decode = decode_per_token(model, coconut, repeats)
+        log(f"proxy decoding at batch 1: ours {decode['ours_s_per_token'] * 1e3:.2f} ms/token, naive "
+            f"{decode['naive_s_per_token'] * 1e3:.2f} ms/token ({decode['naive_over_ours']:.1f}x)")
+    finally:
+        torch.set_num_threads(threads)
+    return {"model": {"n_layer": LAYERS, "n_embd": WIDTH, "n_head": HEADS, "vocab": SHAPE.vocab}, "threads": 1,
+            "train": train, "decode": decode}
+
+
+if __name__ == "__main__":
+    run()
+    sys.exit(0)
