@@ -267,7 +267,7 @@ class Coconut(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            use_cache=True,
+            use_cache=cache is not None,
             **{self._cache_kwarg: cache},
         )
         return out.last_hidden_state
@@ -285,12 +285,13 @@ class Coconut(nn.Module):
         segments = list(zip(bounds[:-1], bounds[1:]))
         return segments + [None] * (n_passes - len(segments))
 
-    def _run_passes(self, input_ids, attention_mask, position_ids, sync: bool, cache=None):
+    def _run_passes(self, input_ids, attention_mask, position_ids, sync: bool, cache=None, keep_cache=True):
         """Run the decoder pass by pass, filling latents from last hidden states.
 
         Returns (inputs_embeds, hidden, cache, padding_term): inputs_embeds and hidden
         are (batch, seq, hidden); padding_term is a zero tying empty passes (sync only)
-        into the graph so all ranks run one backward.
+        into the graph so all ranks run one backward. keep_cache=False (training) runs a
+        batch without latents, one pass, without a cache.
         """
         token_embeds = self.embedding(input_ids)  # (batch, seq, hidden)
         columns = latent_columns(input_ids, self.latent_token_id)
@@ -300,7 +301,7 @@ class Coconut(nn.Module):
         segments = self._segments(input_ids.shape[1], columns, n_passes)
         is_latent = input_ids == self.latent_token_id  # (batch, seq)
 
-        if cache is None:
+        if cache is None and (keep_cache or len(segments) > 1):
             cache = new_cache(self.base_causallm.config, not torch.is_grad_enabled(), self.cache_class)
         chunks, hiddens, padding_term = [], [], token_embeds.new_zeros(())
         filled = None  # (batch, hidden): value for the latent at column `start`, if any
@@ -332,7 +333,7 @@ class Coconut(nn.Module):
         if position_ids is None:
             position_ids = ((attention_mask.cumsum(1) - 1).clamp(min=0) * attention_mask).long()
         inputs_embeds, hidden, _, padding_term = self._run_passes(
-            input_ids, attention_mask, position_ids, sync=self.sync_passes_across_ranks
+            input_ids, attention_mask, position_ids, sync=self.sync_passes_across_ranks, keep_cache=False
         )  # hidden: (batch, seq, hidden)
         loss = None
         if labels is not None:
