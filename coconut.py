@@ -15,6 +15,7 @@ This module knows nothing of files, configs or ranks, except one collective used
 when several processes must run the same number of forward passes (FSDP).
 """
 
+import contextlib
 import inspect
 import json
 import os
@@ -238,8 +239,10 @@ class Coconut(nn.Module):
         self.sync_passes_across_ranks = False
         decoder_args = inspect.signature(base_causallm.base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in decoder_args else "past_key_values"
-        # compiling.compile_blocks sets a cache whose update stays outside compiled graphs
+        # compiling.compile_blocks sets a cache whose update stays outside compiled graphs,
+        # and compiled_blocks: one-column passes then run eagerly (see _pass_mode)
         self.cache_class = DynamicCache
+        self.compiled_blocks = False
         # how generate() decoded last: "eager", "static-cache" or "cuda-graph" (bench/gpu_bench.py reports it)
         self.last_decode_path = None
         # on CUDA, decode with a preallocated cache and CUDA-graph steps (compiling.py)
@@ -271,6 +274,14 @@ class Coconut(nn.Module):
             **{self._cache_kwarg: cache},
         )
         return out.last_hidden_state
+
+    def _pass_mode(self, width: int):
+        """With compiled blocks, a one-column pass (a latent, a decoded token) runs eagerly:
+        it is dispatch-bound, and a compiled block's guards and runtime wrappers cost more
+        than the few kernels they would save (measured: 2x slower latent steps)."""
+        if self.compiled_blocks and width == 1:
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
 
     @staticmethod
     def _segments(seq_len: int, columns: list, n_passes: int) -> list:
@@ -315,7 +326,8 @@ class Coconut(nn.Module):
             if filled is not None:
                 first = torch.where(is_latent[:, start, None], filled, chunk[:, 0])  # (batch, hidden)
                 chunk = first[:, None] if end - start == 1 else torch.cat([first[:, None], chunk[:, 1:]], dim=1)
-            hidden = self._decoder_pass(chunk, attention_mask[:, :end], position_ids[:, start:end], cache)
+            with self._pass_mode(end - start):
+                hidden = self._decoder_pass(chunk, attention_mask[:, :end], position_ids[:, start:end], cache)
             chunks.append(chunk)
             hiddens.append(hidden)
             filled = hidden[:, -1]  # last layer, after the final norm
@@ -398,7 +410,8 @@ class Coconut(nn.Module):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             positions = (lengths + step)[:, None]
-            hidden = self._decoder_pass(self.embedding(token[:, None]), attention_mask, positions, cache)
+            with self._pass_mode(1):
+                hidden = self._decoder_pass(self.embedding(token[:, None]), attention_mask, positions, cache)
             next_token = self.lm_head(hidden[:, -1]).argmax(-1)
             step += 1
         return state.generated, state.n_kept

@@ -13,10 +13,16 @@ the blocks with varying shapes (the first piece, one column per latent, the rest
   attributes such as `layer_idx` are not specialised, so layers share graphs instead
   of compiling one per layer.
 
+- a pass over one column (a latent, a decoded token) runs the blocks eagerly
+  (`Coconut._pass_mode`): it is dispatch-bound, and a compiled block's guards and
+  runtime wrappers cost more than the kernels they save (measured on a CPU proxy and
+  an H100: latent steps twice as slow compiled). Compiled: the batch without latents
+  (one pass, no cache: one graph per block), the first piece and the rest.
+
 The bound: at most RECOMPILE_LIMIT graphs per compiled code object (block forward,
 attention forward, and the pieces around the cache update), however many layers;
-measured on GPT-2: 10 graphs in all for a training step mixing stages. Past that,
-dynamo runs the block eagerly (correct, slower) and says so in a warning.
+measured on GPT-2: 7 to 11 graphs in all for training steps at stages 0 and 6. Past
+that, dynamo runs the block eagerly (correct, slower) and says so in a warning.
 
 `captured_decoder(coconut, shape, max_new_tokens)` (CUDA only, used by
 `Coconut.generate`): the prompt's passes fill a preallocated KV cache
@@ -64,8 +70,9 @@ def compile_blocks(model, **compile_kwargs) -> int:
     blocks = block_modules(base)
     for block in blocks:
         block.compile(**{"dynamic": True, **compile_kwargs})
-    if hasattr(model, "cache_class"):
+    if hasattr(model, "cache_class"):  # a Coconut
         model.cache_class = CompileFriendlyCache
+        model.compiled_blocks = True
     return len(blocks)
 
 

@@ -54,7 +54,7 @@ def train_ratio(coconut, repeats: int) -> dict:
 
     def step(k):
         coconut.zero_grad(set_to_none=True)
-        coconut(**batches[k]).loss.backward()
+        coconut(**batches[k], return_logits=False).loss.backward()  # as the trainer calls it
 
     for k in (0, LATENTS, 0, LATENTS):  # warm-up
         step(k)
