@@ -296,13 +296,15 @@ class Coconut(nn.Module):
         segments = list(zip(bounds[:-1], bounds[1:]))
         return segments + [None] * (n_passes - len(segments))
 
-    def _run_passes(self, input_ids, attention_mask, position_ids, sync: bool, cache=None, keep_cache=True):
+    def _run_passes(self, input_ids, attention_mask, position_ids, sync: bool, cache=None, keep_cache=True,
+                    one_column_pass=None):
         """Run the decoder pass by pass, filling latents from last hidden states.
 
         Returns (inputs_embeds, hidden, cache, padding_term): inputs_embeds and hidden
         are (batch, seq, hidden); padding_term is a zero tying empty passes (sync only)
         into the graph so all ranks run one backward. keep_cache=False (training) runs a
-        batch without latents, one pass, without a cache.
+        batch without latents, one pass, without a cache. one_column_pass, if given,
+        replaces _decoder_pass for passes over one column (the captured decoding step).
         """
         token_embeds = self.embedding(input_ids)  # (batch, seq, hidden)
         columns = latent_columns(input_ids, self.latent_token_id)
@@ -326,8 +328,9 @@ class Coconut(nn.Module):
             if filled is not None:
                 first = torch.where(is_latent[:, start, None], filled, chunk[:, 0])  # (batch, hidden)
                 chunk = first[:, None] if end - start == 1 else torch.cat([first[:, None], chunk[:, 1:]], dim=1)
+            run_pass = one_column_pass if (one_column_pass is not None and end - start == 1) else self._decoder_pass
             with self._pass_mode(end - start):
-                hidden = self._decoder_pass(chunk, attention_mask[:, :end], position_ids[:, start:end], cache)
+                hidden = run_pass(chunk, attention_mask[:, :end], position_ids[:, start:end], cache)
             chunks.append(chunk)
             hiddens.append(hidden)
             filled = hidden[:, -1]  # last layer, after the final norm
@@ -388,9 +391,10 @@ class Coconut(nn.Module):
         self.last_decode_path = "eager"
         return self._assemble(input_ids, prompt_mask, generated, n_kept)
 
-    def _prefill(self, input_ids, prompt_mask, position_ids, synced_gpus, cache=None):
+    def _prefill(self, input_ids, prompt_mask, position_ids, synced_gpus, cache=None, one_column_pass=None):
         """Fill the prompts' latents; returns ((batch,) first tokens, cache)."""
-        _, hidden, cache, _ = self._run_passes(input_ids, prompt_mask, position_ids, synced_gpus, cache)
+        _, hidden, cache, _ = self._run_passes(input_ids, prompt_mask, position_ids, synced_gpus, cache,
+                                               one_column_pass=one_column_pass)
         last_col = (torch.arange(input_ids.shape[1], device=input_ids.device) * prompt_mask).argmax(1)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_col]  # (batch, hidden)
         return self.lm_head(last).argmax(-1), cache

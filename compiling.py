@@ -26,8 +26,9 @@ that, dynamo runs the block eagerly (correct, slower) and says so in a warning.
 
 `captured_decoder(coconut, shape, max_new_tokens)` (CUDA only, used by
 `Coconut.generate`): the prompt's passes fill a preallocated KV cache
-(transformers' StaticCache); each new token is then one call of a step compiled with
-mode="reduce-overhead" (a CUDA graph replay), with fixed shapes: the cache length is
+(transformers' StaticCache); each one-column pass (every latent, then every new token)
+is one call of a step compiled with mode="reduce-overhead" (a CUDA graph replay), with
+fixed shapes (the prompt's longer pieces run eagerly): the cache length is
 rounded up to a multiple of CACHE_BUCKET, so a batch size and a bucket make one graph.
 Any failure disables it for that model and generation falls back to the eager loop.
 """
@@ -94,11 +95,19 @@ class CapturedDecoder:
         self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if capture else self._step
         self._caches = {}  # (batch, capacity, dtype) -> StaticCache, reused: graphs keep its addresses
 
-    def _step(self, token, mask, positions, cache):
-        """(batch,) next tokens after feeding `token` (batch,) at `positions` (batch, 1)."""
+    def _step(self, embeds, mask, positions, cache):
+        """One column through the model: embeds (batch, 1, hidden) at positions (batch, 1),
+        mask (batch, capacity). Returns its last hidden state (batch, 1, hidden) (a latent's
+        value) and the greedy next token (batch,)."""
         coconut = self.coconut
-        hidden = coconut._decoder_pass(coconut.embedding(token[:, None]), mask, positions, cache)
-        return coconut.lm_head(hidden[:, -1]).argmax(-1)
+        hidden = coconut._decoder_pass(embeds, mask, positions, cache)
+        return hidden, coconut.lm_head(hidden[:, -1]).argmax(-1)
+
+    def _call_step(self, embeds, mask, positions, cache):
+        if self.capture:  # the graph's outputs are overwritten by its next replay: copy them
+            torch.compiler.cudagraph_mark_step_begin()
+        hidden, token = self.step(embeds, mask, positions, cache)
+        return hidden.clone(), token.clone()
 
     def disable(self, error) -> None:
         import warnings
@@ -128,9 +137,13 @@ class CapturedDecoder:
         capacity = -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled() else None
         cache = self._cache(batch, capacity, dtype)
-        next_token, cache = coconut._prefill(input_ids, prompt_mask, position_ids, False, cache)
         mask = prompt_mask.new_zeros(batch, capacity)  # (batch, capacity): the cache's columns in use
         mask[:, :width] = prompt_mask
+
+        def latent_pass(embeds, prefix_mask, positions, cache):  # the prompt's one-column passes
+            return self._call_step(embeds, mask, positions, cache)[0]
+
+        next_token, cache = coconut._prefill(input_ids, prompt_mask, position_ids, False, cache, latent_pass)
         lengths = prompt_mask.sum(1)  # (batch,)
         state = DecodeState(input_ids.new_full((batch, max_new_tokens), eos), torch.zeros_like(lengths),
                             torch.zeros(batch, dtype=torch.bool, device=input_ids.device))
@@ -139,9 +152,7 @@ class CapturedDecoder:
             if step == max_new_tokens - 1 or bool(state.done.all()):
                 break
             mask[:, width + step] = 1
-            if self.capture:
-                torch.compiler.cudagraph_mark_step_begin()
-            next_token = self.step(token, mask, (lengths + step)[:, None], cache).clone()
+            _, next_token = self._call_step(coconut.embedding(token[:, None]), mask, (lengths + step)[:, None], cache)
         return state.generated, state.n_kept
 
 
