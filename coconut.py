@@ -7,8 +7,13 @@ which puts the i-th latent of every example in the same column; that lets pass i
 fill the i-th latents of the whole batch at once and reuse the KV cache, so a step
 with N latents costs one forward over the sequence split into N + 1 pieces.
 
+The passes run the transformer stack alone (`base_causallm.base_model`): a latent
+needs only the last hidden state, so no LM head and no per-layer hidden states there.
+The loss applies the LM head only where labels are supervised, in chunks.
+
     model = Coconut(AutoModelForCausalLM.from_pretrained(...), latent_id, start_id, end_id, eos_id)
     out = model(**batch)            # out.loss, out.logits, out.inputs_embeds
+    out = model(**batch, return_logits=False)   # training: the same loss, no (batch, seq, vocab) logits
     tokens = model.generate(**prompt_batch, max_new_tokens=64)
 
 This module knows nothing of files, configs or ranks, except one collective used
@@ -155,8 +160,8 @@ def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Line
     """Mean cross-entropy of next-token logits over every supervised token of the batch.
 
     hidden (batch, seq, hidden), labels (batch, seq) with -100 where unsupervised. The
-    LM head runs only on the positions whose next label is supervised (SPEC 4's loss:
-    shifted logits, one mean over the batch's tokens). NaN when nothing is supervised,
+    LM head runs only on the positions whose next label is supervised (DESIGN §4's
+    loss: shifted logits, one mean over the batch's tokens). NaN when nothing is supervised,
     as F.cross_entropy gives.
     """
     targets = labels[:, 1:]  # (batch, seq - 1): the token each position predicts
@@ -256,7 +261,7 @@ class Coconut(nn.Module):
     @property
     def decoder(self) -> nn.Module:
         """The transformer stack without the LM head (GPT2Model, LlamaModel, ...): its
-        last_hidden_state is after the final norm, i.e. hidden_states[-1] (SPEC 4)."""
+        last_hidden_state is after the final norm, i.e. hidden_states[-1] (DESIGN §4)."""
         return self.base_causallm.base_model
 
     @property

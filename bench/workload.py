@@ -23,7 +23,7 @@ IGNORE_INDEX = -100
 
 
 def aligned_collate(features: list, pad_id: int, latent_id: int) -> dict:
-    """SPEC 3's layout, as dataset.MyCollator makes it (tests/test_bench.py checks they
+    """DESIGN §3's layout, as dataset.MyCollator makes it (tests/test_bench.py checks they
     agree), for machines without the `datasets` package that dataset.py imports (the GPU
     benchmark's): examples with latents are left-padded so their first latents share a
     column, then all are right-padded. Pads: pad_id, attention 0, position 0, label -100."""
