@@ -252,6 +252,31 @@ def section_generation(b: Bench) -> dict:
     return result
 
 
+def markdown_table(result) -> str:
+    """Issue 13's table: published algorithm, ours, ours compiled."""
+    tr, comp, gen = result.get("training"), result.get("compile"), result.get("generation")
+    comp = comp if comp and "skipped" not in comp else None
+    ms = lambda e: f"{e['s_per_step'] * 1e3:.0f} ms (MFU {fmt_mfu(e)})"  # noqa: E731
+    lines = [f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}",
+             "", "| measure | published algorithm | ours | ours, compile: True |", "|---|---|---|---|"]
+    if tr:
+        for k in (0, 6):
+            lines.append(f"| train step, stage {k} (fwd+bwd) | {ms(tr['naive'][f'stage_{k}'])} | {ms(tr['ours'][f'stage_{k}'])} | "
+                         + (ms(comp[f"stage_{k}"]) if comp else "-") + " |")
+        lines.append(f"| stage 6 / stage 0 | {tr['naive']['stage_6_over_0']:.1f}x | {tr['ours']['stage_6_over_0']:.2f}x | "
+                     + (f"{comp['stage_6_over_0']:.2f}x" if comp else "-") + " |")
+    if gen:
+        for bs in sorted({bs for p in gen["paths"].values() for bs in p.get("batches", {})}, key=int, reverse=True):
+            cells = []
+            for path in ("eager", "cuda_graph"):
+                e = gen["paths"].get(path, {}).get("batches", {}).get(bs)
+                ran = gen["paths"].get(path, {}).get("decode_path")
+                cells.append(f"{e['speedup_vs_naive']:.1f}x ({e['questions_per_s']:.1f} questions/s, ran {ran})" if e else "-")
+            lines.append(f"| generation, batch {bs}, vs the naive loop ({gen['naive_questions_per_s']:.2f} questions/s) | 1x | "
+                         f"eager decoding: {cells[0]} | CUDA-graph decoding: {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Coconut on one CUDA GPU: training MFU and generation throughput")
     parser.add_argument("--batch", type=int, default=32, help="training batch size")
@@ -301,6 +326,7 @@ def main(argv=None):
         for k in (0, 6):
             print(f"MFU stage {k}: eager {fmt_mfu(tr['ours'][f'stage_{k}'])}, compiled {fmt_mfu(comp[f'stage_{k}'])}")
     result["wall_s"] = b.elapsed()
+    print("\n" + markdown_table(result) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} in {result['wall_s']:.0f} s")

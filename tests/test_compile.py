@@ -68,3 +68,19 @@ def test_compiled_blocks_match_eager():
 @pytest.mark.slow
 def test_inductor_compiled_blocks_match_eager():
     check_compiled_matches_eager("inductor", generate=True)
+
+
+@pytest.mark.slow
+def test_compile_under_fsdp2_with_two_processes(tmp_path, gpt2_folder, chain_data):
+    """compile: True through run.py under torchrun: compiled blocks sharded by FSDP2, ranks
+    with different latent counts (so one-column passes and dummy passes), then evaluation."""
+    from test_run import RUN_PY, acc_lines, free_port, keys_for, run_sub, write_cfg
+
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "compiled", coconut=True, max_latent_stage=2,
+                    pad_latent_to_max=False, uniform_prob=0.5, batch_size_training=4, batch_size_eval=4,
+                    compile=True)
+    cfg = write_cfg(tmp_path / "cfg.yaml", keys)
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), RUN_PY, cfg]
+    proc = run_sub(args, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(acc_lines(proc.stdout)) == 2 and "Running FSDP on rank = 0, world size = 2" in proc.stdout
