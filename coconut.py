@@ -151,9 +151,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
-        scale = lambda g, dtype: None if g is None else (g * grad_total).to(dtype)  # noqa: E731
-        return (scale(grad_hidden, grad_hidden.dtype if grad_hidden is not None else None),
-                scale(grad_weight, weight_dtype), scale(grad_bias, bias_dtype), None)
+
+        def scaled(grad, dtype):
+            return None if grad is None else (grad * grad_total).to(dtype)
+
+        return (scaled(grad_hidden, None if grad_hidden is None else grad_hidden.dtype),
+                scaled(grad_weight, weight_dtype), scaled(grad_bias, bias_dtype), None)
 
 
 def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
