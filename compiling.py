@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache
 
 RECOMPILE_LIMIT = 32
-CACHE_BUCKET = 128  # static cache lengths are rounded up to a multiple of this
+CACHE_BUCKET = 256  # static cache lengths are rounded up to a multiple of this (few shapes, few graphs)
 
 
 class CompileFriendlyCache(DynamicCache):
