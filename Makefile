@@ -39,6 +39,10 @@ demo: venv
 	rm -rf checkpoints/demo
 	WANDB_MODE=disabled OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) run.py args/demo.yaml
 
+# `make bench`: CPU benchmarks against the naive algorithm (bench/bench.py: step time per
+# stage, memory, generation), the dispatch-bound proxy of a GPU step (bench/proxy.py), and,
+# after `make demo`, one epoch of args/demo.yaml (temporary checkpoints, wandb disabled).
+# Under 10 minutes on 2 cores; writes bench/results/ only.
 bench: venv
 	$(PY) bench/bench.py
 

@@ -7,14 +7,20 @@ which puts the i-th latent of every example in the same column; that lets pass i
 fill the i-th latents of the whole batch at once and reuse the KV cache, so a step
 with N latents costs one forward over the sequence split into N + 1 pieces.
 
+The passes run the transformer stack alone (`base_causallm.base_model`): a latent
+needs only the last hidden state, so no LM head and no per-layer hidden states there.
+The loss applies the LM head only where labels are supervised, in chunks.
+
     model = Coconut(AutoModelForCausalLM.from_pretrained(...), latent_id, start_id, end_id, eos_id)
     out = model(**batch)            # out.loss, out.logits, out.inputs_embeds
+    out = model(**batch, return_logits=False)   # training: the same loss, no (batch, seq, vocab) logits
     tokens = model.generate(**prompt_batch, max_new_tokens=64)
 
 This module knows nothing of files, configs or ranks, except one collective used
 when several processes must run the same number of forward passes (FSDP).
 """
 
+import contextlib
 import inspect
 import json
 import os
@@ -35,7 +41,7 @@ from utils import METHODS
 class CoconutOutput:
     loss: Optional[torch.Tensor]
     inputs_embeds: torch.Tensor  # (batch, seq, hidden), latents filled
-    logits: torch.Tensor  # (batch, seq, vocab)
+    logits: Optional[torch.Tensor]  # (batch, seq, vocab); None with return_logits=False
 
 
 class LatentLayoutError(ValueError):
@@ -104,6 +110,93 @@ def align_latents(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_
     return new_ids, new_mask, position_ids
 
 
+# Rows of the LM head's logits computed at once by the loss: (rows, vocab) fp32 at a time,
+# about 200 MB for GPT-2's vocabulary, never (batch, seq, vocab).
+LOSS_CHUNK_ROWS = 1024
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of F.linear(hidden, weight, bias) against targets, chunk by chunk.
+
+    The gradients are computed in the forward, chunk by chunk, so neither the logits nor
+    their fp32 softmax are kept for the backward; the backward scales them. Same sums
+    and the same gradients as the plain cross-entropy of the full logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        # hidden (n, hidden), weight (vocab, hidden), bias (vocab,) or None, targets (n,)
+        needs = ctx.needs_input_grad
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
+        for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
+            rows = hidden[start : start + LOSS_CHUNK_ROWS]
+            target = targets[start : start + LOSS_CHUNK_ROWS, None]  # (rows, 1)
+            logits = F.linear(rows, weight, bias)  # (rows, vocab), autocast's dtype
+            log_probs = logits.float().log_softmax(-1)
+            total = total - log_probs.gather(1, target).sum()
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+            grad_logits = log_probs.exp_().scatter_add_(1, target, log_probs.new_full(target.shape, -1.0))
+            grad_logits = grad_logits.to(logits.dtype)  # d(sum of losses) / d(logits)
+            if grad_hidden is not None:
+                grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ weight.to(logits.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ rows.to(logits.dtype)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+
+        def scaled(grad, dtype):
+            return None if grad is None else (grad * grad_total).to(dtype)
+
+        return (scaled(grad_hidden, None if grad_hidden is None else grad_hidden.dtype),
+                scaled(grad_weight, weight_dtype), scaled(grad_bias, bias_dtype), None)
+
+
+def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+    """Mean cross-entropy of next-token logits over every supervised token of the batch.
+
+    hidden (batch, seq, hidden), labels (batch, seq) with -100 where unsupervised. The
+    LM head runs only on the positions whose next label is supervised (DESIGN §4's
+    loss: shifted logits, one mean over the batch's tokens). NaN when nothing is supervised,
+    as F.cross_entropy gives.
+    """
+    targets = labels[:, 1:]  # (batch, seq - 1): the token each position predicts
+    supervised = targets != -100
+    rows = hidden[:, :-1][supervised]  # (n, hidden)
+    total = _LinearCrossEntropy.apply(rows, lm_head.weight, lm_head.bias, targets[supervised])
+    return total / supervised.sum()
+
+
+@dataclass
+class DecodeState:
+    """What greedy decoding has produced so far, one row per prompt."""
+
+    generated: torch.Tensor  # (batch, max_new_tokens): kept tokens, then EOS
+    n_kept: torch.Tensor  # (batch,) tokens kept per row
+    done: torch.Tensor  # (batch,) bool: the row has stopped
+
+    def record(self, step: int, next_token, max_new_tokens: int, eos: int) -> torch.Tensor:
+        """Store step's token (EOS for finished rows); returns the token fed back."""
+        if 0 < step < max_new_tokens:  # published: the first token is kept even when it is EOS
+            self.done |= next_token == eos
+        token = torch.where(self.done, torch.full_like(next_token, eos), next_token)
+        if step < max_new_tokens:
+            self.generated[:, step] = token
+            self.n_kept += (~self.done).long()
+        return token
+
+
 class _BufferedLayer(DynamicLayer):
     """A cache layer for decoding without gradients: keys and values go into a buffer
     that doubles when full, instead of a new concatenated copy for every token."""
@@ -137,9 +230,9 @@ class _BufferedLayer(DynamicLayer):
         super().reset()
 
 
-def new_cache(config, buffered: bool) -> DynamicCache:
+def new_cache(config, buffered: bool, cache_class=DynamicCache) -> DynamicCache:
     """A transformers 5 cache; buffered (no-grad decoding only) avoids a copy per token."""
-    cache = DynamicCache(config=config)
+    cache = cache_class(config=config)
     if buffered:
         cache.layers = [_BufferedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
@@ -159,27 +252,51 @@ class Coconut(nn.Module):
         # Set by the launcher under FSDP: every process must run as many forward passes
         # of the base model as the others, or the sharded collectives deadlock.
         self.sync_passes_across_ranks = False
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(base_causallm.forward).parameters else "past_key_values"
-        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(base_causallm.forward).parameters
+        decoder_args = inspect.signature(base_causallm.base_model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in decoder_args else "past_key_values"
+        # compiling.compile_blocks sets a cache whose update stays outside compiled graphs,
+        # and compiled_blocks: one-column passes then run eagerly (see _pass_mode)
+        self.cache_class = DynamicCache
+        self.compiled_blocks = False
+        # how generate() decoded last: "eager", "static-cache" or "cuda-graph" (bench/gpu_bench.py reports it)
+        self.last_decode_path = None
+        # on CUDA, decode with a preallocated cache and CUDA-graph steps (compiling.py)
+        self.cuda_graphs = True
 
     @property
     def embedding(self) -> nn.Module:
         # a property, not a submodule: the state dict keeps only `base_causallm.*` keys
         return self.base_causallm.get_input_embeddings()
 
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer stack without the LM head (GPT2Model, LlamaModel, ...): its
+        last_hidden_state is after the final norm, i.e. hidden_states[-1] (DESIGN §4)."""
+        return self.base_causallm.base_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base_causallm.get_output_embeddings()
+
     # ----------------------------------------------------------------- passes
-    def _base_pass(self, embeds, attention_mask, position_ids, cache, logits_to_keep=None):
-        kwargs = {self._cache_kwarg: cache}
-        if logits_to_keep is not None and self._takes_logits_to_keep:
-            kwargs["logits_to_keep"] = logits_to_keep
-        return self.base_causallm(
+    def _decoder_pass(self, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
+        """(batch, len, hidden) last hidden states of one pass; no LM head, no all-layer list."""
+        out = self.decoder(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            use_cache=True,
-            output_hidden_states=True,
-            **kwargs,
+            use_cache=cache is not None,
+            **{self._cache_kwarg: cache},
         )
+        return out.last_hidden_state
+
+    def _pass_mode(self, width: int):
+        """With compiled blocks, a one-column pass (a latent, a decoded token) runs eagerly:
+        it is dispatch-bound, and a compiled block's guards and runtime wrappers cost more
+        than the few kernels they would save (measured: 2x slower latent steps)."""
+        if self.compiled_blocks and width == 1:
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
 
     @staticmethod
     def _segments(seq_len: int, columns: list, n_passes: int) -> list:
@@ -194,13 +311,15 @@ class Coconut(nn.Module):
         segments = list(zip(bounds[:-1], bounds[1:]))
         return segments + [None] * (n_passes - len(segments))
 
-    def _run_passes(self, input_ids, attention_mask, position_ids, sync: bool, logit_cols=None):
-        """Run the base model pass by pass, filling latents from hidden states.
+    def _run_passes(self, input_ids, attention_mask, position_ids, sync: bool, cache=None, keep_cache=True,
+                    one_column_pass=None):
+        """Run the decoder pass by pass, filling latents from last hidden states.
 
-        logit_cols=None keeps the logits of every column: (batch, seq, vocab).
-        logit_cols=(batch,) column indices keeps only those: (batch, vocab).
-        Returns (inputs_embeds, logits, cache, padding_term); padding_term is a zero
-        tying empty passes (sync only) into the graph so all ranks run one backward.
+        Returns (inputs_embeds, hidden, cache, padding_term): inputs_embeds and hidden
+        are (batch, seq, hidden); padding_term is a zero tying empty passes (sync only)
+        into the graph so all ranks run one backward. keep_cache=False (training) runs a
+        batch without latents, one pass, without a cache. one_column_pass, if given,
+        replaces _decoder_pass for passes over one column (the captured decoding step).
         """
         token_embeds = self.embedding(input_ids)  # (batch, seq, hidden)
         columns = latent_columns(input_ids, self.latent_token_id)
@@ -208,72 +327,48 @@ class Coconut(nn.Module):
         if sync:
             n_passes = _all_ranks_max(n_passes, input_ids.device)
         segments = self._segments(input_ids.shape[1], columns, n_passes)
+        is_latent = input_ids == self.latent_token_id  # (batch, seq)
 
-        cache = new_cache(self.base_causallm.config, buffered=not torch.is_grad_enabled())
-        chunks, logit_chunks, padding_term = [], [], token_embeds.new_zeros(())
-        kept_logits = None
+        if cache is None and (keep_cache or len(segments) > 1):
+            cache = new_cache(self.base_causallm.config, not torch.is_grad_enabled(), self.cache_class)
+        chunks, hiddens, padding_term = [], [], token_embeds.new_zeros(())
         filled = None  # (batch, hidden): value for the latent at column `start`, if any
         for segment in segments:
             if segment is None:  # another rank still fills latents: run a matching pass
-                dummy = self.base_causallm(inputs_embeds=token_embeds[:, :1], attention_mask=attention_mask[:, :1])
-                padding_term = padding_term + 0.0 * dummy.logits.float().sum()
+                dummy = self.decoder(inputs_embeds=token_embeds[:, :1], attention_mask=attention_mask[:, :1])
+                padding_term = padding_term + 0.0 * dummy.last_hidden_state.float().sum()
                 continue
             start, end = segment
             chunk = token_embeds[:, start:end]
             if filled is not None:
-                is_latent = (input_ids[:, start] == self.latent_token_id)[:, None]  # (batch, 1)
-                first = torch.where(is_latent, filled, chunk[:, 0])
-                chunk = torch.cat([first[:, None], chunk[:, 1:]], dim=1)
-            keep = None if logit_cols is None else self._columns_to_keep(logit_cols, start, end)
-            out = self._base_pass(chunk, attention_mask[:, :end], position_ids[:, start:end], cache, keep)
+                first = torch.where(is_latent[:, start, None], filled, chunk[:, 0])  # (batch, hidden)
+                chunk = first[:, None] if end - start == 1 else torch.cat([first[:, None], chunk[:, 1:]], dim=1)
+            run_pass = one_column_pass if (one_column_pass is not None and end - start == 1) else self._decoder_pass
+            with self._pass_mode(end - start):
+                hidden = run_pass(chunk, attention_mask[:, :end], position_ids[:, start:end], cache)
             chunks.append(chunk)
-            if logit_cols is None:
-                logit_chunks.append(out.logits)
-            else:
-                kept_logits = self._gather_kept(out.logits, keep, logit_cols, start, end, kept_logits)
-            filled = out.hidden_states[-1][:, -1]  # last layer, after the final norm
-        inputs_embeds = torch.cat(chunks, dim=1)
-        if logit_cols is not None:
-            logits = kept_logits
-        else:  # one chunk (no latents) needs no copy of the (batch, seq, vocab) logits
-            logits = logit_chunks[0] if len(logit_chunks) == 1 else torch.cat(logit_chunks, dim=1)
-        return inputs_embeds, logits, cache, padding_term
-
-    def _columns_to_keep(self, logit_cols, start, end):
-        """Distinct wanted columns inside [start, end), relative to start (1 if none)."""
-        if not self._takes_logits_to_keep:
-            return None
-        inside = logit_cols[(logit_cols >= start) & (logit_cols < end)]
-        return torch.unique(inside) - start if inside.numel() else 1
-
-    def _gather_kept(self, logits, keep, logit_cols, start, end, kept):
-        """Copy into kept (batch, vocab) the logits of rows whose wanted column is here."""
-        rows = ((logit_cols >= start) & (logit_cols < end)).nonzero(as_tuple=True)[0]
-        if rows.numel() == 0:
-            return kept
-        if kept is None:
-            kept = logits.new_zeros(len(logit_cols), logits.shape[-1])
-        rel = logit_cols[rows] - start
-        where = rel if keep is None else torch.searchsorted(keep, rel)
-        kept[rows] = logits[rows, where]
-        return kept
+            hiddens.append(hidden)
+            filled = hidden[:, -1]  # last layer, after the final norm
+        if len(chunks) == 1:  # no latents: no copies
+            return chunks[0], hiddens[0], cache, padding_term
+        return torch.cat(chunks, dim=1), torch.cat(hiddens, dim=1), cache, padding_term
 
     # ----------------------------------------------------------------- training
-    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, **kwargs):
+    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, return_logits=True, **kwargs):
+        """loss (one mean over every supervised token), inputs_embeds and logits.
+
+        return_logits=False (what training uses) leaves logits None: the LM head then
+        runs only at supervised positions, inside the loss, never over (batch, seq, vocab).
+        """
         if position_ids is None:
             position_ids = ((attention_mask.cumsum(1) - 1).clamp(min=0) * attention_mask).long()
-        inputs_embeds, logits, _, padding_term = self._run_passes(
-            input_ids, attention_mask, position_ids, sync=self.sync_passes_across_ranks
-        )  # logits: (batch, seq, vocab)
+        inputs_embeds, hidden, _, padding_term = self._run_passes(
+            input_ids, attention_mask, position_ids, sync=self.sync_passes_across_ranks, keep_cache=False
+        )  # hidden: (batch, seq, hidden)
         loss = None
         if labels is not None:
-            # one mean over every supervised token of the batch
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
-            loss = loss + padding_term
+            loss = supervised_loss(hidden, labels, self.lm_head) + padding_term
+        logits = self.lm_head(hidden) if return_logits else None  # (batch, seq, vocab)
         return CoconutOutput(loss=loss, inputs_embeds=inputs_embeds, logits=logits)
 
     # ----------------------------------------------------------------- generation
@@ -285,38 +380,60 @@ class Coconut(nn.Module):
         its generated tokens, right-padded with EOS. As published, the first token is
         always kept and decoding stops at the next EOS. With synced_gpus every process
         runs forward passes until all processes are done.
+
+        On CUDA, without synced_gpus, the KV cache is preallocated and each token's
+        step is one captured CUDA graph (compiling.py); elsewhere, or if that cannot
+        run, the eager loop with a growing buffered cache.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, prompt_mask, position_ids = align_latents(
             input_ids, attention_mask, self.latent_token_id, self.eos_token_id
         )
+        decoder = None
+        if input_ids.device.type == "cuda" and self.cuda_graphs and not synced_gpus and max_new_tokens > 1:
+            from compiling import captured_decoder
+
+            decoder = captured_decoder(self, input_ids.shape, max_new_tokens)
+        if decoder is not None:
+            try:
+                generated, n_kept = decoder.run(input_ids, prompt_mask, position_ids, max_new_tokens)
+                self.last_decode_path = decoder.path
+                return self._assemble(input_ids, prompt_mask, generated, n_kept)
+            except Exception as error:  # noqa: BLE001 - any failure of the captured path: decode eagerly
+                decoder.disable(error)
+        generated, n_kept = self._decode_eager(input_ids, prompt_mask, position_ids, max_new_tokens, synced_gpus)
+        self.last_decode_path = "eager"
+        return self._assemble(input_ids, prompt_mask, generated, n_kept)
+
+    def _prefill(self, input_ids, prompt_mask, position_ids, synced_gpus, cache=None, one_column_pass=None):
+        """Fill the prompts' latents; returns ((batch,) first tokens, cache)."""
+        _, hidden, cache, _ = self._run_passes(input_ids, prompt_mask, position_ids, synced_gpus, cache,
+                                               one_column_pass=one_column_pass)
+        last_col = (torch.arange(input_ids.shape[1], device=input_ids.device) * prompt_mask).argmax(1)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_col]  # (batch, hidden)
+        return self.lm_head(last).argmax(-1), cache
+
+    def _decode_eager(self, input_ids, prompt_mask, position_ids, max_new_tokens, synced_gpus):
+        """(generated (batch, max_new_tokens), n_kept (batch,)) by the plain greedy loop."""
+        next_token, cache = self._prefill(input_ids, prompt_mask, position_ids, synced_gpus)
         batch = input_ids.shape[0]
         lengths = prompt_mask.sum(1)  # (batch,) real prompt tokens
-        last_col = (torch.arange(input_ids.shape[1], device=input_ids.device) * prompt_mask).argmax(1)
-        _, logits, cache, _ = self._run_passes(input_ids, prompt_mask, position_ids, synced_gpus, last_col)
-
-        generated = input_ids.new_full((batch, max_new_tokens), self.eos_token_id)
-        n_kept = torch.zeros_like(lengths)
-        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        next_token = logits.argmax(-1)  # (batch,)
+        state = DecodeState(input_ids.new_full((batch, max_new_tokens), self.eos_token_id), torch.zeros_like(lengths),
+                            torch.zeros(batch, dtype=torch.bool, device=input_ids.device))
         attention_mask = prompt_mask
         step = 0
         while True:  # under synced_gpus a finished process keeps stepping until all are done
-            if 0 < step < max_new_tokens:  # published: the first token is kept even when it is EOS
-                done |= next_token == self.eos_token_id
-            if step < max_new_tokens:
-                token = torch.where(done, torch.full_like(next_token, self.eos_token_id), next_token)
-                generated[:, step] = token
-                n_kept += (~done).long()
-            if self._stop(bool(done.all()) or step >= max_new_tokens - 1, synced_gpus, input_ids.device):
+            token = state.record(step, next_token, max_new_tokens, self.eos_token_id)
+            if self._stop(bool(state.done.all()) or step >= max_new_tokens - 1, synced_gpus, input_ids.device):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             positions = (lengths + step)[:, None]
-            out = self._base_pass(self.embedding(token[:, None]), attention_mask, positions, cache, logits_to_keep=1)
-            next_token = out.logits[:, -1].argmax(-1)
+            with self._pass_mode(1):
+                hidden = self._decoder_pass(self.embedding(token[:, None]), attention_mask, positions, cache)
+            next_token = self.lm_head(hidden[:, -1]).argmax(-1)
             step += 1
-        return self._assemble(input_ids, prompt_mask, generated, n_kept)
+        return state.generated, state.n_kept
 
     @staticmethod
     def _stop(locally_done: bool, synced_gpus: bool, device) -> bool:

@@ -134,13 +134,14 @@ def all_reduce_sum(values: list, env: DistEnv) -> list:
     return t.tolist()
 
 
-def block_classes(base_causallm) -> set:
-    """The model's own transformer block classes (what it says must not be split)."""
+def transformer_blocks(base_causallm) -> list:
+    """The model's own transformer blocks: modules of the classes it says must not be
+    split (`_no_split_modules`). The unit of sharding, checkpointing and compilation."""
     names = set(getattr(base_causallm, "_no_split_modules", None) or [])
-    classes = {type(m) for m in base_causallm.modules() if type(m).__name__ in names}
-    if not classes:
-        raise ValueError(f"{type(base_causallm).__name__} declares no _no_split_modules: cannot shard it")
-    return classes
+    blocks = [m for m in base_causallm.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(base_causallm).__name__} declares no _no_split_modules: no transformer blocks")
+    return blocks
 
 
 def shard(model, base_causallm, compute_dtype=None):
@@ -152,10 +153,8 @@ def shard(model, base_causallm, compute_dtype=None):
     """
     policy = MixedPrecisionPolicy() if compute_dtype is None else \
         MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    blocks = tuple(block_classes(base_causallm))
-    for module in base_causallm.modules():
-        if isinstance(module, blocks):
-            fully_shard(module, mp_policy=policy)
+    for block in transformer_blocks(base_causallm):
+        fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
 
@@ -178,17 +177,24 @@ def fill_from_main(model, source, env: DistEnv) -> None:
             dist.broadcast(buffer.view(torch.uint8) if buffer.dtype == torch.bool else buffer, src=0)
 
 
-def autocast_forward(module, compute_dtype, device: torch.device) -> None:
-    """Run `module`'s forward under torch.autocast: mixed precision without FSDP
-    (one process, or DDP for only_eval), parameters and optimizer left in fp32."""
-    forward = module.forward
+def autocast_forward(model, compute_dtype, device: torch.device) -> None:
+    """Run the model's forward (and generate) under torch.autocast: mixed precision
+    without FSDP (one process, or DDP for only_eval), parameters and optimizer left in
+    fp32. `model` is what the run calls: the Coconut wrapper, whose passes call the
+    base model's parts directly, or the base model itself."""
+    for name in ("forward", "generate"):
+        method = getattr(model, name, None)
+        if method is not None:
+            setattr(model, name, _in_autocast(method, device.type, compute_dtype))
 
-    @functools.wraps(forward)
-    def forward_in_autocast(*args, **kwargs):
-        with torch.autocast(device_type=device.type, dtype=compute_dtype):
-            return forward(*args, **kwargs)
 
-    module.forward = forward_in_autocast
+def _in_autocast(method, device_type: str, dtype):
+    @functools.wraps(method)
+    def in_autocast(*args, **kwargs):
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return method(*args, **kwargs)
+
+    return in_autocast
 
 
 def replicate(model, env: DistEnv):

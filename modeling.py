@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache
 
 from cli import UserError
 from coconut import Coconut
-from distributed import block_classes
+from distributed import transformer_blocks
 from layout import END, LATENT, START, LatentTokens
 WRAPPER_PREFIX = "base_causallm."
 # the published wrapper registered the input embedding as `embedding`, a second name
@@ -186,13 +186,10 @@ def checkpoint_blocks(base_causallm) -> int:
     training, which Coconut's latent passes need; here the cache stays on (see
     `_checkpointed`).
     """
-    blocks = tuple(block_classes(base_causallm))
-    count = 0
-    for module in base_causallm.modules():
-        if isinstance(module, blocks):
-            module.forward = functools.partial(_checkpointed, module.forward)
-            count += 1
-    return count
+    blocks = transformer_blocks(base_causallm)
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return len(blocks)
 
 
 def _checkpointed(forward, *args, **kwargs):

@@ -7,7 +7,8 @@
   only_eval: the whole model on the device. Sharded training (FSDP2): rank 0 builds the
   whole model as a lone process would, the others only its structure on the meta
   device (no memory); every rank shards it, then rank 0's weights fill the shards one
-  tensor at a time. `activation_checkpointing` and `mixed_precision` apply here.
+  tensor at a time. `activation_checkpointing`, `compile` and `mixed_precision` apply
+  here.
 """
 
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ def _find_start(config, log) -> Start:
         found = checkpoint.find_resume_point(config.save_dir, warn=log)
         if found is not None:
             epoch, state, train_state = found
-            log(f"Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
+            log("Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
             log(f"Loading from previous run epoch_{epoch}!")
             # {} (not None) for a published-layout checkpoint, which has no .state: it is a resume
             return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch), train_state or {})
@@ -101,8 +102,13 @@ def build_and_place(config, start: Start, env, log) -> tuple:
 
 
 def _prepare(built: BuiltModel, config, env) -> None:
+    """What applies to the blocks before sharding: checkpointing, then compilation."""
     if config.activation_checkpointing:
         checkpoint_blocks(built.base_causallm)
+    if config.compile:  # regional torch.compile of the transformer blocks
+        import compiling
+
+        compiling.compile_blocks(built.model)
     if isinstance(built.model, Coconut):  # FSDP: every process runs as many base-model passes
         built.model.sync_passes_across_ranks = env.distributed
 
@@ -114,7 +120,7 @@ def _place_whole(built: BuiltModel, config, env, log):
     model = built.model.to(env.device)
     compute_dtype = distributed.COMPUTE_DTYPES[config.mixed_precision]
     if compute_dtype is not None:
-        distributed.autocast_forward(built.base_causallm, compute_dtype, env.device)
+        distributed.autocast_forward(built.model, compute_dtype, env.device)
     if not env.distributed:
         log("Running on one process")
         return model

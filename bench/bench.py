@@ -8,9 +8,10 @@ Writes bench/results/bench.json and bench/results/step_time.png and prints a tab
 What is measured (model: GPT-2 4 layers, 256 wide, 4 heads, vocabulary 50257 + 3,
 random weights, dropout off; ProsQA-shaped batches from bench/workload.py):
 
-1. Training step time (forward + backward) at stages 0..6, c_thought 1, batch 16, ~300
-   tokens. Stage k puts k latents in place of k step tokens, so every stage has the same
-   length and only the latent filling differs. Coconut and the naive algorithm run on
+1. Training step time (forward + backward) at stages 0, 2, 4, 6 (--quick: every stage
+   0..6), c_thought 1, batch 16, ~300 tokens. Stage k puts k latents in place of k step
+   tokens, so every stage has the same length and only the latent filling differs.
+   Coconut and the naive algorithm run on
    the same batch, interleaved (the order alternates), each repeat times every stage of
    both; a stage's ratio is the median over repeats of (time at stage k / time at stage 0
    in the same repeat). Their losses must agree to 1e-4 (relative) at every stage.
@@ -27,7 +28,11 @@ random weights, dropout off; ProsQA-shaped batches from bench/workload.py):
    tokens is reported) over the naive one-question, no-cache loop. The naive loop is
    slow, so one new question per repeat is timed and its seconds per question compared;
    its outputs must equal Coconut's rows at every batch size. Target: 20x at batch 32.
-4. An epoch of args/demo.yaml through run.py, only when that config and its data exist.
+4. The dispatch-bound CPU proxy of bench/proxy.py (a GPU's latent passes on a CPU):
+   training step with 6 latents over the step with none (target <= 1.5x), and the
+   per-token decoding time at batch 1, ours and the naive loop's.
+5. One epoch of args/demo.yaml through run.py (temporary checkpoints, wandb disabled),
+   only when that config and its data exist (after `make demo`).
 
 Timing on a shared machine is noisy: measurements are interleaved and repeated, only
 ratios measured side by side are compared, and every time is taken both on the wall
@@ -92,7 +97,7 @@ class Setup:
 
 FULL = Setup(
     name="full", n_layer=4, n_embd=256, n_head=4, shape=workload.FULL, train_batch=16,
-    stages=list(range(7)), repeats=2, memory_repeats=1,  # 2 repeats keep `make bench` under 10 minutes
+    stages=[0, 2, 4, 6], repeats=2, memory_repeats=1,  # every other stage, 2 repeats: `make bench` in 10 minutes
     memory_algos=[("coconut", 0), ("coconut", 6), ("naive", 6)],
     gen_batches=[1, 8, 32], gen_questions={1: 4, 8: 16, 32: 32}, max_new_tokens=64,
 )
@@ -128,7 +133,7 @@ def build(setup: Setup, seed=0):
 def train_step(algo, model, coconut, batch, latent_id, rebuild=DEFAULT_REBUILD):
     """One forward + backward; returns the loss (float)."""
     if algo == "coconut":
-        loss = coconut(**batch).loss
+        loss = coconut(**batch, return_logits=False).loss  # as the trainer calls it
     else:
         loss = naive_train_step_forward(model, batch, latent_id, rebuild)
     loss.backward()
@@ -144,7 +149,7 @@ def bench_training(setup: Setup, log):
     log(f"training: batch {setup.train_batch}, widths {sorted({s[1] for s in seq.values()})}, "
         f"stages {setup.stages}, {setup.repeats} repeats, both algorithms interleaved")
     # warm-up, untimed: one Coconut step with a latent runs every code path both use
-    train_step("coconut", model, coconut, batches[min(1, max(setup.stages))], ids.latent)
+    train_step("coconut", model, coconut, batches[min((k for k in setup.stages if k), default=0)], ids.latent)
     model.zero_grad(set_to_none=True)
     times = {a: {k: [] for k in setup.stages} for a in ("coconut", "naive")}
     losses = {a: {} for a in ("coconut", "naive")}
@@ -236,7 +241,7 @@ def saved_activation_bytes(setup: Setup, algo: str, stage: int) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if algo == "coconut":
-            loss = coconut(**batch).loss
+            loss = coconut(**batch, return_logits=False).loss  # as the trainer calls it
         else:
             loss = naive_train_step_forward(model, batch, ids.latent, setup.naive_rebuild)
     del loss
@@ -370,8 +375,10 @@ def bench_generation(setup: Setup, log):
 
 
 # ----------------------------------------------------------------------------- demo epoch
-def bench_demo(log, timeout=900):
-    """Seconds per epoch of `run.py args/demo.yaml`, only when config, run.py and data exist."""
+def bench_demo(log, timeout=600):
+    """Seconds of ONE epoch of `run.py args/demo.yaml` (its first: stage 0, training and
+    evaluation), only when config, run.py and data exist. Writes nothing in the repository:
+    checkpoints go to a temporary folder and wandb is disabled."""
     config = ROOT / "args" / "demo.yaml"
     if not config.exists() or not (ROOT / "run.py").exists():
         return {"skipped": "args/demo.yaml or run.py not found"}
@@ -383,19 +390,26 @@ def bench_demo(log, timeout=900):
         return {"skipped": f"demo data not found ({missing}); run `make demo` first"}
     with tempfile.TemporaryDirectory() as tmp:
         cfg["save_path"] = tmp  # never resume from (or overwrite) the user's demo checkpoints
+        cfg["num_epochs"] = 1
         tmp_config = Path(tmp) / "demo.yaml"
         tmp_config.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "WANDB_MODE": "disabled"}
         t = time.perf_counter()
         out = subprocess.run([sys.executable, "run.py", str(tmp_config)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=timeout, check=False)
+                             timeout=timeout, check=False, env=env)
         wall = time.perf_counter() - t
     if out.returncode != 0:
         return {"skipped": f"run.py failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}"}
-    epochs = int(cfg.get("num_epochs", 1))
-    log(f"demo: {epochs} epochs in {wall:.1f} s")
-    # run.py does not report its train / evaluation split yet: whole epochs only
-    return {"epochs": epochs, "wall_s": wall, "s_per_epoch": wall / epochs, "train_s_per_epoch": None,
-            "eval_s_per_epoch": None}
+    log(f"demo: one epoch (stage 0) in {wall:.1f} s")
+    return {"epochs": 1, "wall_s": wall, "s_per_epoch": wall}
+
+
+# ----------------------------------------------------------------------------- dispatch-bound proxy
+def bench_proxy(log):
+    from bench import proxy
+
+    log("proxy: 12 layers x 64 wide, batch 4, ~60 tokens, 1 thread (bench/proxy.py)")
+    return proxy.run(log=lambda m: log("  " + m))
 
 
 # ----------------------------------------------------------------------------- report
@@ -442,13 +456,25 @@ def table(results) -> str:
         lines.append(f"target >= {TARGETS['generation_speedup_min_at_32']:.0f}x at batch {top}: "
                      f"{gen['batches'][top]['speedup_vs_naive']:.1f}x wall -> {'MET' if gen['target_met'] else 'MISSED'}, "
                      f"{gen['batches'][top]['speedup_cpu_vs_naive']:.1f}x cpu -> {'MET' if gen['target_met_cpu'] else 'MISSED'}")
+    proxy = results.get("proxy")
+    if proxy is not None and "skipped" not in proxy:
+        tr, dec = proxy["train"], proxy["decode"]
+        with_latents = tr[f"stage_{tr['latents']}_s"]
+        lines.append("")
+        lines.append(f"Dispatch-bound proxy (GPT-2 {proxy['model']['n_layer']} layers x {proxy['model']['n_embd']}, "
+                     f"batch {tr['batch']} x {tr['seq_len']} tokens, 1 thread)")
+        lines.append(f"  training step: no latents {tr['stage_0_s'] * 1e3:.1f} ms, {tr['latents']} latents "
+                     f"{with_latents * 1e3:.1f} ms: {tr['ratio']:.2f}x (target <= {tr['target']}x) -> "
+                     f"{'MET' if tr['target_met'] else 'MISSED'}")
+        lines.append(f"  decoding at batch 1: {dec['ours_s_per_token'] * 1e3:.2f} ms/token, naive no-cache loop "
+                     f"{dec['naive_s_per_token'] * 1e3:.2f} ms/token ({dec['naive_over_ours']:.1f}x)")
     demo = results.get("demo")
     if demo is not None:
         lines.append("")
         if "skipped" in demo:
             lines.append(f"Demo epoch: skipped ({demo['skipped']})")
         else:
-            lines.append(f"Demo epoch: {demo['s_per_epoch']:.1f} s per epoch (training + evaluation, {demo['epochs']} epochs)")
+            lines.append(f"Demo epoch: {demo['s_per_epoch']:.1f} s for one epoch of args/demo.yaml (training + evaluation)")
     return "\n".join(lines)
 
 
@@ -462,7 +488,7 @@ def main(argv=None):
                         help="naive training step's per-position list: 'index' is the published code's "
                              "embeds[b, p, :] (its backward is very slow), 'unbind' the same list made cheaply")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench.json and step_time.png")
-    parser.add_argument("--skip", action="append", default=[], choices=["training", "memory", "generation", "demo"],
+    parser.add_argument("--skip", action="append", default=[], choices=["training", "memory", "generation", "proxy", "demo"],
                         help="leave a section out (repeatable)")
     parser.add_argument("--setup", choices=["full", "quick"], help=argparse.SUPPRESS)
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
@@ -495,6 +521,7 @@ def main(argv=None):
         "training": lambda: bench_training(setup, log),
         "memory": lambda: bench_memory(setup, args.threads, log),
         "generation": lambda: bench_generation(setup, log),
+        "proxy": lambda: {"skipped": "--quick"} if setup.name == "quick" else bench_proxy(log),
         "demo": lambda: {"skipped": "--quick"} if setup.name == "quick" else bench_demo(log),
     }
     results["section_s"] = {}

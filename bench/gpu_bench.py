@@ -3,26 +3,32 @@
 Model: GPT-2 124M architecture (GPT2Config() defaults, vocabulary 50257 + 3 markers),
 random weights, dropout off, fp32 weights with bf16 autocast. Data: ProsQA-shaped
 batches from bench/workload.py (~300 tokens: ~200-token question, markers, latents,
-steps, answer).
+steps, answer). Imports only torch, transformers and this repository's modules.
 
-Prints, and writes to --out (default bench/results/gpu.json):
-- training steps (forward + backward, no optimizer) at stage 0 and stage 6: seconds per
-  step, tokens/s (every position of the padded batch) and MFU = model FLOPs per second /
-  the GPU's dense bf16 peak. Model FLOPs per step: 6 x (matmul parameters: transformer
-  blocks + LM head) x tokens + 12 x layers x width x sequence x tokens (attention,
-  not halved for causality). Stage 6 does the same arithmetic as stage 0 by design, so
-  its MFU shows what the 7 passes cost. Peak: 989 TFLOP/s for H100/H200 (detected by
-  name), else set COCONUT_PEAK_TFLOPS (MFU is left out without it). Also one naive
-  stage-6 step for comparison.
-- generation (bf16 autocast, 64 new tokens max, natural EOS): questions/s of
-  Coconut.generate at batch 1 and 64 vs the naive batch-1 loop without a KV cache, and
-  how many rows equal the naive outputs (bf16 results depend on the batch layout, so
-  near-ties may differ: reported, not asserted).
+Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 13's table:
+1. training steps (forward + backward, no optimizer) at stage 0 and stage 6, ours and
+   the published algorithm (bench/naive.py: one prefix recomputation per latent, full
+   logits): ms per step, tokens/s, MFU, and stage 6 / stage 0. Model FLOPs per step:
+   6 x (matmul parameters: transformer blocks + LM head) x tokens + 12 x layers x width
+   x sequence x tokens (attention, not halved for causality), every position of the
+   padded batch counted, whatever an implementation skips. Stage 6 does the same
+   arithmetic as stage 0 by design, so its MFU shows what the 7 passes cost. Peak: 989
+   TFLOP/s dense bf16 for H100/H200 (detected by name), else COCONUT_PEAK_TFLOPS.
+2. the same two training steps of ours with `compile: True` (compiling.compile_blocks,
+   on a copy of the model), after a warm-up that compiles; compile seconds reported.
+3. generation (64 new tokens max, natural EOS): questions/s at batch 1 and batch 64
+   vs the naive batch-1 loop without a KV cache, with the eager decoding loop and with
+   the CUDA-graph step (compiling.CapturedDecoder; the path that actually ran is
+   reported, with the error if it fell back). Rows equal to the naive outputs are
+   counted (bf16 results depend on the batch layout, so near-ties may differ).
 
-Without CUDA it prints one line and exits 2. Finishes in well under 5 minutes on an H100.
+Sections run in that order; one that would start after --budget-s seconds is skipped
+and says so. Without CUDA it prints one line and exits 2; `--cpu-smoke` runs the same
+code on the CPU with a tiny model (tests), compiling with the "eager" backend.
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -61,6 +67,217 @@ def timed(fn, sync, n):
     return times
 
 
+class Bench:
+    """The model, the batches and the clock shared by the sections."""
+
+    def __init__(self, args):
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from bench import workload
+        from coconut import Coconut
+
+        self.args, self.torch, self.workload = args, torch, workload
+        if args.cpu_smoke:
+            self.dev, self.name, self.shape, self.sync = torch.device("cpu"), "cpu (smoke test)", workload.QUICK, lambda: None
+            sizes = dict(n_layer=2, n_embd=64, n_head=4)
+        else:
+            self.dev, self.shape, self.sync, sizes = torch.device("cuda"), workload.FULL, torch.cuda.synchronize, {}
+            self.name = torch.cuda.get_device_name(self.dev)
+        self.peak = peak_tflops(self.name)
+        self.ids = workload.ids_for(self.shape.vocab)
+        torch.manual_seed(0)
+        self.cfg = GPT2Config(vocab_size=self.shape.vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                              bos_token_id=self.ids.eos, eos_token_id=self.ids.eos, **sizes)
+        self.model = GPT2LMHeadModel(self.cfg).to(self.dev)
+        self.coconut = Coconut(self.model, self.ids.latent, self.ids.start, self.ids.end, self.ids.eos)
+        self.batches = {k: {n: t.to(self.dev) for n, t in workload.training_batch(self.shape, args.batch, k).items()}
+                        for k in (0, 6)}
+        self.start = time.perf_counter()
+
+    def autocast(self):
+        return self.torch.autocast(self.dev.type, dtype=self.torch.bfloat16)
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def step(self, coconut, k, algo="coconut"):
+        from bench.naive import naive_train_step_forward
+
+        model = coconut.base_causallm
+        model.zero_grad(set_to_none=True)
+        with self.autocast():
+            if algo == "coconut":
+                loss = coconut(**self.batches[k], return_logits=False).loss
+            else:
+                loss = naive_train_step_forward(model, self.batches[k], self.ids.latent)
+        loss.backward()
+
+    def entry(self, k, seconds):
+        rows, cols = self.batches[k]["input_ids"].shape
+        tokens = rows * cols
+        flops = model_flops_per_token(self.cfg, cols) * tokens
+        tflops = flops / seconds / 1e12
+        return {"s_per_step": seconds, "tokens_per_s": tokens / seconds, "model_tflops_per_s": tflops,
+                "mfu": (tflops / self.peak) if self.peak else None}
+
+
+def fmt_mfu(e):
+    return f"{100 * e['mfu']:.1f}%" if e.get("mfu") is not None else "n/a"
+
+
+# ----------------------------------------------------------------------------- training
+def train_ours(b: Bench, coconut, label: str) -> dict:
+    """Interleaved rounds of stage 0 and stage 6 steps; median per stage."""
+    times = {0: [], 6: []}
+    for r in range(b.args.rounds):
+        for k in ((0, 6) if r % 2 == 0 else (6, 0)):
+            times[k].append(statistics.median(timed(lambda: b.step(coconut, k), b.sync, b.args.steps)))
+    result = {f"stage_{k}": {**b.entry(k, statistics.median(times[k])), "all_s": times[k]} for k in (0, 6)}
+    result["stage_6_over_0"] = result["stage_6"]["s_per_step"] / result["stage_0"]["s_per_step"]
+    for k in (0, 6):
+        e = result[f"stage_{k}"]
+        print(f"train {label} stage {k}: {e['s_per_step'] * 1e3:.1f} ms/step, {e['tokens_per_s']:,.0f} tokens/s, "
+              f"{e['model_tflops_per_s']:.1f} TFLOP/s, MFU {fmt_mfu(e)}", flush=True)
+    print(f"train {label} stage 6 / stage 0: {result['stage_6_over_0']:.2f}x", flush=True)
+    return result
+
+
+def section_training(b: Bench) -> dict:
+    for k in (0, 6, 0, 6):  # warm-up
+        b.step(b.coconut, k)
+    result = {"batch": b.args.batch, "seq_len": b.batches[0]["input_ids"].shape[1]}
+    result["ours"] = train_ours(b, b.coconut, "ours")
+    b.step(b.coconut, 0, "naive")  # warm-up
+    naive = {0: statistics.median(timed(lambda: b.step(b.coconut, 0, "naive"), b.sync, b.args.steps)),
+             6: statistics.median(timed(lambda: b.step(b.coconut, 6, "naive"), b.sync, 2))}
+    result["naive"] = {f"stage_{k}": b.entry(k, s) for k, s in naive.items()}
+    result["naive"]["stage_6_over_0"] = naive[6] / naive[0]
+    for k in (0, 6):
+        e = result["naive"][f"stage_{k}"]
+        print(f"train published algorithm stage {k}: {e['s_per_step'] * 1e3:.1f} ms/step, MFU {fmt_mfu(e)} "
+              f"({e['s_per_step'] / result['ours'][f'stage_{k}']['s_per_step']:.1f}x ours)", flush=True)
+    print(f"train published algorithm stage 6 / stage 0: {result['naive']['stage_6_over_0']:.1f}x", flush=True)
+    b.model.zero_grad(set_to_none=True)
+    return result
+
+
+def section_compiled_training(b: Bench) -> dict:
+    from coconut import Coconut
+    from compiling import compile_blocks
+
+    model = copy.deepcopy(b.model)  # the eager model stays eager for the generation section
+    coconut = Coconut(model, b.ids.latent, b.ids.start, b.ids.end, b.ids.eos)
+    n = compile_blocks(coconut, **({"backend": "eager"} if b.args.cpu_smoke else {}))
+    t = time.perf_counter()
+    for k in (0, 6, 0, 6):  # compiles every pass shape, then runs warm
+        b.step(coconut, k)
+    b.sync()
+    warm_up = time.perf_counter() - t
+    print(f"compile: {n} blocks compiled, warm-up (compilation) {warm_up:.0f} s", flush=True)
+    result = {"blocks": n, "warm_up_s": warm_up, **train_ours(b, coconut, "compiled")}
+    from torch._dynamo.utils import counters
+
+    result["graphs"] = counters["stats"].get("unique_graphs")
+    del coconut, model
+    return result
+
+
+# ----------------------------------------------------------------------------- generation
+def section_generation(b: Bench) -> dict:
+    from bench.naive import naive_generate_one
+
+    torch, args = b.torch, b.args
+    b.model.eval()
+    prompts = b.workload.prompts(b.shape, args.gen_batch, n_latents=6)
+    n_single, n_naive = min(4, len(prompts)), min(3, args.rounds)
+
+    def generate(chunk, graphs: bool):
+        b.coconut.cuda_graphs = graphs
+        batch = b.workload.prompt_batch(b.shape, chunk)
+        with torch.no_grad(), b.autocast():
+            return b.coconut.generate(batch["input_ids"].to(b.dev), batch["attention_mask"].to(b.dev),
+                                      max_new_tokens=args.max_new_tokens).tolist()
+
+    def rate(fn, n_questions):
+        b.sync()
+        t = time.perf_counter()
+        out = fn()
+        b.sync()
+        return n_questions / (time.perf_counter() - t), out
+
+    naive_rows, naive_rates = {}, []
+    for i in range(n_naive):  # a new question each time
+        with b.autocast():
+            qps, naive_rows[i] = rate(lambda: naive_generate_one(b.model, prompts[i].to(b.dev), b.ids.latent, b.ids.eos,
+                                                                 args.max_new_tokens), 1)
+        naive_rates.append(qps)
+    naive_qps = statistics.median(naive_rates)
+    print(f"generate naive (batch 1, no cache): {naive_qps:.2f} questions/s", flush=True)
+    result = {"max_new_tokens": args.max_new_tokens, "naive_questions_per_s": naive_qps, "paths": {}}
+
+    def same(row, want):
+        return row[: len(want)] == want and all(x == b.ids.eos for x in row[len(want):])
+
+    for label, graphs in (("eager", False), ("cuda_graph", True)):
+        if graphs and b.elapsed() > args.budget_s:
+            result["paths"][label] = {"skipped": f"over the {args.budget_s} s budget"}
+            continue
+        t = time.perf_counter()
+        for i in range(n_single):  # warm-up: compiles and captures every shape timed below
+            generate(prompts[i : i + 1], graphs)
+        generate(prompts, graphs)
+        warm_up = time.perf_counter() - t
+        rates = {"1": [], str(args.gen_batch): []}
+        rows = {}
+        for _ in range(args.rounds):
+            qps, out = rate(lambda: [generate(prompts[i : i + 1], graphs)[0] for i in range(n_single)], n_single)
+            rates["1"].append(qps)
+            rows[1] = out
+            qps, rows[args.gen_batch] = rate(lambda: generate(prompts, graphs), len(prompts))
+            rates[str(args.gen_batch)].append(qps)
+        decoder = getattr(b.coconut, "_captured_decoder", None)
+        entry = {"decode_path": b.coconut.last_decode_path, "warm_up_s": warm_up,
+                 "fallback_error": decoder.error if (graphs and decoder is not None) else None, "batches": {}}
+        matches = sum(same(rows[bs][i], want) for i, want in naive_rows.items() for bs in rows if i < len(rows[bs]))
+        entry["rows_equal_to_naive"] = f"{matches}/{sum(1 for i in naive_rows for bs in rows if i < len(rows[bs]))}"
+        for bs, r in rates.items():
+            qps = statistics.median(r)
+            entry["batches"][bs] = {"questions_per_s": qps, "speedup_vs_naive": qps / naive_qps, "all": r}
+            print(f"generate {label} (ran: {entry['decode_path']}) batch {bs}: {qps:.2f} questions/s, "
+                  f"{qps / naive_qps:.1f}x naive", flush=True)
+        print(f"generate {label}: rows equal to the naive loop's {entry['rows_equal_to_naive']}, warm-up {warm_up:.0f} s"
+              + (f", fell back: {entry['fallback_error']}" if entry["fallback_error"] else ""), flush=True)
+        result["paths"][label] = entry
+    b.coconut.cuda_graphs = True
+    return result
+
+
+def markdown_table(result) -> str:
+    """Issue 13's table: published algorithm, ours, ours compiled."""
+    tr, comp, gen = result.get("training"), result.get("compile"), result.get("generation")
+    comp = comp if comp and "skipped" not in comp else None
+    ms = lambda e: f"{e['s_per_step'] * 1e3:.0f} ms (MFU {fmt_mfu(e)})"  # noqa: E731
+    lines = [f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}",
+             "", "| measure | published algorithm | ours | ours, compile: True |", "|---|---|---|---|"]
+    if tr:
+        for k in (0, 6):
+            lines.append(f"| train step, stage {k} (fwd+bwd) | {ms(tr['naive'][f'stage_{k}'])} | {ms(tr['ours'][f'stage_{k}'])} | "
+                         + (ms(comp[f"stage_{k}"]) if comp else "-") + " |")
+        lines.append(f"| stage 6 / stage 0 | {tr['naive']['stage_6_over_0']:.1f}x | {tr['ours']['stage_6_over_0']:.2f}x | "
+                     + (f"{comp['stage_6_over_0']:.2f}x" if comp else "-") + " |")
+    if gen:
+        for bs in sorted({bs for p in gen["paths"].values() for bs in p.get("batches", {})}, key=int, reverse=True):
+            cells = []
+            for path in ("eager", "cuda_graph"):
+                e = gen["paths"].get(path, {}).get("batches", {}).get(bs)
+                ran = gen["paths"].get(path, {}).get("decode_path")
+                cells.append(f"{e['speedup_vs_naive']:.1f}x ({e['questions_per_s']:.1f} questions/s, ran {ran})" if e else "-")
+            lines.append(f"| generation, batch {bs}, vs the naive loop ({gen['naive_questions_per_s']:.2f} questions/s) | 1x | "
+                         f"eager decoding: {cells[0]} | CUDA-graph decoding: {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Coconut on one CUDA GPU: training MFU and generation throughput")
     parser.add_argument("--batch", type=int, default=32, help="training batch size")
@@ -68,6 +285,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
     parser.add_argument("--gen-batch", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="optional sections (CUDA-graph decoding, compiled training) that would start later are skipped")
+    parser.add_argument("--skip", action="append", default=[], choices=["training", "generation", "compile"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     # tests only: the same code on the CPU with a tiny model, to check it without a GPU
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -80,126 +300,34 @@ def main(argv=None):
         print(f"gpu_bench: needs a CUDA GPU ({why}; torch {torch.__version__})", file=sys.stderr)
         return 2
 
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
-    from bench import workload
-    from bench.naive import naive_generate_one, naive_train_step_forward
-    from coconut import Coconut
-
-    if args.cpu_smoke:
-        dev, name, shape, sync = torch.device("cpu"), "cpu (smoke test)", workload.QUICK, lambda: None
-        sizes = dict(n_layer=2, n_embd=64, n_head=4)
-    else:
-        dev, shape, sync, sizes = torch.device("cuda"), workload.FULL, torch.cuda.synchronize, {}
-        name = torch.cuda.get_device_name(dev)
-    peak = peak_tflops(name)
-    ids = workload.ids_for(shape.vocab)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=shape.vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     bos_token_id=ids.eos, eos_token_id=ids.eos, **sizes)
-    model = GPT2LMHeadModel(cfg).to(dev)
-    coconut = Coconut(model, ids.latent, ids.start, ids.end, ids.eos)
-    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)  # noqa: E731
-    t_start = time.perf_counter()
-    print(f"gpu_bench: {name}, torch {torch.__version__}, GPT-2 {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"params, bf16 autocast, peak {peak or 'unknown (set COCONUT_PEAK_TFLOPS)'} TFLOP/s", flush=True)
-
-    # ---------------------------------------------------------------- training
-    model.train()
-    batches = {k: {n: t.to(dev) for n, t in workload.training_batch(shape, args.batch, k).items()} for k in (0, 6)}
-
-    def step(k, algo="coconut"):
-        model.zero_grad(set_to_none=True)
-        with autocast():
-            if algo == "coconut":
-                loss = coconut(**batches[k]).loss
-            else:
-                loss = naive_train_step_forward(model, batches[k], ids.latent)
-        loss.backward()
-
-    for k in (0, 6):  # warm-up
-        step(k)
-        step(k)
-    times = {0: [], 6: []}
-    for r in range(args.rounds):
-        for k in ((0, 6) if r % 2 == 0 else (6, 0)):
-            times[k].append(statistics.median(timed(lambda: step(k), sync, args.steps)))
-    naive_s = statistics.median(timed(lambda: step(6, "naive"), sync, 2))
-    training = {"batch": args.batch, "seq_len": batches[0]["input_ids"].shape[1]}
-    for k in (0, 6):
-        rows_, cols_ = batches[k]["input_ids"].shape
-        tokens = rows_ * cols_
-        s = statistics.median(times[k])
-        flops = model_flops_per_token(cfg, cols_) * tokens
-        training[f"stage_{k}"] = {"s_per_step": s, "tokens_per_s": tokens / s, "model_tflops_per_s": flops / s / 1e12,
-                                  "mfu": (flops / s / 1e12 / peak) if peak else None, "all_s": times[k]}
-    training["stage_6_over_0"] = training["stage_6"]["s_per_step"] / training["stage_0"]["s_per_step"]
-    training["naive_stage_6_s_per_step"] = naive_s
-    for k in (0, 6):
-        e = training[f"stage_{k}"]
-        mfu = f"{100 * e['mfu']:.1f}%" if e["mfu"] is not None else "n/a"
-        print(f"train stage {k}: {e['s_per_step'] * 1e3:.1f} ms/step, {e['tokens_per_s']:,.0f} tokens/s, "
-              f"{e['model_tflops_per_s']:.1f} TFLOP/s, MFU {mfu}", flush=True)
-    print(f"train stage 6 / stage 0: {training['stage_6_over_0']:.2f}x; naive stage 6: {naive_s * 1e3:.0f} ms/step "
-          f"({naive_s / training['stage_6']['s_per_step']:.1f}x Coconut)", flush=True)
-    del batches
-    model.zero_grad(set_to_none=True)
-    torch.cuda.empty_cache()
-
-    # ---------------------------------------------------------------- generation
-    model.eval()
-    prompts = workload.prompts(shape, args.gen_batch, n_latents=6)
-    n_single, n_naive = min(8, len(prompts)), min(3, args.rounds)
-
-    def generate(chunk):
-        batch = workload.prompt_batch(shape, chunk)
-        with torch.no_grad(), autocast():
-            return coconut.generate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                                    max_new_tokens=args.max_new_tokens).tolist()
-
-    def naive(i):
-        with autocast():
-            return naive_generate_one(model, prompts[i].to(dev), ids.latent, ids.eos, args.max_new_tokens)
-
-    generate(prompts[:1])
-    generate(prompts)  # warm-up
-    rows, rates = {}, {"naive": [], "1": [], str(args.gen_batch): []}
-    naive_rows = {}
-    for r in range(args.rounds):
-        sync()
+    b = Bench(args)
+    print(f"gpu_bench: {b.name}, torch {torch.__version__}, transformers {transformers.__version__}, GPT-2 "
+          f"{sum(p.numel() for p in b.model.parameters()) / 1e6:.1f}M params, bf16 autocast, "
+          f"peak {b.peak or 'unknown (set COCONUT_PEAK_TFLOPS)'} TFLOP/s", flush=True)
+    result = {"device": b.name, "peak_tflops": b.peak, "torch": torch.__version__,
+              "transformers": transformers.__version__, "section_s": {}}
+    sections = [("training", section_training), ("generation", section_generation),
+                ("compile", section_compiled_training)]
+    for name, run in sections:
+        if name in args.skip:
+            continue
+        if name == "compile" and b.elapsed() > args.budget_s:
+            result[name] = {"skipped": f"over the {args.budget_s} s budget"}
+            print(f"{name}: skipped (over the {args.budget_s} s budget)", flush=True)
+            continue
         t = time.perf_counter()
-        for i in range(n_single):
-            rows.setdefault(1, {})[i] = generate(prompts[i : i + 1])[0]
-        sync()
-        rates["1"].append(n_single / (time.perf_counter() - t))
-        t = time.perf_counter()
-        out = generate(prompts)
-        sync()
-        rates[str(args.gen_batch)].append(len(prompts) / (time.perf_counter() - t))
-        rows[args.gen_batch] = dict(enumerate(out))
-        if r < n_naive:  # a new question each round
-            t = time.perf_counter()
-            naive_rows[r] = naive(r)
-            sync()
-            rates["naive"].append(1 / (time.perf_counter() - t))
-
-    def same(row, want):
-        return row[: len(want)] == want and all(x == ids.eos for x in row[len(want):])
-
-    matches = sum(same(rows[bs][i], want) for i, want in naive_rows.items() for bs in rows)
-    checked = sum(1 for i in naive_rows for bs in rows)
-    naive_qps = statistics.median(rates["naive"])
-    generation = {"max_new_tokens": args.max_new_tokens, "naive_questions_per_s": naive_qps,
-                  "rows_equal_to_naive": f"{matches}/{checked}", "batches": {}}
-    print(f"generate naive (batch 1, no cache): {naive_qps:.2f} questions/s", flush=True)
-    for bs in ("1", str(args.gen_batch)):
-        qps = statistics.median(rates[bs])
-        generation["batches"][bs] = {"questions_per_s": qps, "speedup_vs_naive": qps / naive_qps, "all": rates[bs]}
-        print(f"generate batch {bs}: {qps:.2f} questions/s, {qps / naive_qps:.1f}x naive", flush=True)
-    print(f"rows equal to the naive loop's: {matches}/{checked}", flush=True)
-
-    result = {"device": name, "peak_tflops": peak, "torch": torch.__version__, "training": training,
-              "generation": generation, "wall_s": time.perf_counter() - t_start}
+        result[name] = run(b)
+        result["section_s"][name] = time.perf_counter() - t
+        if b.dev.type == "cuda":
+            torch.cuda.empty_cache()
+    tr, comp = result.get("training"), result.get("compile")
+    if tr and comp and "skipped" not in comp:
+        for k in (0, 6):
+            print(f"MFU stage {k}: eager {fmt_mfu(tr['ours'][f'stage_{k}'])}, compiled {fmt_mfu(comp[f'stage_{k}'])}")
+    result["wall_s"] = b.elapsed()
+    print("\n" + markdown_table(result) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} in {result['wall_s']:.0f} s")

@@ -188,7 +188,7 @@ def step_probe(quick: bool, variant: str) -> dict:
     if checkpointed:
         checkpoint_blocks(model)
     if compute is not None:  # what run.py does in one process with mixed_precision
-        distributed.autocast_forward(model, distributed.COMPUTE_DTYPES[compute], torch.device("cpu"))
+        distributed.autocast_forward(coconut, distributed.COMPUTE_DTYPES[compute], torch.device("cpu"))
     data = workload.training_batch(shape, batch, 6)
     saved = {}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

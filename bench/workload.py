@@ -19,7 +19,33 @@ from types import SimpleNamespace
 
 import torch
 
-from dataset import IGNORE_INDEX, MyCollator
+IGNORE_INDEX = -100
+
+
+def aligned_collate(features: list, pad_id: int, latent_id: int) -> dict:
+    """DESIGN §3's layout, as dataset.MyCollator makes it (tests/test_bench.py checks they
+    agree), for machines without the `datasets` package that dataset.py imports (the GPU
+    benchmark's): examples with latents are left-padded so their first latents share a
+    column, then all are right-padded. Pads: pad_id, attention 0, position 0, label -100."""
+    pads = {"input_ids": pad_id, "attention_mask": 0, "position_ids": 0, "labels": IGNORE_INDEX}
+    rows = []
+    for f in features:
+        ids = list(f["input_ids"])
+        row = {"input_ids": ids, "attention_mask": [1] * len(ids), "position_ids": list(range(len(ids)))}
+        if "labels" in f:
+            row["labels"] = list(f["labels"])
+        rows.append(row)
+    firsts = [r["input_ids"].index(latent_id) if latent_id in r["input_ids"] else None for r in rows]
+    target = max((i for i in firsts if i is not None), default=0)
+    width = max(len(r["input_ids"]) + (0 if i is None else target - i) for r, i in zip(rows, firsts))
+    batch = {}
+    for key in rows[0]:
+        padded = []
+        for row, first in zip(rows, firsts):
+            left = [pads[key]] * (0 if first is None else target - first) + row[key]
+            padded.append(left + [pads[key]] * (width - len(left)))
+        batch[key] = torch.tensor(padded, dtype=torch.long)
+    return batch
 
 GPT2_VOCAB = 50257
 EOS_ID = 50256  # <|endoftext|>
@@ -64,8 +90,13 @@ def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_posi
     return GPT2LMHeadModel(cfg)
 
 
-def collator(vocab: int) -> MyCollator:
+def collator(vocab: int):
+    """dataset.MyCollator (pad = EOS, DESIGN §1), or aligned_collate where `datasets` is missing."""
     ids = ids_for(vocab)
+    try:
+        from dataset import MyCollator
+    except ImportError:
+        return lambda features: aligned_collate(features, ids.eos, ids.latent)
     tokenizer = SimpleNamespace(pad_token_id=None, eos_token_id=ids.eos)  # pad = EOS (DESIGN §1)
     return MyCollator(tokenizer, latent_id=ids.latent)
 

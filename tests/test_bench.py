@@ -6,6 +6,7 @@ bench/gpu.sh must refuse clearly without a GPU.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,8 @@ def test_quick_bench_writes_its_json(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_gpu_script_refuses_clearly_without_cuda():
-    out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs a CUDA GPU" in lines[0]
@@ -118,12 +120,43 @@ def test_gpu_script_refuses_clearly_without_cuda():
 
 
 def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
+    """Every section and row of the GPU benchmark, on the CPU, where datasets, wandb and
+    spacy cannot be imported (the GPU machine has none of them)."""
+    blocked = tmp_path / "blocked"
+    for name in ("datasets", "wandb", "spacy"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     out = subprocess.run(
         [sys.executable, "bench/gpu_bench.py", "--cpu-smoke", "--batch", "3", "--steps", "1", "--rounds", "1",
          "--gen-batch", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "gpu.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env={"OMP_NUM_THREADS": "1", "PATH": ""},
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(blocked)},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert result["training"]["stage_0"]["tokens_per_s"] > 0
-    assert set(result["generation"]["batches"]) == {"1", "4"}
+    for algo in ("ours", "naive"):
+        assert result["training"][algo]["stage_0"]["tokens_per_s"] > 0
+        assert result["training"][algo]["stage_6_over_0"] > 0
+    assert result["compile"]["blocks"] == 2 and result["compile"]["stage_6"]["tokens_per_s"] > 0
+    for path in ("eager", "cuda_graph"):
+        entry = result["generation"]["paths"][path]
+        assert set(entry["batches"]) == {"1", "4"} and entry["decode_path"] == "eager"  # no CUDA: eager
+        assert entry["rows_equal_to_naive"].split("/")[0] == entry["rows_equal_to_naive"].split("/")[1]
+
+
+def test_gpu_benchmarks_collator_equals_mycollator():
+    """workload.aligned_collate (for machines without `datasets`) lays batches out as MyCollator does."""
+    collator = workload.collator(SHAPE.vocab)
+    for stage in (0, [0, 3, 1, 6, 2]):
+        stages = [stage] * 4 if isinstance(stage, int) else stage
+        features = []
+        for k, (question, steps, answer) in zip(stages, workload.training_examples(SHAPE, len(stages))):
+            prefix = question + [IDS.start] + [IDS.latent] * k + [IDS.end]
+            features.append({"input_ids": prefix + steps[k:] + answer, "labels": [-100] * len(prefix) + steps[k:] + answer})
+        want = collator(features)
+        got = workload.aligned_collate(features, IDS.eos, IDS.latent)
+        assert set(got) == set(want) and all(torch.equal(got[key], want[key]) for key in want)
+    prompts = workload.prompts(SHAPE, 5, n_latents=3) + workload.prompts(SHAPE, 1, n_latents=0)
+    features = [{"input_ids": p.tolist()} for p in prompts]
+    want, got = collator(features), workload.aligned_collate(features, IDS.eos, IDS.latent)
+    assert set(got) == set(want) and all(torch.equal(got[key], want[key]) for key in want)

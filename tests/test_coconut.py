@@ -167,7 +167,7 @@ def test_generation_stops_when_every_row_hit_eos():
         base.transformer.wte.weight[EOS] = 50 * base.transformer.ln_f.bias
     coconut = Coconut(base, LATENT, START, END, EOS).eval()
     calls = []
-    base.register_forward_hook(lambda *args: calls.append(1))
+    coconut.decoder.register_forward_hook(lambda *args: calls.append(1))  # the stack, without the LM head
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     with torch.no_grad():
         out = coconut.generate(ids, torch.ones_like(ids), max_new_tokens=50)
@@ -227,3 +227,56 @@ def test_buffered_cache_layer_matches_concatenation():
         want = plain.update(keys, values)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert buffered.get_seq_length() == plain.get_seq_length() == 149
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_static_cache_decoding_matches_naive_reference(arch):
+    """The CUDA decoding path (preallocated cache, one step per token), run eagerly here."""
+    from compiling import CACHE_BUCKET, CapturedDecoder
+
+    base = MODELS[arch]()
+    coconut = Coconut(base, LATENT, START, END, EOS).eval()
+    rng = random.Random(11)
+    prompts = [make_example(rng, n, rng.randrange(2, 10), 1)[0][:-2] for n in [0, 1, 3, 6, 2, 0]]
+    batch = collate([(p, p) for p in prompts])
+    decoder = CapturedDecoder(coconut, capture=False)
+    with torch.no_grad():
+        ids, mask, positions = align_latents(batch["input_ids"], batch["attention_mask"], LATENT, EOS)
+        for _ in range(2):  # the second call reuses (resets) the first call's cache
+            got = coconut._assemble(ids, mask, *decoder.run(ids, mask, positions, 12))
+        expected = [naive_generate(base, p, 12) for p in prompts]
+    assert next(iter(decoder._caches))[1] == CACHE_BUCKET  # prompt + 12 tokens, rounded up
+    for row, want in zip(got.tolist(), expected):
+        assert row == want + [EOS] * (got.shape[1] - len(want))
+
+
+def test_training_forward_can_skip_the_full_logits():
+    base = make_gpt2(VOCAB)
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    batch = collate(mixed_batch(seed=3, c_thought=1))
+    full = coconut(**batch)
+    lean = coconut(**batch, return_logits=False)
+    assert full.logits.shape == (*batch["input_ids"].shape, VOCAB) and lean.logits is None
+    assert torch.equal(full.loss, lean.loss)
+    # the returned logits give the loss: shifted cross-entropy over the supervised tokens
+    want = F.cross_entropy(full.logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1))
+    assert abs(full.loss.item() - want.item()) < TOLERANCE * want.item()
+
+
+def test_chunked_loss_matches_plain_cross_entropy_across_chunks(monkeypatch):
+    """Several chunks, a bias, and a scaled backward give plain autograd's numbers."""
+    import coconut as coconut_module
+
+    monkeypatch.setattr(coconut_module, "LOSS_CHUNK_ROWS", 7)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(3, 12, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 12))
+    labels[0, :5] = -100
+    got = coconut_module.supervised_loss(hidden, labels, head)
+    got_grads = torch.autograd.grad(3 * got, [hidden, head.weight, head.bias])
+    want = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+    want_grads = torch.autograd.grad(3 * want, [hidden, head.weight, head.bias])
+    assert abs(got.item() - want.item()) < 1e-6 * want.item()
+    for a, b in zip(got_grads, want_grads):
+        assert relative_difference(a, b) < 1e-5

@@ -117,7 +117,7 @@ def test_activation_checkpointing_keeps_fewer_activations():
 def test_autocast_bf16_matches_fp32_within_bf16_tolerance():
     reference = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
     mixed = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
-    distributed.autocast_forward(mixed.base_causallm, torch.bfloat16, torch.device("cpu"))
+    distributed.autocast_forward(mixed, torch.bfloat16, torch.device("cpu"))
     batch = coconut_batch(2)
     loss, grads = loss_and_grads(reference, batch)
     mixed_loss, mixed_grads = loss_and_grads(mixed, batch)

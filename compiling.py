@@ -1,0 +1,167 @@
+"""torch.compile for Coconut: compiled transformer blocks, and a captured decoding step.
+
+`compile_blocks(model)` (the `compile: True` config key) compiles each transformer
+block of the base model in place, as torchtitan does (regional compilation): the
+model keeps its modules, parameter names and state dict, FSDP2 can shard the blocks
+afterwards, and one compiled block's code serves every layer. The latent passes call
+the blocks with varying shapes (the first piece, one column per latent, the rest), so:
+
+- shapes are dynamic (`dynamic=True`): one graph for one-column passes, one for longer
+  ones, with and without a cache, in training and in no-grad decoding;
+- the KV cache's `update` (a Python list of per-layer tensors) runs outside the graphs
+  (`torch.compiler.disable` on `CompileFriendlyCache.update`), and integer module
+  attributes such as `layer_idx` are not specialised, so layers share graphs instead
+  of compiling one per layer.
+
+- a pass over one column (a latent, a decoded token) runs the blocks eagerly
+  (`Coconut._pass_mode`): it is dispatch-bound, and a compiled block's guards and
+  runtime wrappers cost more than the kernels they save (measured on a CPU proxy and
+  an H100: latent steps twice as slow compiled). Compiled: the batch without latents
+  (one pass, no cache: one graph per block), the first piece and the rest.
+
+The bound: at most RECOMPILE_LIMIT graphs per compiled code object (block forward,
+attention forward, and the pieces around the cache update), however many layers;
+measured on GPT-2: 7 to 11 graphs in all for training steps at stages 0 and 6. Past
+that, dynamo runs the block eagerly (correct, slower) and says so in a warning.
+
+`captured_decoder(coconut, shape, max_new_tokens)` (CUDA only, used by
+`Coconut.generate`): the prompt's passes fill a preallocated KV cache
+(transformers' StaticCache); each one-column pass (every latent, then every new token)
+is one call of a step compiled with mode="reduce-overhead" (a CUDA graph replay), with
+fixed shapes (the prompt's longer pieces run eagerly): the cache length is
+rounded up to a multiple of CACHE_BUCKET, so a batch size and a bucket make one graph.
+Any failure disables it for that model and generation falls back to the eager loop.
+"""
+
+import torch
+from transformers import DynamicCache
+
+from distributed import transformer_blocks
+
+RECOMPILE_LIMIT = 32
+CACHE_BUCKET = 256  # static cache lengths are rounded up to a multiple of this (few shapes, few graphs)
+
+
+class CompileFriendlyCache(DynamicCache):
+    """A DynamicCache whose update runs eagerly, outside compiled graphs.
+
+    Traced, the update would index the cache's layer list with the block's layer_idx
+    and guard on it: one recompilation per layer.
+    """
+
+    @torch.compiler.disable
+    def update(self, *args, **kwargs):
+        return super().update(*args, **kwargs)
+
+
+def compile_blocks(model, **compile_kwargs) -> int:
+    """Compile every transformer block of `model` (a Coconut or a Hugging Face causal LM)
+    in place; returns how many. Call it before sharding. compile_kwargs go to
+    torch.compile (default dynamic=True; tests pass backend=...)."""
+    base = getattr(model, "base_causallm", model)
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True  # layer_idx: no recompile per layer
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    blocks = transformer_blocks(base)
+    for block in blocks:
+        block.compile(**{"dynamic": True, **compile_kwargs})
+    if hasattr(model, "cache_class"):  # a Coconut
+        model.cache_class = CompileFriendlyCache
+        model.compiled_blocks = True
+    return len(blocks)
+
+
+# ----------------------------------------------------------------------------- decoding
+class CapturedDecoder:
+    """Greedy decoding with a preallocated KV cache and one compiled step per token.
+
+    capture=True (CUDA): the step is compiled with mode="reduce-overhead", i.e. replayed
+    as a CUDA graph. capture=False runs the same step eagerly (how the tests check the
+    static-cache path on a CPU).
+    """
+
+    def __init__(self, coconut, capture: bool = True):
+        self.coconut = coconut
+        self.capture = capture
+        self.enabled = True
+        self.error = None
+        self.path = "cuda-graph" if capture else "static-cache"
+        self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if capture else self._step
+        self._caches = {}  # (batch, capacity, dtype) -> StaticCache, reused: graphs keep its addresses
+
+    def _step(self, embeds, mask, positions, cache):
+        """One column through the model: embeds (batch, 1, hidden) at positions (batch, 1),
+        mask (batch, capacity). Returns its last hidden state (batch, 1, hidden) (a latent's
+        value) and the greedy next token (batch,)."""
+        coconut = self.coconut
+        hidden = coconut._decoder_pass(embeds, mask, positions, cache)
+        return hidden, coconut.lm_head(hidden[:, -1]).argmax(-1)
+
+    def _call_step(self, embeds, mask, positions, cache):
+        if self.capture:  # the graph's outputs are overwritten by its next replay: copy them
+            torch.compiler.cudagraph_mark_step_begin()
+        hidden, token = self.step(embeds, mask, positions, cache)
+        return hidden.clone(), token.clone()
+
+    def disable(self, error) -> None:
+        import warnings
+
+        self.enabled = False
+        self.error = f"{type(error).__name__}: {error}"
+        self._caches.clear()
+        warnings.warn(f"captured decoding failed, decoding eagerly from now on ({self.error})", stacklevel=3)
+
+    def _cache(self, batch: int, capacity: int, dtype):
+        from transformers import StaticCache
+
+        key = (batch, capacity, dtype)
+        cache = self._caches.get(key)
+        if cache is None:
+            cache = self._caches[key] = StaticCache(config=self.coconut.base_causallm.config, max_cache_len=capacity)
+        else:
+            cache.reset()
+        return cache
+
+    def run(self, input_ids, prompt_mask, position_ids, max_new_tokens: int):
+        """(generated (batch, max_new_tokens), n_kept (batch,)), as Coconut._decode_eager."""
+        from coconut import DecodeState
+
+        coconut, eos = self.coconut, self.coconut.eos_token_id
+        batch, width = input_ids.shape
+        capacity = -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled() else None
+        cache = self._cache(batch, capacity, dtype)
+        mask = prompt_mask.new_zeros(batch, capacity)  # (batch, capacity): the cache's columns in use
+        mask[:, :width] = prompt_mask
+
+        def latent_pass(embeds, prefix_mask, positions, cache):  # the prompt's one-column passes
+            return self._call_step(embeds, mask, positions, cache)[0]
+
+        next_token, cache = coconut._prefill(input_ids, prompt_mask, position_ids, False, cache, latent_pass)
+        lengths = prompt_mask.sum(1)  # (batch,)
+        state = DecodeState(input_ids.new_full((batch, max_new_tokens), eos), torch.zeros_like(lengths),
+                            torch.zeros(batch, dtype=torch.bool, device=input_ids.device))
+        for step in range(max_new_tokens):
+            token = state.record(step, next_token, max_new_tokens, eos)
+            if step == max_new_tokens - 1 or bool(state.done.all()):
+                break
+            mask[:, width + step] = 1
+            _, next_token = self._call_step(coconut.embedding(token[:, None]), mask, (lengths + step)[:, None], cache)
+        return state.generated, state.n_kept
+
+
+def captured_decoder(coconut, shape, max_new_tokens: int):
+    """The model's CapturedDecoder when this batch can use it, else None (decode eagerly).
+
+    Needs `coconut.cuda_graphs` (default True), a model whose positions reach the
+    padded length, and no earlier failure.
+    """
+    decoder = getattr(coconut, "_captured_decoder", None)
+    if decoder is None:
+        decoder = coconut._captured_decoder = CapturedDecoder(coconut, capture=True)
+    if not decoder.enabled or not getattr(coconut, "cuda_graphs", True):
+        return None
+    limit = getattr(coconut.base_causallm.config, "max_position_embeddings", None)
+    capacity = -(-(shape[1] + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    if limit is not None and capacity > limit:
+        return None
+    return decoder
