@@ -33,6 +33,10 @@ random weights, dropout off; ProsQA-shaped batches from bench/workload.py):
    per-token decoding time at batch 1, ours and the naive loop's.
 5. One epoch of args/demo.yaml through run.py (temporary checkpoints, wandb disabled),
    only when that config and its data exist (after `make demo`).
+6. Host memory (bench/host_memory.py): the peak RSS of the largest process of a
+   2-process (FSDP) run.py run of a ~200M-parameter Llama over the 1-process run's
+   (target <= 0.7), and a stage-6 step's peak with and without activation
+   checkpointing and bf16 autocast.
 
 Timing on a shared machine is noisy: measurements are interleaved and repeated, only
 ratios measured side by side are compared, and every time is taken both on the wall
@@ -63,7 +67,8 @@ if __name__ == "__main__":  # as a script, sys.path[0] is bench/, where this fil
 
 import torch  # noqa: E402
 
-from bench import workload  # noqa: E402
+from bench import host_memory, workload  # noqa: E402
+from bench.host_memory import reset_peak, status_bytes  # noqa: E402
 from bench.naive import DEFAULT_REBUILD, naive_generate_one, naive_train_step_forward  # noqa: E402
 from coconut import Coconut  # noqa: E402
 
@@ -189,25 +194,6 @@ def bench_training(setup: Setup, log):
 
 
 # ----------------------------------------------------------------------------- memory
-def _proc_status_bytes(field):
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux 4.0+); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_probe(setup: Setup, algo: str, stage: int) -> dict:
     """In a fresh process: peak RSS of one training step over the RSS just before it.
 
@@ -217,10 +203,10 @@ def memory_probe(setup: Setup, algo: str, stage: int) -> dict:
     model.train()
     batch = workload.training_batch(setup.shape, setup.train_batch, stage)
     gc.collect()
-    reset = _reset_peak_rss()
-    before, peak_before = _proc_status_bytes("VmRSS"), _proc_status_bytes("VmHWM")
+    reset = reset_peak()
+    before, peak_before = status_bytes("VmRSS"), status_bytes("VmHWM")
     train_step(algo, model, coconut, batch, ids.latent, setup.naive_rebuild)
-    peak = _proc_status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     return {"algo": algo, "stage": stage, "rss_before": before, "peak_before": peak_before, "peak": peak,
             "peak_reset": reset, "step_peak_delta": peak - before}
 
@@ -475,7 +461,29 @@ def table(results) -> str:
             lines.append(f"Demo epoch: skipped ({demo['skipped']})")
         else:
             lines.append(f"Demo epoch: {demo['s_per_epoch']:.1f} s for one epoch of args/demo.yaml (training + evaluation)")
+    lines += host_memory_lines(results)
     return "\n".join(lines)
+
+
+def host_memory_lines(results) -> list:
+    """The sharding and activation-checkpointing sections (bench/host_memory.py)."""
+    lines = []
+    sharding = results.get("sharding")
+    if sharding:
+        lines += ["", f"Host memory of a whole run.py run, {sharding['parameters'] / 1e6:.0f}M-parameter Llama "
+                      f"({sharding['method']})",
+                  f"  1 process: {sharding['one_process_peak_bytes'] / 2**20:.0f} MiB; 2 processes (FSDP): "
+                  + ", ".join(f"{b / 2**20:.0f}" for b in sharding["two_process_peak_bytes"]) + " MiB",
+                  f"  largest of 2 / 1 process: {sharding['ratio']:.2f} (target <= {sharding['target']}) -> "
+                  f"{'MET' if sharding['target_met'] else 'MISSED'}"]
+    checkpointing = results.get("checkpointing")
+    if checkpointing:
+        lines += ["", f"Stage-6 step with and without activation checkpointing ({checkpointing['method']})"]
+        for name, probe in checkpointing["variants"].items():
+            lines.append(f"  {name:>18}: step peak {probe['step_peak_delta'] / 2**20:6.0f} MiB ({probe['peak_ratio']:.2f}x), "
+                         f"saved activations {probe['saved_activation_bytes'] / 2**20:6.0f} MiB "
+                         f"({probe['saved_activation_ratio']:.2f}x)")
+    return lines
 
 
 def main(argv=None):
@@ -488,7 +496,7 @@ def main(argv=None):
                         help="naive training step's per-position list: 'index' is the published code's "
                              "embeds[b, p, :] (its backward is very slow), 'unbind' the same list made cheaply")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench.json and step_time.png")
-    parser.add_argument("--skip", action="append", default=[], choices=["training", "memory", "generation", "proxy", "demo"],
+    parser.add_argument("--skip", action="append", default=[], choices=["training", "memory", "generation", "proxy", "demo", "sharding", "checkpointing"],
                         help="leave a section out (repeatable)")
     parser.add_argument("--setup", choices=["full", "quick"], help=argparse.SUPPRESS)
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
@@ -523,6 +531,9 @@ def main(argv=None):
         "generation": lambda: bench_generation(setup, log),
         "proxy": lambda: {"skipped": "--quick"} if setup.name == "quick" else bench_proxy(log),
         "demo": lambda: {"skipped": "--quick"} if setup.name == "quick" else bench_demo(log),
+        # host memory of sharded training and of a stage-6 step with activation checkpointing
+        "sharding": lambda: host_memory.measure_sharding("quick" if setup.name == "quick" else "full", log),
+        "checkpointing": lambda: host_memory.measure_checkpointing(setup.name == "quick", log),
     }
     results["section_s"] = {}
     for name, run in sections.items():
