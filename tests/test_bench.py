@@ -123,6 +123,7 @@ def test_gpu_script_refuses_clearly_without_cuda():
     assert out.stdout == ""
 
 
+@pytest.mark.slow
 def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
     """Every section and row of the GPU benchmark, on the CPU, where datasets, wandb and
     spacy cannot be imported (the GPU machine has none of them)."""
