@@ -30,7 +30,9 @@ test: venv
 # busy with other work, and gives other (equally valid) numbers.
 # Each `make demo` starts a fresh run: run.py would otherwise resume checkpoints/demo
 # (and, once finished, do nothing); `python run.py args/demo.yaml` alone resumes.
-DEMO_DATA_ARGS := --split_sizes 6000,200,0 --num_nodes 7 --min_steps 3 --max_steps 3 --seed 0
+# DEMO_SEED picks another generated data set (`make demo DEMO_SEED=1`)
+DEMO_SEED ?= 0
+DEMO_DATA_ARGS := --split_sizes 6000,200,0 --num_nodes 7 --min_steps 3 --max_steps 3 --seed $(DEMO_SEED)
 DEMO_THREADS ?= 2
 
 demo: venv

@@ -97,12 +97,13 @@ DEMO_YAML = os.path.join(REPO, "args", "demo.yaml")
 
 
 def makefile_variable(name: str) -> str:
-    """The value of a `NAME := value` (or `?=`) line of the Makefile."""
+    """The value of a `NAME := value` (or `?=`) line of the Makefile, with the
+    `$(OTHER)` variables in it expanded."""
     with open(os.path.join(REPO, "Makefile")) as f:
         for line in f:
             match = re.match(rf"{name}\s*[:?]?=\s*(.*)$", line)
             if match:
-                return match.group(1).strip()
+                return re.sub(r"\$\((\w+)\)", lambda m: makefile_variable(m.group(1)), match.group(1).strip())
     raise AssertionError(f"Makefile has no {name} line")
 
 
