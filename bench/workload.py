@@ -19,6 +19,8 @@ from types import SimpleNamespace
 
 import torch
 
+from layout import PromptLayout
+
 IGNORE_INDEX = -100
 
 
@@ -77,6 +79,12 @@ def ids_for(vocab: int):
     return SimpleNamespace(eos=vocab - 4, start=vocab - 3, end=vocab - 2, latent=vocab - 1)
 
 
+def layout_for(vocab: int) -> PromptLayout:
+    """The run's prompt layout with these ids: one thought per latent, no cap."""
+    ids = ids_for(vocab)
+    return PromptLayout(ids.start, ids.latent, ids.end, c_thought=1, max_latent_stage=10**6, pad_latent_to_max=False)
+
+
 def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_positions=1024):
     """GPT-2 with random weights and dropout off (so losses of two algorithms compare)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -119,11 +127,10 @@ def training_examples(shape: Shape, batch: int, seed: int = 0):
 
 def training_batch(shape: Shape, batch: int, stage, seed: int = 0) -> dict:
     """A collated batch at `stage` (one int, or one per example): k latents replace the first k step tokens."""
-    ids = ids_for(shape.vocab)
     stages = [stage] * batch if isinstance(stage, int) else list(stage)
     features = []
     for stage, (question, steps, answer) in zip(stages, training_examples(shape, batch, seed)):
-        prefix = question + [ids.start] + [ids.latent] * stage + [ids.end]
+        prefix = question + layout_for(shape.vocab).latent_block(stage)
         suffix = steps[stage:] + answer
         tokens = prefix + suffix
         features.append({"input_ids": tokens, "labels": [IGNORE_INDEX] * len(prefix) + suffix})
@@ -132,12 +139,11 @@ def training_batch(shape: Shape, batch: int, stage, seed: int = 0) -> dict:
 
 def prompts(shape: Shape, n: int, n_latents: int = 6, seed: int = 1) -> list:
     """n evaluation prompts (question + <start> + latents + <end>), ~shape.length tokens, varied."""
-    ids = ids_for(shape.vocab)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         q = shape.question + shape.steps + rng.randint(-3 * shape.question_jitter, 3 * shape.question_jitter)
-        out.append(torch.tensor(_tokens(rng, q, shape.vocab) + [ids.start] + [ids.latent] * n_latents + [ids.end]))
+        out.append(torch.tensor(_tokens(rng, q, shape.vocab) + layout_for(shape.vocab).latent_block(n_latents)))
     return out
 
 

@@ -206,7 +206,6 @@ def test_passes_cover_the_sequence_in_n_plus_one_pieces():
 
 def test_bf16_forward_runs_and_stays_close():
     base = make_llama(VOCAB)
-    rng = random.Random(5)
     batch = collate(mixed_batch(5, 1)[:3])
     fp32 = Coconut(base, LATENT, START, END, EOS)(**batch).loss.item()
     bf16 = Coconut(base.to(torch.bfloat16), LATENT, START, END, EOS)(**batch).loss.item()
