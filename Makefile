@@ -24,7 +24,7 @@ test: venv
 # 3 hops away) into data/demo/, then the tiny GPT-2 of models/prosqa-gpt2-tiny trained
 # from scratch through the whole Coconut curriculum (args/demo.yaml: 2 epochs of
 # chain-of-thought, then 1, 2, 3 continuous thoughts), printing the validation accuracy
-# after every epoch. About 10 minutes on 2 idle CPU cores, venv setup included (README).
+# after every epoch, 12 epochs. 10 to 15 minutes on 2 idle CPU cores, venv setup included (README).
 # The thread count is fixed, so the same command gives the same numbers on any machine
 # (float sums depend on how they are split over threads); DEMO_THREADS=1 suits a machine
 # busy with other work, and gives other (equally valid) numbers.
