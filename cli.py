@@ -78,6 +78,12 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first non-empty line (its type's name if none), at most 200 characters:
+    what a one-line error quotes of a library's message."""
+    return next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)[:200]
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr, exit status 2."""
 

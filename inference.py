@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from cli import UserError
+from cli import UserError, first_line
 from coconut import Coconut, align_latents
 from layout import LatentTokens, PromptLayout
 from utils import METHODS, extract_answer
@@ -58,14 +58,9 @@ class Exported:
             try:
                 model = Coconut.from_pretrained(self.model_dir)
             except (OSError, ValueError, RuntimeError, KeyError) as e:
-                raise UserError(f"{self.model_dir}: the model does not load ({_first_line(e)})") from None
+                raise UserError(f"{self.model_dir}: the model does not load ({first_line(e)})") from None
             self.model = model.to(device).eval()
         return self.model
-
-
-def _first_line(error: Exception) -> str:
-    line = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
-    return line[:200]
 
 
 def open_exported(model_dir: str) -> Exported:
@@ -84,7 +79,7 @@ def open_exported(model_dir: str) -> Exported:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{model_dir}: the tokenizer or config does not load ({_first_line(e)})") from None
+        raise UserError(f"{model_dir}: the tokenizer or config does not load ({first_line(e)})") from None
     if settings["method"] not in METHODS:
         raise UserError(f"{model_dir}: unknown method {settings['method']!r} in coconut_config.json")
     if METHODS[settings["method"]].latent_tokens:

@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 import torch
 
 import checkpoint
-from cli import UserError
+from cli import UserError, first_line
 from coconut import Coconut
 from layout import PromptLayout
 from modeling import ModelLoadError, build_tokenizer, holds_new_token_rows, is_wrapper_state, load_state_checked
@@ -194,10 +194,6 @@ def in_hub_cache(name: str) -> bool:
 def context_of(hf_config) -> Optional[int]:
     """The model's positions, None when its config does not say."""
     return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
-
-
-def first_line(error: BaseException) -> str:
-    return next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)[:200]
 
 
 # ------------------------------------------------------------------ the data fits the context
