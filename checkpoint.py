@@ -58,7 +58,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from cli import UserError
+from cli import UserError, first_line
 from streamed_save import StreamedModelState, write_streamed
 
 __all__ = [
@@ -371,9 +371,7 @@ def _torch_load(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # truncated zip, unpickling refused, I/O error, ...
-        first_line = next((ln for ln in str(e).splitlines() if ln.strip()), "")
-        reason = f"does not load ({type(e).__name__}: {first_line[:200]})"
-        raise CheckpointError(path, reason) from e
+        raise CheckpointError(path, f"does not load ({type(e).__name__}: {first_line(e)})") from e
 
 
 def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import functools
 import glob
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -138,6 +138,19 @@ def build_model(config, state: Optional[dict], state_path: Optional[str], log) -
     """Tokenizer, base model, new tokens, optional weights, and the wrapper if coconut."""
     tokenizer, tokens = build_tokenizer(config.model_path)
     base = load_base_model(config.model_path, log, state_path if state is not None else None)
+    model = place_weights(config, base, tokenizer, tokens, state, state_path,
+                          add_token_rows=lambda b: init_new_token_rows(b, tokenizer, tokens, log))
+    if config.bf16:
+        model = model.to(torch.bfloat16)
+    return BuiltModel(model, base, tokenizer, tokens, state_path if state is not None else None)
+
+
+def place_weights(config, base, tokenizer, tokens, state: Optional[dict], state_path: Optional[str],
+                  add_token_rows: Callable) -> torch.nn.Module:
+    """DESIGN §5's loading rules, in the one order build_model and the pre-flight check
+    (on a meta-device copy) both follow: the checkpoint into `base` before or after its
+    new token rows (`add_token_rows(base)`, for methods with latent tokens), or into the
+    Coconut wrapper. Returns the model the run trains (the wrapper or `base`)."""
     wrapper_state = state is not None and is_wrapper_state(state)
     if wrapper_state and not config.method.fills_latents:
         raise ModelLoadError(f"{state_path}: coconut weights (base_causallm.*) cannot load into a {config.method} run")
@@ -146,7 +159,7 @@ def build_model(config, state: Optional[dict], state_path: Optional[str], log) -
     if plain_state and not resized_state:
         load_state_checked(base, state, state_path)  # e.g. a CoT checkpoint to skip stage 0
     if config.method.latent_tokens:
-        init_new_token_rows(base, tokenizer, tokens, log)
+        add_token_rows(base)
     elif resized_state:
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the checkpoint sets the rows
     if resized_state:  # e.g. a pause_as_thought checkpoint: its embeddings hold the new rows
@@ -154,9 +167,7 @@ def build_model(config, state: Optional[dict], state_path: Optional[str], log) -
     model = _wrap(config, base, tokenizer, tokens)
     if wrapper_state:
         load_state_checked(model, state, state_path)
-    if config.bf16:
-        model = model.to(torch.bfloat16)
-    return BuiltModel(model, base, tokenizer, tokens, state_path if state is not None else None)
+    return model
 
 
 def _wrap(config, base, tokenizer, tokens):

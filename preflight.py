@@ -34,7 +34,6 @@ import re
 import socket
 import tempfile
 import warnings
-import zipfile
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlparse
@@ -43,9 +42,8 @@ import torch
 
 import checkpoint
 from cli import UserError, first_line
-from coconut import Coconut
 from layout import PromptLayout
-from modeling import ModelLoadError, build_tokenizer, holds_new_token_rows, is_wrapper_state, load_state_checked
+from modeling import build_tokenizer, place_weights
 
 HUB_PROBE_SECONDS = 2.0
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -78,7 +76,8 @@ def check(config, data: dict, saves: bool) -> Preflight:
     result = Preflight()
     state, state_path = None, None
     # as trainer.find_start: a training run resumes its own folder's newest checkpoint
-    found = None if config.only_eval or config.debug else resume_point(config.save_dir)
+    # (the run warns about the checkpoints it skips; here they are skipped silently)
+    found = None if config.only_eval or config.debug else checkpoint.find_resume_point(config.save_dir, warn=_quiet)
     if found is not None:
         epoch, state, train_state = found
         state_path = checkpoint.checkpoint_path(config.save_dir, epoch)
@@ -86,7 +85,7 @@ def check(config, data: dict, saves: bool) -> Preflight:
             result.finished = finished_message(config, epoch, train_state)
     elif config.load_model_path is not None:
         state_path = config.load_model_path
-        state = load_mapped(state_path, required=True)
+        state = checkpoint.load_model_state(state_path)  # memory-mapped: no tensor data is read
     if state is not None:
         check_checkpoint_fits(config, hf_config, tokenizer, tokens, state, state_path)
     if saves and result.finished is None:
@@ -325,41 +324,8 @@ def check_context(config, data: dict, tokenizer, layout: PromptLayout, context: 
 
 
 # ------------------------------------------------------------------ checkpoints
-def load_mapped(path: str, required: bool) -> Optional[dict]:
-    """A checkpoint file's state dict, memory-mapped (no tensor data is read; files in
-    torch's legacy non-zip format cannot be mapped and are read whole), or None for a
-    folder (a sharded checkpoint, which the run checks as it loads it). An unusable
-    file: CheckpointError when `required`, else None."""
-    if os.path.isdir(path):
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:
-        if required:
-            raise checkpoint.CheckpointError(path, f"does not load ({type(e).__name__}: {first_line(e)})") from None
-        return None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        if required:
-            raise checkpoint.CheckpointError(path, "is not a state dict of tensors")
-        return None
-    return state
-
-
-def resume_point(save_dir: str) -> Optional[tuple]:
-    """(epoch, mapped state dict or None, training state or None) of the checkpoint
-    trainer.find_start will resume from: the newest whose files load (checkpoint.py's
-    rule, read here without loading the tensors)."""
-    for epoch in reversed(checkpoint.list_checkpoints(save_dir)):
-        path = checkpoint.checkpoint_path(save_dir, epoch)
-        state = load_mapped(path, required=False)
-        if state is None and not os.path.isdir(path):
-            continue  # unusable: the run skips it too
-        try:
-            train_state = checkpoint.load_train_state(save_dir, epoch)
-        except checkpoint.CheckpointError:
-            continue  # the run skips it too
-        return epoch, state, train_state
-    return None
+def _quiet(message: str) -> None:
+    pass
 
 
 def finished_message(config, epoch: int, train_state: Optional[dict]) -> str:
@@ -381,19 +347,8 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: dict, pat
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "copying ... to a meta parameter ... is a no-op": that is the point
         base = AutoModelForCausalLM.from_config(hf_config)
-        wrapper_state = is_wrapper_state(state)
-        if wrapper_state and not config.method.fills_latents:
-            raise ModelLoadError(f"{path}: coconut weights (base_causallm.*) cannot load into a {config.method} run")
-        resized_state = not wrapper_state and holds_new_token_rows(base, state, len(tokenizer))
-        if not wrapper_state and not resized_state:
-            load_state_checked(base, state, path)
-        if config.method.latent_tokens or resized_state:
-            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        if resized_state:
-            load_state_checked(base, state, path)
-        if wrapper_state:
-            model = Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokenizer.eos_token_id)
-            load_state_checked(model, state, path)
+        place_weights(config, base, tokenizer, tokens, state, path,
+                      add_token_rows=lambda b: b.resize_token_embeddings(len(tokenizer), mean_resizing=False))
 
 
 # ------------------------------------------------------------------ the run folder
