@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 NPROC ?= 1
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench compare clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ demo: venv
 # Under 10 minutes on 2 cores; writes bench/results/ only.
 bench: venv
 	$(PY) bench/bench.py
+
+# `make compare`: the paper's Table 1 in miniature (bench/compare.py): the demo's model and
+# budget trained with cot, no_cot, coconut, coconut without curriculum, no_thoughts and
+# pause_as_thought on 3 data seeds, 2 runs at a time; the best-validation checkpoint of
+# each answers a held-out test split. Writes bench/results/compare.json and compare.png;
+# runs, logs and exports go to runs/compare/ (a stopped compare resumes). About 2 hours
+# on 2 cores (README). Not part of `make test`.
+compare: venv
+	$(PY) bench/compare.py
 
 clean:
 	rm -rf $(VENV) data/demo checkpoints/demo

@@ -1,0 +1,80 @@
+"""`make compare` (bench/compare.py): each row trains the method it names, the log is read
+as run.py writes it, the best-validation checkpoint is the one scored, and a short
+comparison runs end to end and resumes without training again.
+"""
+
+import json
+
+import pytest
+import yaml
+
+from bench import compare
+from evaluate import report
+from utils import load_config
+
+
+@pytest.mark.parametrize("row", compare.ROWS, ids=lambda row: row.key)
+def test_each_row_is_a_valid_config_of_its_method(tmp_path, row):
+    config = compare.run_config(row, seed=2, data_dir=tmp_path / "data", work=tmp_path, epochs=5)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(str(path))
+    assert loaded.method.name == row.method
+    assert loaded.no_curriculum == row.no_curriculum
+    assert (loaded.seed, loaded.num_epochs, loaded.name) == (2, 5, f"{row.key}_s2")
+    demo = load_config(str(compare.DEMO_CONFIG))
+    same = ("lr", "batch_size_training", "epochs_per_stage", "max_latent_stage", "c_thought", "reset_optimizer")
+    assert all(getattr(loaded, key) == getattr(demo, key) for key in same)  # one budget for every method
+
+
+def test_validation_curve_reads_what_run_py_prints():
+    lines = []
+    counts = [{"correct": c, "cot_correct": 0, "total": 200} for c in (12, 150, 199)]
+    for epoch, count in enumerate(counts):
+        lines.append(f"Training Epoch: {epoch + 1}/3, batch 10/10 completed (loss: 0.5")
+        report(count, lines.append)
+    assert compare.validation_curve("\n".join(lines)) == [0.06, 0.75, 0.995]
+
+
+def test_best_epoch_is_the_first_best():
+    assert compare.best_epoch([0.2, 0.7, 0.5, 0.7]) == 1
+    assert compare.best_epoch([0.9]) == 0
+    naive = {curve: next(i for i, a in enumerate(curve) if a == max(curve))
+             for curve in [(0.1, 0.3, 0.3), (0.5, 0.4), (0.2, 0.2, 0.6, 0.6)]}
+    assert all(compare.best_epoch(list(curve)) == best for curve, best in naive.items())
+
+
+def test_summary_averages_seeds_per_method():
+    runs = [{"method": "coconut", "seed": s, "test_acc": a, "generated_tokens": g, "latent_tokens": 3,
+             "val_acc_per_epoch": [a / 2, a]} for s, a, g in ((0, 0.9, 8), (1, 0.7, 10))]
+    runs.append({"method": "cot", "seed": 0, "test_acc": 0.5, "generated_tokens": 30, "latent_tokens": 0,
+                 "val_acc_per_epoch": [0.1, 0.5]})
+    table = {row["method"]: row for row in compare.summarize(runs)}
+    assert table["coconut"]["test_acc_mean"] == pytest.approx(80.0)
+    assert table["coconut"]["test_acc_std"] == pytest.approx(14.142, abs=1e-3)
+    assert table["coconut"]["generated_tokens"] == 9
+    assert table["coconut"]["val_acc_per_epoch_mean"] == pytest.approx([0.4, 0.8])
+    assert table["cot"]["test_acc_std"] == 0.0
+    assert list(table) == ["cot", "coconut"]  # the paper's row order
+    assert "| Coconut | 97.0 | 80.0 ± 14.1 [90.0 70.0] | 9.0 | 3.0 |" in compare.format_table(compare.summarize(runs))
+
+
+@pytest.mark.slow
+def test_a_short_comparison_runs_end_to_end_and_resumes(tmp_path):
+    args = ["--methods", "coconut", "cot", "--seeds", "0", "--epochs", "1", "--jobs", "2",
+            "--data_args", "--split_sizes 24,8,6 --num_nodes 7 --min_steps 3 --max_steps 3",
+            "--work", str(tmp_path / "work"), "--output", str(tmp_path / "compare.json")]
+    assert compare.main(args) == 0
+    report_ = json.loads((tmp_path / "compare.json").read_text())
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    runs = {run["method"]: run for run in report_["runs"]}
+    assert set(runs) == {"coconut", "cot"}
+    assert all(len(run["val_acc_per_epoch"]) == 1 and run["test_questions"] == 6 for run in runs.values())
+    assert runs["coconut"]["latent_tokens"] == 3 and runs["cot"]["latent_tokens"] == 0  # max_latent_stage 3
+    answers = json.loads((tmp_path / "work" / "answers" / "coconut_s0.json").read_text())
+    assert runs["coconut"]["test_acc"] == sum(a["correct"] for a in answers) / 6
+    assert not (tmp_path / "work" / "runs" / "coconut_s0").exists()  # checkpoints go once exported
+    logs = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work" / "logs").iterdir()}
+    assert compare.main(args) == 0  # finished runs are not trained again
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work" / "logs").iterdir()} == logs
+    assert json.loads((tmp_path / "compare.json").read_text())["runs"] == report_["runs"]
