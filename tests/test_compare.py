@@ -56,7 +56,9 @@ def test_summary_averages_seeds_per_method():
     assert table["coconut"]["val_acc_per_epoch_mean"] == pytest.approx([0.4, 0.8])
     assert table["cot"]["test_acc_std"] == 0.0
     assert list(table) == ["cot", "coconut"]  # the paper's row order
-    assert "| Coconut | 97.0 | 80.0 ± 14.1 [90.0 70.0] | 9.0 | 3.0 |" in compare.format_table(compare.summarize(runs))
+    lines = compare.format_table(compare.summarize(runs)).splitlines()
+    assert "| Coconut | 97.0 | 14.2 | 80.0 ± 14.1 [90.0 70.0] | 12.0 (3.0 + 9.0) |" in lines
+    assert "| CoT | 77.5 | 49.4 | 50.0 ± 0.0 [50.0] | 30.0 (0.0 + 30.0) |" in lines
 
 
 @pytest.mark.slow
