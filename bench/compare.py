@@ -119,15 +119,16 @@ def score_answers(path: Path) -> dict:
     }
 
 
-def run_one(row: Row, seed: int, data_dir: Path, work: Path, epochs: int, threads: int) -> dict:
-    """Train, export the best-validation checkpoint, answer the test split: one result."""
+def run_one(row: Row, seed: int, data_dir: Path, work: Path, epochs: int, threads: int) -> tuple:
+    """Train, export the best-validation checkpoint, answer the test split: (one result,
+    whether it was read back from an earlier compare instead)."""
     config = run_config(row, seed, data_dir, work, epochs)
     name = config["name"]
     for sub in ("configs", "logs", "results"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     config_path, result_path = work / "configs" / f"{name}.yaml", work / "results" / f"{name}.json"
     if result_path.is_file() and config_path.is_file() and yaml.safe_load(config_path.read_text()) == config:
-        return json.loads(result_path.read_text())  # finished before, same config
+        return json.loads(result_path.read_text()), True  # finished before, same config
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled")
     log_path = work / "logs" / f"{name}.log"
@@ -151,7 +152,7 @@ def run_one(row: Row, seed: int, data_dir: Path, work: Path, epochs: int, thread
     result = {"method": row.key, "seed": seed, "val_acc_per_epoch": curve, "best_epoch": best + 1,
               "train_wall_s": round(train_s, 1), **score_answers(answers)}
     result_path.write_text(json.dumps(result, indent=1))
-    return result
+    return result, False
 
 
 def summarize(results: list) -> list:
@@ -241,16 +242,21 @@ def main(argv=None) -> int:
     todo = [(ROW_BY_KEY[m], seed) for seed in args.seeds for m in args.methods]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, row, seed, data[seed], work, args.epochs, threads) for row, seed in todo]
-        results = []
+        results, reused = [], []
         for (row, seed), future in zip(todo, futures):
-            results.append(future.result())
-            print(f"{row.key} seed {seed}: test {results[-1]['test_acc']:.3f}", flush=True)
+            result, was_reused = future.result()
+            results.append(result)
+            if was_reused:
+                reused.append(f"{row.key}_s{seed}")
+            print(f"{row.key} seed {seed}: test {result['test_acc']:.3f}" + (" (earlier run)" if was_reused else ""),
+                  flush=True)
     table = summarize(results)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": shlex.join([os.path.relpath(sys.argv[0], ROOT), *(argv if argv is not None else sys.argv[1:])]),
-        "wall_s": round(time.monotonic() - began, 1),
+        "wall_s": round(time.monotonic() - began, 1),  # of this call: runs read back cost nothing
+        "reused_runs": reused,
         "budget": {"config": "args/demo.yaml", "epochs": args.epochs, "data_args": args.data_args,
                    "jobs": args.jobs, "threads_per_run": threads, "seeds": args.seeds},
         "table": table, "runs": results,

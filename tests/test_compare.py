@@ -79,4 +79,6 @@ def test_a_short_comparison_runs_end_to_end_and_resumes(tmp_path):
     logs = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work" / "logs").iterdir()}
     assert compare.main(args) == 0  # finished runs are not trained again
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work" / "logs").iterdir()} == logs
-    assert json.loads((tmp_path / "compare.json").read_text())["runs"] == report_["runs"]
+    again = json.loads((tmp_path / "compare.json").read_text())
+    assert again["runs"] == report_["runs"]
+    assert report_["reused_runs"] == [] and again["reused_runs"] == ["coconut_s0", "cot_s0"]
