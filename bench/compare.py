@@ -37,24 +37,27 @@ from typing import Optional
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # as a script, sys.path[0] is bench/
+    sys.path.insert(0, str(ROOT))
+
+from utils import METHOD_FLAGS  # noqa: E402 - the config's method keys (imports no torch)
+
 DEMO_CONFIG = ROOT / "args" / "demo.yaml"
 RESULTS = ROOT / "bench" / "results"
-
-# The rows of the paper's Table 1, ProsQA column (accuracy, %; tokens per answer), and the
-# config keys that select each method on top of args/demo.yaml (which is coconut).
-METHOD_FLAGS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought")
 
 
 @dataclass(frozen=True)
 class Row:
     key: str  # the run's name and compare.json's key
     label: str  # the paper's name for it
-    method: str  # the config key set True
+    method: str  # the method key (utils.METHOD_FLAGS) set True
     no_curriculum: bool
     paper_prosqa: float
     paper_tokens: Optional[float] = None  # tokens per answer, continuous thoughts included, where the paper gives it
 
 
+# The rows of the paper's Table 1, ProsQA column (accuracy, %; tokens per answer), and the
+# method that each trains on top of args/demo.yaml (which is coconut).
 ROWS = (
     Row("cot", "CoT", "cot", False, 77.5, 49.4),
     Row("no_cot", "No-CoT", "no_cot", False, 76.7),

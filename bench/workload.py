@@ -128,9 +128,10 @@ def training_examples(shape: Shape, batch: int, seed: int = 0):
 def training_batch(shape: Shape, batch: int, stage, seed: int = 0) -> dict:
     """A collated batch at `stage` (one int, or one per example): k latents replace the first k step tokens."""
     stages = [stage] * batch if isinstance(stage, int) else list(stage)
+    layout = layout_for(shape.vocab)
     features = []
     for stage, (question, steps, answer) in zip(stages, training_examples(shape, batch, seed)):
-        prefix = question + layout_for(shape.vocab).latent_block(stage)
+        prefix = question + layout.latent_block(stage)
         suffix = steps[stage:] + answer
         tokens = prefix + suffix
         features.append({"input_ids": tokens, "labels": [IGNORE_INDEX] * len(prefix) + suffix})
@@ -140,10 +141,11 @@ def training_batch(shape: Shape, batch: int, stage, seed: int = 0) -> dict:
 def prompts(shape: Shape, n: int, n_latents: int = 6, seed: int = 1) -> list:
     """n evaluation prompts (question + <start> + latents + <end>), ~shape.length tokens, varied."""
     rng = random.Random(seed)
+    latent_block = layout_for(shape.vocab).latent_block(n_latents)
     out = []
     for _ in range(n):
         q = shape.question + shape.steps + rng.randint(-3 * shape.question_jitter, 3 * shape.question_jitter)
-        out.append(torch.tensor(_tokens(rng, q, shape.vocab) + layout_for(shape.vocab).latent_block(n_latents)))
+        out.append(torch.tensor(_tokens(rng, q, shape.vocab) + latent_block))
     return out
 
 

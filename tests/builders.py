@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -77,6 +78,22 @@ def write_model_folder(folder, arch="gpt2"):
 
 # ------------------------------------------------------------------ end-to-end runs
 REPO = ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def makefile_variable(name: str) -> str:
+    """The value of a `NAME := value` (or `?=`) line of the Makefile, with the
+    `$(OTHER)` variables in it expanded."""
+    with open(os.path.join(REPO, "Makefile")) as f:
+        for line in f:
+            match = re.match(rf"{name}\s*[:?]?=\s*(.*)$", line)
+            if match:
+                return re.sub(r"\$\((\w+)\)", lambda m: makefile_variable(m.group(1)), match.group(1).strip())
+    raise AssertionError(f"Makefile has no {name} line")
+
+
+def makefile_demo_data_args() -> list:
+    """The DEMO_DATA_ARGS line of the Makefile, as an argument list."""
+    return shlex.split(makefile_variable("DEMO_DATA_ARGS"))
 RUN_PY = os.path.join(REPO, "run.py")
 PREFIX = "base_causallm."
 ACC_RE = re.compile(r"^Accuracy on validation set: (\d+) / (\d+) = (\S+)$", re.M)

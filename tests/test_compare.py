@@ -4,9 +4,11 @@ comparison runs end to end and resumes without training again.
 """
 
 import json
+import shlex
 
 import pytest
 import yaml
+from builders import makefile_demo_data_args
 
 from bench import compare
 from evaluate import report
@@ -25,6 +27,19 @@ def test_each_row_is_a_valid_config_of_its_method(tmp_path, row):
     demo = load_config(str(compare.DEMO_CONFIG))
     same = ("lr", "batch_size_training", "epochs_per_stage", "max_latent_stage", "c_thought", "reset_optimizer")
     assert all(getattr(loaded, key) == getattr(demo, key) for key in same)  # one budget for every method
+
+
+def test_the_default_data_is_the_demos_plus_a_test_split():
+    def options(args):
+        pairs = dict(zip(args[::2], args[1::2]))
+        sizes = pairs.pop("--split_sizes").split(",")
+        pairs.pop("--seed", None)
+        return pairs, sizes
+
+    demo, demo_sizes = options(makefile_demo_data_args())
+    ours, our_sizes = options(shlex.split(compare.parse_args([]).data_args))
+    assert ours == demo  # the same graphs
+    assert our_sizes[:2] == demo_sizes[:2] and int(our_sizes[2]) > 0  # the demo's train and valid, then a test split
 
 
 def test_validation_curve_reads_what_run_py_prints():

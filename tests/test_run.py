@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -23,8 +22,8 @@ import yaml
 
 import trainer
 from builders import (ACC_RE, COT_RE, FULL_RE, PREFIX, REPO, RUN_PY, acc_lines, assert_same_tensors,
-                      assert_same_values, epochs_started, free_port, keys_for, load, run_in_process, run_sub, sub_env,
-                      write_cfg)
+                      assert_same_values, epochs_started, free_port, keys_for, load, makefile_demo_data_args,
+                      makefile_variable, run_in_process, run_sub, sub_env, write_cfg)
 from checkpoint import list_checkpoints, read_sharded_state
 from layout import END, LATENT, START
 from preprocessing import prosqa
@@ -94,22 +93,6 @@ def test_method_runs_two_epochs(method, request, tmp_path, gpt2_folder, llama_fo
 
 # ------------------------------------------------------------------ demo path
 DEMO_YAML = os.path.join(REPO, "args", "demo.yaml")
-
-
-def makefile_variable(name: str) -> str:
-    """The value of a `NAME := value` (or `?=`) line of the Makefile, with the
-    `$(OTHER)` variables in it expanded."""
-    with open(os.path.join(REPO, "Makefile")) as f:
-        for line in f:
-            match = re.match(rf"{name}\s*[:?]?=\s*(.*)$", line)
-            if match:
-                return re.sub(r"\$\((\w+)\)", lambda m: makefile_variable(m.group(1)), match.group(1).strip())
-    raise AssertionError(f"Makefile has no {name} line")
-
-
-def makefile_demo_data_args() -> list:
-    """The DEMO_DATA_ARGS line of the Makefile, as an argument list."""
-    return shlex.split(makefile_variable("DEMO_DATA_ARGS"))
 
 
 def with_option(args: list, option: str, value: str) -> list:
