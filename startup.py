@@ -94,21 +94,25 @@ def build_and_place(config, start: Start, env, log) -> tuple:
     source = on_main(lambda: build_model(config, start.model_state, start.model_path, log), env)
     dtype = distributed.share(source and next(source.model.parameters()).dtype, env)
     built = build_empty_model(config, dtype)
-    _prepare(built, config, env)
+    _prepare(built, config, env, sharded=True)
     log(f"Running FSDP on rank = {env.rank}, world size = {env.world_size}")
     model = distributed.shard(built.model, built.base_causallm, distributed.COMPUTE_DTYPES[config.mixed_precision])
     distributed.fill_from_main(model, source and source.model, env)
     return built, model
 
 
-def _prepare(built: BuiltModel, config, env) -> None:
-    """What applies to the blocks before sharding: checkpointing, then compilation."""
+def _prepare(built: BuiltModel, config, env, sharded: bool) -> None:
+    """What applies to the blocks before sharding: checkpointing, then compilation: the
+    whole decoder pass as one graph, or (FSDP2's units, checkpointed blocks) each block."""
     if config.activation_checkpointing:
         checkpoint_blocks(built.base_causallm)
-    if config.compile:  # regional torch.compile of the transformer blocks
+    if config.compile:
         import compiling
 
-        compiling.compile_blocks(built.model)
+        if sharded or config.activation_checkpointing:
+            compiling.compile_blocks(built.model)
+        else:
+            compiling.compile_decoder(built.model)
     if isinstance(built.model, Coconut):  # FSDP: every process runs as many base-model passes
         built.model.sync_passes_across_ranks = env.distributed
 
@@ -116,7 +120,7 @@ def _prepare(built: BuiltModel, config, env) -> None:
 def _place_whole(built: BuiltModel, config, env, log):
     """One process, or DDP for only_eval: the whole model on the device; mixed precision
     through autocast (parameters and optimizer stay fp32)."""
-    _prepare(built, config, env)
+    _prepare(built, config, env, sharded=False)
     model = built.model.to(env.device)
     compute_dtype = distributed.COMPUTE_DTYPES[config.mixed_precision]
     if compute_dtype is not None:

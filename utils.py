@@ -124,7 +124,7 @@ class Config:
     # the whole model as published; and recomputing each block's activations.
     mixed_precision: str = "none"
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each transformer block (compiling.py)
+    compile: bool = False  # torch.compile the decoder pass, or each block under FSDP (compiling.py)
 
     # Keys of later published configs, accepted so those YAML files keep working:
     # `local: True` loads the model from `local_path` instead of `model_id`; the

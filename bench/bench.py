@@ -29,8 +29,9 @@ random weights, dropout off; ProsQA-shaped batches from bench/workload.py):
    slow, so one new question per repeat is timed and its seconds per question compared;
    its outputs must equal Coconut's rows at every batch size. Target: 20x at batch 32.
 4. The dispatch-bound CPU proxy of bench/proxy.py (a GPU's latent passes on a CPU):
-   training step with 6 latents over the step with none (target <= 1.5x), and the
-   per-token decoding time at batch 1, ours and the naive loop's.
+   training step with 6 latents over the step with none (target <= 1.5x), eager (the
+   ratio with `compile: True` is `python bench/proxy.py --compile`: minutes of compiling),
+   and the per-token decoding time at batch 1, ours and the naive loop's.
 5. One epoch of args/demo.yaml through run.py (temporary checkpoints, wandb disabled),
    only when that config and its data exist (after `make demo`).
 6. Host memory (bench/host_memory.py): the peak RSS of the largest process of a
@@ -448,7 +449,7 @@ def table(results) -> str:
         with_latents = tr[f"stage_{tr['latents']}_s"]
         lines.append("")
         lines.append(f"Dispatch-bound proxy (GPT-2 {proxy['model']['n_layer']} layers x {proxy['model']['n_embd']}, "
-                     f"batch {tr['batch']} x {tr['seq_len']} tokens, 1 thread)")
+                     f"batch {tr['batch']} x {tr['seq_len']} tokens, 1 thread, {proxy.get('allocator', '')})")
         lines.append(f"  training step: no latents {tr['stage_0_s'] * 1e3:.1f} ms, {tr['latents']} latents "
                      f"{with_latents * 1e3:.1f} ms: {tr['ratio']:.2f}x (target <= {tr['target']}x) -> "
                      f"{'MET' if tr['target_met'] else 'MISSED'}")

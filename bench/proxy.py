@@ -1,6 +1,7 @@
 """A dispatch-bound CPU proxy of a GPU training step and decoding step.
 
     python bench/proxy.py            # about a minute on one thread; `make bench` runs it too
+    python bench/proxy.py --compile  # also the training steps with compile: True (minutes of compiling)
 
 On a GPU a latent pass over one column of a batch costs what launching its kernels
 costs (Python, Hugging Face's per-call mask and cache work, one kernel per small op),
@@ -18,8 +19,17 @@ cores disturb least; wall-clock figures beside it):
 - the time per generated token at batch 1 of `Coconut.generate` and of the naive
   no-cache loop (bench/naive.py), from the difference of two generation lengths (so
   the prompt's passes cancel out).
+- the process keeps the memory it frees (glibc's mallopt), as a GPU's caching allocator
+  does: by default glibc hands the LM head's large buffers back to the system after
+  each step and page-faults them in again on the next, a cost no GPU step has, and an
+  uneven one: it moved the ratio between 1.44x and 1.70x from run to run of the same code.
+- with --compile, the training ratio again with the decoder compiled as `compile: True`
+  compiles it in one process (compiling.compile_decoder, inductor), after a warm-up that
+  compiles every pass shape (its seconds reported). Not in `make bench`: compiling the
+  graphs takes 1 to 4 minutes here (inductor's on-disk cache warm or cold).
 """
 
+import ctypes
 import statistics
 import sys
 import time
@@ -102,28 +112,76 @@ def decode_per_token(model, coconut, repeats: int, short=1, long=33) -> dict:
     return result
 
 
-def run(repeats: int = 5, pairs: int = 30, log=print) -> dict:
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in this process (no mmap'd blocks, no trimming), as a
+    GPU's caching allocator keeps its blocks; False where there is no mallopt (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB: glibc's largest mmap threshold; the LM head's buffers here are ~13 MiB
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def make_coconut():
+    model = workload.make_model(LAYERS, WIDTH, HEADS, vocab=SHAPE.vocab, n_positions=256)
+    ids = workload.ids_for(SHAPE.vocab)
+    return model, Coconut(model, ids.latent, ids.start, ids.end, ids.eos)
+
+
+def log_train(log, train, how):
+    log(f"proxy train step{how} ({LAYERS} layers x {WIDTH}, batch {BATCH} x {train['seq_len']} tokens, 1 thread): "
+        f"no latents {train['stage_0_s'] * 1e3:.1f} ms, {LATENTS} latents {train[f'stage_{LATENTS}_s'] * 1e3:.1f} ms, "
+        f"ratio {train['ratio']:.2f}x (target <= {TARGET_RATIO}x; CPU time, wall clock {train['wall_ratio']:.2f}x)")
+
+
+def compiled_train_ratio(pairs: int, log, **compile_kwargs) -> dict:
+    """train_ratio with the decoder compiled as compile: True does in one process."""
+    from compiling import compile_decoder
+
+    model, coconut = make_coconut()
+    model.train()
+    compile_decoder(coconut, **compile_kwargs)
+    start = time.perf_counter()
+    train_ratio(coconut, 1)  # compiles every pass shape of both steps
+    compile_s = time.perf_counter() - start
+    log(f"proxy compile: True, warm-up (compilation) {compile_s:.0f} s")
+    return {"compile_s": compile_s, **train_ratio(coconut, pairs)}
+
+
+def run(repeats: int = 5, pairs: int = 30, log=print, compiled=False, **compile_kwargs) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    allocator = "freed memory kept (mallopt)" if keep_freed_memory() else "the system's default"
     try:
-        model = workload.make_model(LAYERS, WIDTH, HEADS, vocab=SHAPE.vocab, n_positions=256)
-        ids = workload.ids_for(SHAPE.vocab)
-        coconut = Coconut(model, ids.latent, ids.start, ids.end, ids.eos)
+        model, coconut = make_coconut()
         model.train()
         train = train_ratio(coconut, pairs)
-        log(f"proxy train step ({LAYERS} layers x {WIDTH}, batch {BATCH} x {train['seq_len']} tokens, 1 thread): "
-            f"no latents {train['stage_0_s'] * 1e3:.1f} ms, {LATENTS} latents {train[f'stage_{LATENTS}_s'] * 1e3:.1f} ms, "
-            f"ratio {train['ratio']:.2f}x (target <= {TARGET_RATIO}x; CPU time, wall clock {train['wall_ratio']:.2f}x)")
+        log_train(log, train, "")
         model.eval()
         decode = decode_per_token(model, coconut, repeats)
         log(f"proxy decoding at batch 1: ours {decode['ours_s_per_token'] * 1e3:.2f} ms/token, naive "
             f"{decode['naive_s_per_token'] * 1e3:.2f} ms/token ({decode['naive_over_ours']:.1f}x)")
+        result = {"model": {"n_layer": LAYERS, "n_embd": WIDTH, "n_head": HEADS, "vocab": SHAPE.vocab},
+                  "threads": 1, "allocator": allocator, "train": train, "decode": decode}
+        if compiled:
+            result["train_compiled"] = compiled_train_ratio(pairs, log, **compile_kwargs)
+            log_train(log, result["train_compiled"], ", compile: True")
     finally:
         torch.set_num_threads(threads)
-    return {"model": {"n_layer": LAYERS, "n_embd": WIDTH, "n_head": HEADS, "vocab": SHAPE.vocab}, "threads": 1,
-            "train": train, "decode": decode}
+    return result
 
 
 if __name__ == "__main__":
-    run()
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile", action="store_true", help="also time the training steps with compile: True")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    result = run(compiled=args.compile)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     sys.exit(0)

@@ -142,7 +142,7 @@ def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
     for algo in ("ours", "naive"):
         assert result["training"][algo]["stage_0"]["tokens_per_s"] > 0
         assert result["training"][algo]["stage_6_over_0"] > 0
-    assert result["compile"]["blocks"] == 2 and result["compile"]["stage_6"]["tokens_per_s"] > 0
+    assert result["compile"]["compiled"] == "decoder" and result["compile"]["stage_6"]["tokens_per_s"] > 0
     for path in ("eager", "cuda_graph"):
         entry = result["generation"]["paths"][path]
         assert set(entry["batches"]) == {"1", "4"} and entry["decode_path"] == "eager"  # no CUDA: eager
@@ -165,3 +165,28 @@ def test_gpu_benchmarks_collator_equals_mycollator():
     features = [{"input_ids": p.tolist()} for p in prompts]
     want, got = collator(features), workload.aligned_collate(features, IDS.eos, IDS.latent)
     assert set(got) == set(want) and all(torch.equal(got[key], want[key]) for key in want)
+
+
+@pytest.mark.slow
+def test_proxy_times_the_compiled_decoder(monkeypatch):
+    """bench/proxy.py --compile times steps of a model whose decoder really is compiled
+    (graphs, no graph break), the same batches as the eager ratio; aot_eager and 2 of the
+    12 layers here (no code generation, a shorter trace), inductor in the real run."""
+    from torch._dynamo.utils import counters
+
+    from bench import proxy
+
+    monkeypatch.setattr(proxy, "LAYERS", 2)
+    torch._dynamo.reset()
+    counters.clear()
+    threads = torch.get_num_threads()
+    lines = []
+    try:
+        result = proxy.compiled_train_ratio(1, lines.append, backend="aot_eager")
+        graphs, breaks = counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    assert graphs >= 3 and not breaks, (graphs, breaks)  # no cache (stage 0), first piece, one column, ...
+    assert result["compile_s"] > 0 and result["ratio"] > 0 and result["pairs"] == 1
+    assert lines and "compile: True" in lines[0]
