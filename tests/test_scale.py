@@ -11,6 +11,7 @@ counts are comparable step by step.
 
 import os
 import socket
+import traceback
 
 import pytest
 import torch
@@ -234,6 +235,12 @@ def _worker(rank, world_size, port, jobs, out):
     env = distributed.setup()
     try:
         results = {name: train(run_config(**keys), env, save_at) for name, (keys, save_at) in jobs.items()}
+    except BaseException:
+        # written before the teardown: a process group torn down with work pending can abort
+        # the process (SIGABRT), and mp.spawn then reports a signal instead of this error
+        with open(f"{out}.rank{rank}.error", "w") as f:
+            f.write(traceback.format_exc())
+        raise
     finally:
         distributed.teardown()
     if rank == 0:
@@ -249,7 +256,11 @@ def free_port():
 def spawn(world_size, jobs, tmp):
     """Run `jobs` ({name: (run_config keys, save_at)}) in `world_size` processes, in turn."""
     out = str(tmp / f"results_{world_size}.pt")
-    mp.spawn(_worker, args=(world_size, free_port(), jobs, out), nprocs=world_size)
+    try:
+        mp.spawn(_worker, args=(world_size, free_port(), jobs, out), nprocs=world_size)
+    except mp.ProcessExitedException as e:  # killed by a signal: say what the ranks raised first
+        errors = [open(f"{out}.rank{r}.error").read() for r in range(world_size) if os.path.exists(f"{out}.rank{r}.error")]
+        raise AssertionError(f"{e}; the ranks' errors: {errors or 'none written'}") from e
     return torch.load(out, weights_only=True)
 
 
