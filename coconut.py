@@ -115,11 +115,6 @@ def align_latents(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_
 LOSS_CHUNK_ROWS = 1024
 
 
-def _accumulate(total, term):
-    """total + term in fp32, in place when there is a total (term's own buffer when fp32)."""
-    return term.float() if total is None else total.add_(term)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of F.linear(hidden, weight, bias) against targets, chunk by chunk.
 
@@ -134,26 +129,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         needs = ctx.needs_input_grad
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        # fp32 sums of the chunks' weight and bias gradients, started by the first chunk (no
-        # zero-filled (vocab, hidden) buffer: its page faults cost as much as a small pass)
-        grad_weight = grad_bias = None
-        wants_weight, wants_bias = needs[1], bias is not None and needs[2]
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
         for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
             rows = hidden[start : start + LOSS_CHUNK_ROWS]
             target = targets[start : start + LOSS_CHUNK_ROWS, None]  # (rows, 1)
             logits = F.linear(rows, weight, bias)  # (rows, vocab), autocast's dtype
             log_probs = logits.float().log_softmax(-1)
             total = total - log_probs.gather(1, target).sum()
-            if grad_hidden is None and not wants_weight and not wants_bias:
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             grad_logits = log_probs.exp_().scatter_add_(1, target, log_probs.new_full(target.shape, -1.0))
             grad_logits = grad_logits.to(logits.dtype)  # d(sum of losses) / d(logits)
             if grad_hidden is not None:
                 grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ weight.to(logits.dtype)
-            if wants_weight:
-                grad_weight = _accumulate(grad_weight, grad_logits.t() @ rows.to(logits.dtype))
-            if wants_bias:
-                grad_bias = _accumulate(grad_bias, grad_logits.sum(0))
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ rows.to(logits.dtype)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
