@@ -78,6 +78,13 @@ def write_model_folder(folder, arch="gpt2"):
 
 # ------------------------------------------------------------------ end-to-end runs
 REPO = ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_PY = os.path.join(REPO, "run.py")
+PREFIX = "base_causallm."
+ACC_RE = re.compile(r"^Accuracy on validation set: (\d+) / (\d+) = (\S+)$", re.M)
+COT_RE = re.compile(r"^CoT match on validation set: (\d+) / (\d+) = (\S+)$", re.M)
+FULL_RE = re.compile(r"^Full output: '(.*?)'\nExtracted Output:", re.M | re.S)
+EPOCH_START_RE = re.compile(r"Training Epoch: (\d+):\s+0%")  # tqdm's first refresh of an epoch's bar
+N_VAL = 12  # conftest's chain_data
 
 
 def makefile_variable(name: str) -> str:
@@ -94,13 +101,6 @@ def makefile_variable(name: str) -> str:
 def makefile_demo_data_args() -> list:
     """The DEMO_DATA_ARGS line of the Makefile, as an argument list."""
     return shlex.split(makefile_variable("DEMO_DATA_ARGS"))
-RUN_PY = os.path.join(REPO, "run.py")
-PREFIX = "base_causallm."
-ACC_RE = re.compile(r"^Accuracy on validation set: (\d+) / (\d+) = (\S+)$", re.M)
-COT_RE = re.compile(r"^CoT match on validation set: (\d+) / (\d+) = (\S+)$", re.M)
-FULL_RE = re.compile(r"^Full output: '(.*?)'\nExtracted Output:", re.M | re.S)
-EPOCH_START_RE = re.compile(r"Training Epoch: (\d+):\s+0%")  # tqdm's first refresh of an epoch's bar
-N_VAL = 12  # conftest's chain_data
 
 
 # ------------------------------------------------------------------ helpers

@@ -10,12 +10,12 @@ counts are comparable step by step.
 """
 
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from builders import free_port
 from torch.utils._pytree import tree_map
 
 import checkpoint
@@ -236,8 +236,8 @@ def _worker(rank, world_size, port, jobs, out):
     try:
         results = {name: train(run_config(**keys), env, save_at) for name, (keys, save_at) in jobs.items()}
     except BaseException:
-        # written before the teardown: a process group torn down with work pending can abort
-        # the process (SIGABRT), and mp.spawn then reports a signal instead of this error
+        # written before the teardown: should the process then die by a signal, mp.spawn
+        # reports only the signal, and this file still says what the rank raised
         with open(f"{out}.rank{rank}.error", "w") as f:
             f.write(traceback.format_exc())
         raise
@@ -245,12 +245,6 @@ def _worker(rank, world_size, port, jobs, out):
         distributed.teardown()
     if rank == 0:
         torch.save(results, out)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(world_size, jobs, tmp):
@@ -390,7 +384,7 @@ def test_torchrun_then_one_process_then_torchrun_on_one_run_folder(tmp_path, gpt
     later launches also turn on mixed precision (autocast on one process, FSDP's policy
     under torchrun) and activation checkpointing, which leave the saved state's layout
     (fp32, by parameter name) unchanged."""
-    from test_run import RUN_PY, acc_lines, epochs_started, free_port as run_port, keys_for, run_sub, write_cfg
+    from test_run import RUN_PY, acc_lines, epochs_started, keys_for, run_sub, write_cfg
 
     save_dir = tmp_path / "ckpt" / "mixed"
     launches = [("torchrun", 1, {}), ("python", 2, {"mixed_precision": "bf16"}),
@@ -399,7 +393,7 @@ def test_torchrun_then_one_process_then_torchrun_on_one_run_folder(tmp_path, gpt
         keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "mixed", coconut=True, num_epochs=num_epochs,
                         reset_optimizer=False, max_latent_stage=2, batch_size_training=4, **options)
         cfg = write_cfg(tmp_path / f"cfg_{num_epochs}.yaml", keys)
-        torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(run_port())]
+        torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
         proc = run_sub([*(torchrun if launcher == "torchrun" else []), RUN_PY, cfg], timeout=240)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert epochs_started(proc.stderr) == [num_epochs]  # one new epoch per launch
