@@ -59,6 +59,12 @@ def _all_ranks_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous and not a view: compiled graphs guard on strides, and on a view's
+    base, so a view and a copy of the same shape would each compile a graph."""
+    return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
+
+
 def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list:
     """Column of the i-th latent, shared by every example that has one.
 
@@ -285,7 +291,7 @@ class Coconut(nn.Module):
     def _decoder_pass(self, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
         """(batch, len, hidden) last hidden states of one pass; no LM head, no all-layer list."""
         if self.compiled_decoder:  # column slices of the batch: compiled graphs guard on strides
-            embeds, attention_mask, position_ids = (t.contiguous() for t in (embeds, attention_mask, position_ids))
+            embeds, attention_mask, position_ids = (_standalone(t) for t in (embeds, attention_mask, position_ids))
         out = self.decoder(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -334,7 +340,9 @@ class Coconut(nn.Module):
         segments = self._segments(input_ids.shape[1], columns, n_passes)
         is_latent = input_ids == self.latent_token_id  # (batch, seq)
 
-        if cache is None and (keep_cache or len(segments) > 1):
+        # a compiled decoder always gets a cache: a batch without latents then runs the
+        # graph of a latent batch's first piece instead of compiling one of its own
+        if cache is None and (keep_cache or len(segments) > 1 or self.compiled_decoder):
             buffered = not torch.is_grad_enabled() and not self.compiled_decoder
             cache = new_cache(self.base_causallm.config, buffered, self.cache_class)
         chunks, hiddens, padding_term = [], [], token_embeds.new_zeros(())
@@ -345,7 +353,7 @@ class Coconut(nn.Module):
                 padding_term = padding_term + 0.0 * dummy.last_hidden_state.float().sum()
                 continue
             start, end = segment
-            chunk = token_embeds[:, start:end]
+            chunk = token_embeds if end - start == token_embeds.shape[1] else token_embeds[:, start:end]
             if filled is not None:
                 first = torch.where(is_latent[:, start, None], filled, chunk[:, 0])  # (batch, hidden)
                 chunk = first[:, None] if end - start == 1 else torch.cat([first[:, None], chunk[:, 1:]], dim=1)

@@ -8,10 +8,14 @@ state dict stay as they are), in one of two ways (startup.py picks):
 without activation checkpointing: the decoder stack (the base model without its LM head) is
 one graph per pass shape, its KV cache update included, so a latent pass over one
 column is one call of compiled code instead of some 100 small operations per layer.
-Shapes are dynamic: one graph for every one-column pass whatever the cache length,
-one for the longer pieces, one for a batch without a cache, each again for no-grad
-decoding; measured on GPT-2 on a CPU: at most 5 graphs for training steps at stages 0 and 6,
-no graph break.
+Shapes are dynamic, and training at any stage makes three graphs: the first pass, on
+an empty cache (a batch without latents runs with a cache too, to share it), every
+one-column pass whatever the cache length, and the longer passes after a latent
+(the cache keeps its tensors contiguous, ContiguousCache, so the strides that graphs
+guard on stay the same); no-grad decoding makes its own. No graph break. Each graph
+took about a minute to compile on an H100 host (torch 2.11), where inductor's
+mix-order reduction heuristic can add one more: it guards on a pass's size (batch x
+length x width against 5 Mi).
 
 `compile_blocks(model)`, under FSDP2 or with activation checkpointing, compiles each
 transformer block of the base model, as torchtitan does (regional compilation): FSDP2
@@ -67,6 +71,19 @@ class CompileFriendlyCache(DynamicCache):
         return super().update(*args, **kwargs)
 
 
+class ContiguousCache(DynamicCache):
+    """A DynamicCache that keeps its keys and values contiguous, for the compiled decoder.
+
+    Inductor may drop the first pass's torch.cat onto an empty cache and keep the keys
+    as the attention's (batch, heads, seq, dim) view of a (batch, seq, heads, dim)
+    projection, while every later pass's torch.cat makes them contiguous: graphs guard on
+    those strides, so the first latent pass would compile a graph and the next another
+    (seen with inductor on a CPU and on an H100)."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return super().update(key_states.contiguous(), value_states.contiguous(), *args, **kwargs)
+
+
 def _raise_recompile_limit() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
@@ -84,6 +101,7 @@ def compile_decoder(model, **compile_kwargs) -> None:
     base.base_model.compile(**{"dynamic": True, **compile_kwargs})
     if hasattr(model, "compiled_decoder"):  # a Coconut
         model.compiled_decoder = True
+        model.cache_class = ContiguousCache
 
 
 def compile_blocks(model, **compile_kwargs) -> int:

@@ -92,4 +92,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # a run that got as far as a process group ends through distributed.exit_process;
+    # importing it here would import torch after a bad config
+    distributed = sys.modules.get("distributed")
+    (distributed.exit_process if distributed else sys.exit)(status)

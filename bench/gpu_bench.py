@@ -16,15 +16,21 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
    TFLOP/s dense bf16 for H100/H200 (detected by name), else COCONUT_PEAK_TFLOPS.
 2. the same two training steps of ours with `compile: True` as one process runs it
    (compiling.compile_decoder: the decoder pass one graph per shape, on a copy of the
-   model), after a warm-up that compiles; compile seconds reported.
+   model), after a warm-up that compiles; compile seconds, graphs and graph breaks
+   reported. --compile-mode reduce-overhead also replays each pass shape as a CUDA graph
+   (an experiment: `compile: True` does not do that).
+   Each training row also profiles one step (torch.profiler): GPU kernels launched and
+   the milliseconds the GPU was busy, the rest of the step being the host's dispatch.
 3. generation (64 new tokens max, natural EOS): questions/s at batch 1 and batch 64
    vs the naive batch-1 loop without a KV cache, with the eager decoding loop and with
    the CUDA-graph step (compiling.CapturedDecoder; the path that actually ran is
    reported, with the error if it fell back). Rows equal to the naive outputs are
    counted (bf16 results depend on the batch layout, so near-ties may differ).
 
-Sections run in that order; one that would start after --budget-s seconds is skipped
-and says so. Without CUDA it prints one line and exits 2; `--cpu-smoke` runs the same
+Sections run as training, generation, compile (the compile section compiles for about
+5 minutes on an H100 host); the compile section, and CUDA-graph decoding, are skipped
+when they would start after --budget-s seconds, and say so. The JSON is rewritten after
+each section, so a run stopped midway keeps what it measured. Without CUDA it prints one line and exits 2; `--cpu-smoke` runs the same
 code on the CPU with a tiny model (tests), compiling with the "eager" backend.
 """
 
@@ -95,6 +101,7 @@ class Bench:
         self.batches = {k: {n: t.to(self.dev) for n, t in workload.training_batch(self.shape, args.batch, k).items()}
                         for k in (0, 6)}
         self.start = time.perf_counter()
+        self.mark_cudagraph_steps = False  # set while timing a model compiled with mode="reduce-overhead"
 
     def autocast(self):
         return self.torch.autocast(self.dev.type, dtype=self.torch.bfloat16)
@@ -107,6 +114,8 @@ class Bench:
 
         model = coconut.base_causallm
         model.zero_grad(set_to_none=True)
+        if self.mark_cudagraph_steps:  # a new step: the graphs' outputs of the last one are dead
+            self.torch.compiler.cudagraph_mark_step_begin()
         with self.autocast():
             if algo == "coconut":
                 loss = coconut(**self.batches[k], return_logits=False).loss
@@ -128,6 +137,21 @@ def fmt_mfu(e):
 
 
 # ----------------------------------------------------------------------------- training
+def profile_step(b: Bench, coconut, k) -> dict:
+    """GPU operations (kernels, copies) and the milliseconds they kept the GPU busy in one
+    training step at stage k, read with torch.profiler (none on the CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.dev.type == "cuda" else [])
+    b.sync()
+    with profile(activities=activities) as prof:
+        b.step(coconut, k)
+        b.sync()
+    gpu_ops = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return {"gpu_ops": len(gpu_ops), "gpu_busy_ms": sum(e.time_range.elapsed_us() for e in gpu_ops) / 1e3}
+
+
 def train_ours(b: Bench, coconut, label: str) -> dict:
     """Interleaved rounds of stage 0 and stage 6 steps; median per stage."""
     times = {0: [], 6: []}
@@ -138,8 +162,10 @@ def train_ours(b: Bench, coconut, label: str) -> dict:
     result["stage_6_over_0"] = result["stage_6"]["s_per_step"] / result["stage_0"]["s_per_step"]
     for k in (0, 6):
         e = result[f"stage_{k}"]
+        e["profile"] = profile_step(b, coconut, k)
         print(f"train {label} stage {k}: {e['s_per_step'] * 1e3:.1f} ms/step, {e['tokens_per_s']:,.0f} tokens/s, "
-              f"{e['model_tflops_per_s']:.1f} TFLOP/s, MFU {fmt_mfu(e)}", flush=True)
+              f"{e['model_tflops_per_s']:.1f} TFLOP/s, MFU {fmt_mfu(e)}; profiled step: {e['profile']['gpu_ops']} "
+              f"GPU operations, GPU busy {e['profile']['gpu_busy_ms']:.1f} ms", flush=True)
     print(f"train {label} stage 6 / stage 0: {result['stage_6_over_0']:.2f}x", flush=True)
     return result
 
@@ -167,19 +193,29 @@ def section_compiled_training(b: Bench) -> dict:
     from coconut import Coconut
     from compiling import compile_decoder
 
+    from torch._dynamo.utils import counters
+
     model = copy.deepcopy(b.model)  # the eager model stays eager for the generation section
     coconut = Coconut(model, b.ids.latent, b.ids.start, b.ids.end, b.ids.eos)
-    compile_decoder(coconut, **({"backend": "eager"} if b.args.cpu_smoke else {}))
+    mode = b.args.compile_mode
+    if b.args.cpu_smoke:
+        compile_decoder(coconut, backend="eager")
+    else:
+        compile_decoder(coconut, **({} if mode == "default" else {"mode": mode}))
+    b.mark_cudagraph_steps = mode == "reduce-overhead"
+    graphs_before, breaks_before = counters["stats"].get("unique_graphs", 0), sum(counters["graph_break"].values())
     t = time.perf_counter()
     for k in (0, 6, 0, 6):  # compiles every pass shape, then runs warm
         b.step(coconut, k)
     b.sync()
     warm_up = time.perf_counter() - t
-    print(f"compile: the decoder pass compiled, warm-up (compilation) {warm_up:.0f} s", flush=True)
-    result = {"compiled": "decoder", "warm_up_s": warm_up, **train_ours(b, coconut, "compiled")}
-    from torch._dynamo.utils import counters
-
-    result["graphs"] = counters["stats"].get("unique_graphs")
+    result = {"compiled": "decoder", "mode": mode, "warm_up_s": warm_up,
+              "graphs": counters["stats"].get("unique_graphs", 0) - graphs_before,
+              "graph_breaks": sum(counters["graph_break"].values()) - breaks_before}
+    print(f"compile: the decoder pass compiled (mode {mode}), warm-up (compilation) {warm_up:.0f} s, "
+          f"{result['graphs']} graphs, {result['graph_breaks']} graph breaks", flush=True)
+    result.update(train_ours(b, coconut, f"compiled ({mode})"))
+    b.mark_cudagraph_steps = False
     del coconut, model
     return result
 
@@ -260,13 +296,18 @@ def markdown_table(result) -> str:
     comp = comp if comp and "skipped" not in comp else None
     ms = lambda e: f"{e['s_per_step'] * 1e3:.0f} ms (MFU {fmt_mfu(e)})"  # noqa: E731
     lines = [f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}",
-             "", "| measure | published algorithm | ours | ours, compile: True |", "|---|---|---|---|"]
+             "", "| measure | published algorithm | ours | ours, compile: True"
+             + (f" (mode {comp['mode']})" if comp and comp.get("mode", "default") != "default" else "") + " |", "|---|---|---|---|"]
     if tr:
         for k in (0, 6):
             lines.append(f"| train step, stage {k} (fwd+bwd) | {ms(tr['naive'][f'stage_{k}'])} | {ms(tr['ours'][f'stage_{k}'])} | "
                          + (ms(comp[f"stage_{k}"]) if comp else "-") + " |")
         lines.append(f"| stage 6 / stage 0 | {tr['naive']['stage_6_over_0']:.1f}x | {tr['ours']['stage_6_over_0']:.2f}x | "
                      + (f"{comp['stage_6_over_0']:.2f}x" if comp else "-") + " |")
+        busy = lambda e: f"{e['profile']['gpu_ops']:,} ops, busy {e['profile']['gpu_busy_ms']:.0f} ms"  # noqa: E731
+        for k in (0, 6):
+            lines.append(f"| profiled step, stage {k}: GPU operations, GPU busy | - | {busy(tr['ours'][f'stage_{k}'])} | "
+                         + (busy(comp[f"stage_{k}"]) if comp else "-") + " |")
     if gen:
         for bs in sorted({bs for p in gen["paths"].values() for bs in p.get("batches", {})}, key=int, reverse=True):
             cells = []
@@ -279,6 +320,11 @@ def markdown_table(result) -> str:
     return "\n".join(lines)
 
 
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Coconut on one CUDA GPU: training MFU and generation throughput")
     parser.add_argument("--batch", type=int, default=32, help="training batch size")
@@ -288,6 +334,8 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="optional sections (CUDA-graph decoding, compiled training) that would start later are skipped")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode of the compile section (compile: True uses the default)")
     parser.add_argument("--skip", action="append", default=[], choices=["training", "generation", "compile"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     # tests only: the same code on the CPU with a tiny model, to check it without a GPU
@@ -321,6 +369,7 @@ def main(argv=None):
         t = time.perf_counter()
         result[name] = run(b)
         result["section_s"][name] = time.perf_counter() - t
+        write_result(args.out, result)  # a run stopped later keeps the sections done
         if b.dev.type == "cuda":
             torch.cuda.empty_cache()
     tr, comp = result.get("training"), result.get("compile")
@@ -329,8 +378,7 @@ def main(argv=None):
             print(f"MFU stage {k}: eager {fmt_mfu(tr['ours'][f'stage_{k}'])}, compiled {fmt_mfu(comp[f'stage_{k}'])}")
     result["wall_s"] = b.elapsed()
     print("\n" + markdown_table(result) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out} in {result['wall_s']:.0f} s")
     return 0
 

@@ -75,6 +75,29 @@ def test_compiled_model_matches_eager(whole_decoder, make_model):
     check_compiled_matches_eager("aot_eager", generate=False, whole_decoder=whole_decoder, make_model=make_model)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_decoder_trains_every_stage_in_three_graphs(backend):
+    """Each graph costs about a minute to compile on a GPU host, so their number is the
+    start-up cost: the first pass, with an empty cache (a batch without latents, or the
+    piece before a batch's first latent), one-column passes, and longer passes after
+    latents. Each of these made one more graph before: a batch without latents run
+    without a cache; a view and a copy of the same shape; with inductor, the first
+    latent pass's cache keys laid out otherwise than the next one's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    compile_decoder(coconut, backend=backend)
+    rng = random.Random(3)
+    without_latents = collate([make_example(rng, 0, rng.randrange(3, 9), 2) for _ in range(3)])
+    with_latents = collate([make_example(rng, k, rng.randrange(3, 9), 2) for k in (1, 3, 2)])
+    for batch in (without_latents, with_latents, without_latents, with_latents):
+        loss_and_grads(coconut, batch)
+    assert (counters["stats"]["unique_graphs"], dict(counters["graph_break"])) == (3, {})
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("whole_decoder", [True, False], ids=["decoder", "blocks"])
 def test_inductor_compiled_model_matches_eager(whole_decoder):

@@ -245,6 +245,7 @@ def _worker(rank, world_size, port, jobs, out):
         distributed.teardown()
     if rank == 0:
         torch.save(results, out)
+    distributed.exit_process(0)  # as run.py ends (see exit_process)
 
 
 def spawn(world_size, jobs, tmp):
@@ -377,6 +378,44 @@ def test_earlier_versions_index_keyed_state_resumes_on_two_processes(runs):
 
 
 # ------------------------------------------------------------------ run.py, end to end
+EXITING_RANK = """
+import atexit, sys
+sys.path.insert(0, {repo!r})
+import torch, torch.distributed as dist
+import distributed
+env = distributed.setup()
+total = torch.ones(3)
+if env.distributed:
+    dist.all_reduce(total)  # a collective on a Python tensor, as trainer's all_reduce_sum
+distributed.teardown()
+atexit.register(lambda: print("finalized"))
+print(f"rank {{env.rank}} summed {{total.tolist()}}", end="")  # no newline: flushed by exit_process
+distributed.exit_process(3)
+"""
+
+
+def test_a_process_that_joined_gloo_exits_with_its_status_without_finalizing(tmp_path):
+    """distributed.exit_process: after a gloo group, the status given, the output flushed,
+    and no interpreter finalization (no atexit handler runs; there gloo's threads could
+    abort the process); without a group, a plain sys.exit."""
+    import subprocess
+    import sys
+
+    from builders import REPO, sub_env
+
+    script = tmp_path / "rank.py"
+    script.write_text(EXITING_RANK.format(repo=str(REPO)))
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script)], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=sub_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=port)) for r in range(2)]
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, out) == (3, f"rank {rank} summed [2.0, 2.0, 2.0]"), err[-2000:]
+    alone = subprocess.run([sys.executable, str(script)], text=True, capture_output=True, timeout=120, env=sub_env())
+    assert (alone.returncode, alone.stdout) == (3, "rank 0 summed [1.0, 1.0, 1.0]finalized\n"), alone.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_torchrun_then_one_process_then_torchrun_on_one_run_folder(tmp_path, gpt2_folder, chain_data):
     """The issue's scenario: each launch raises num_epochs and resumes the same folder
