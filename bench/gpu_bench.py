@@ -137,6 +137,9 @@ def fmt_mfu(e):
 
 
 # ----------------------------------------------------------------------------- training
+TOP_GPU_OPS = 12
+
+
 def profile_step(b: Bench, coconut, k) -> dict:
     """GPU operations (kernels, copies) and the milliseconds they kept the GPU busy in one
     training step at stage k, read with torch.profiler (none on the CPU)."""
@@ -148,8 +151,21 @@ def profile_step(b: Bench, coconut, k) -> dict:
     with profile(activities=activities) as prof:
         b.step(coconut, k)
         b.sync()
-    gpu_ops = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    return {"gpu_ops": len(gpu_ops), "gpu_busy_ms": sum(e.time_range.elapsed_us() for e in gpu_ops) / 1e3}
+    return summarize_ops(prof.events(), DeviceType.CUDA)
+
+
+def summarize_ops(events, device_type) -> dict:
+    """The count and total milliseconds of the profiler events on `device_type`, and the
+    TOP_GPU_OPS names that took the most time: {name: [count, ms]}."""
+    by_name = {}
+    for event in events:
+        if event.device_type == device_type:
+            count, ms = by_name.get(event.name, (0, 0.0))
+            by_name[event.name] = (count + 1, ms + event.time_range.elapsed_us() / 1e3)
+    top = sorted(by_name.items(), key=lambda item: -item[1][1])[:TOP_GPU_OPS]
+    return {"gpu_ops": sum(count for count, _ in by_name.values()),
+            "gpu_busy_ms": sum(ms for _, ms in by_name.values()),
+            "top": {name[:120]: [count, round(ms, 3)] for name, (count, ms) in top}}
 
 
 def train_ours(b: Bench, coconut, label: str) -> dict:
@@ -166,6 +182,8 @@ def train_ours(b: Bench, coconut, label: str) -> dict:
         print(f"train {label} stage {k}: {e['s_per_step'] * 1e3:.1f} ms/step, {e['tokens_per_s']:,.0f} tokens/s, "
               f"{e['model_tflops_per_s']:.1f} TFLOP/s, MFU {fmt_mfu(e)}; profiled step: {e['profile']['gpu_ops']} "
               f"GPU operations, GPU busy {e['profile']['gpu_busy_ms']:.1f} ms", flush=True)
+        for name, (count, ms) in e["profile"]["top"].items():
+            print(f"    {ms:8.2f} ms {count:5d}x {name[:100]}", flush=True)
     print(f"train {label} stage 6 / stage 0: {result['stage_6_over_0']:.2f}x", flush=True)
     return result
 

@@ -143,10 +143,36 @@ def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
         assert result["training"][algo]["stage_0"]["tokens_per_s"] > 0
         assert result["training"][algo]["stage_6_over_0"] > 0
     assert result["compile"]["compiled"] == "decoder" and result["compile"]["stage_6"]["tokens_per_s"] > 0
+    assert result["compile"]["graphs"] == 3 and result["compile"]["graph_breaks"] == 0
+    for section in (result["training"]["ours"], result["compile"]):  # no CUDA: no GPU operations to count
+        assert section["stage_6"]["profile"] == {"gpu_ops": 0, "gpu_busy_ms": 0.0, "top": {}}
     for path in ("eager", "cuda_graph"):
         entry = result["generation"]["paths"][path]
         assert set(entry["batches"]) == {"1", "4"} and entry["decode_path"] == "eager"  # no CUDA: eager
         assert entry["rows_equal_to_naive"].split("/")[0] == entry["rows_equal_to_naive"].split("/")[1]
+
+
+def test_profile_summary_counts_and_ranks_operations():
+    """gpu_bench.summarize_ops, on a real CPU profile (on a GPU it reads the CUDA events)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.gpu_bench import TOP_GPU_OPS, summarize_ops
+
+    big, small = torch.randn(400, 400), torch.randn(4, 4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            big @ big
+        for _ in range(40):
+            small + small
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    summary = summarize_ops(events, DeviceType.CPU)
+    assert summary["gpu_ops"] == len(events) and summary["top"]["aten::mm"][0] == 3
+    assert summary["top"]["aten::add"][0] == 40 and len(summary["top"]) <= TOP_GPU_OPS
+    ms = [ms for _, ms in summary["top"].values()]
+    assert ms == sorted(ms, reverse=True) and sum(ms) <= summary["gpu_busy_ms"] + 1e-6
+    assert summary["top"]["aten::mm"][1] > summary["top"]["aten::add"][1] / 40  # one product outweighs one small add
+    assert summarize_ops(events, DeviceType.CUDA) == {"gpu_ops": 0, "gpu_busy_ms": 0.0, "top": {}}
 
 
 def test_gpu_benchmarks_collator_equals_mycollator():
