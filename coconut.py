@@ -329,7 +329,8 @@ class Coconut(nn.Module):
         Returns (inputs_embeds, hidden, cache, padding_term): inputs_embeds and hidden
         are (batch, seq, hidden); padding_term is a zero tying empty passes (sync only)
         into the graph so all ranks run one backward. keep_cache=False (training) runs a
-        batch without latents, one pass, without a cache. one_column_pass, if given,
+        batch without latents, one pass, without a cache (with one if the decoder is
+        compiled). one_column_pass, if given,
         replaces _decoder_pass for passes over one column (the captured decoding step).
         """
         token_embeds = self.embedding(input_ids)  # (batch, seq, hidden)
@@ -353,6 +354,7 @@ class Coconut(nn.Module):
                 padding_term = padding_term + 0.0 * dummy.last_hidden_state.float().sum()
                 continue
             start, end = segment
+            # the whole width is passed as it is, not as a view (a compiled decoder would copy it)
             chunk = token_embeds if end - start == token_embeds.shape[1] else token_embeds[:, start:end]
             if filled is not None:
                 first = torch.where(is_latent[:, start, None], filled, chunk[:, 0])  # (batch, hidden)

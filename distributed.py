@@ -58,6 +58,9 @@ class DistEnv:
         return self.world_size > 1
 
 
+_joined_gloo = False  # set by setup(): this process started gloo's worker threads
+
+
 def setup() -> DistEnv:
     """Join the process group that torchrun describes in the environment, if any."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -72,7 +75,8 @@ def setup() -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
-        _process.joined_gloo = backend == "gloo"
+        global _joined_gloo
+        _joined_gloo = backend == "gloo"
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
@@ -102,10 +106,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-class _process:
-    joined_gloo = False  # set by setup(): this process started gloo's worker threads
-
-
 def exit_process(status: int):
     """End the process with exit status `status`; after a gloo group, without Python's
     finalization.
@@ -120,7 +120,7 @@ def exit_process(status: int):
     refers to the group. By then files are closed and checkpoints renamed into place;
     what finalization would still do that matters is done here: a wandb run left open
     by an error is finished, the streams flushed."""
-    if not _process.joined_gloo:
+    if not _joined_gloo:
         sys.exit(status)
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:

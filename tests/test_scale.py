@@ -377,7 +377,7 @@ def test_earlier_versions_index_keyed_state_resumes_on_two_processes(runs):
     assert_same_curve(result["losses"], runs["one"]["plain"]["losses"], 1e-5)
 
 
-# ------------------------------------------------------------------ run.py, end to end
+# ------------------------------------------------------------------ the end of a process
 EXITING_RANK = """
 import atexit, sys
 sys.path.insert(0, {repo!r})
@@ -416,6 +416,7 @@ def test_a_process_that_joined_gloo_exits_with_its_status_without_finalizing(tmp
     assert (alone.returncode, alone.stdout) == (3, "rank 0 summed [1.0, 1.0, 1.0]finalized\n"), alone.stderr[-2000:]
 
 
+# ------------------------------------------------------------------ run.py, end to end
 @pytest.mark.slow
 def test_torchrun_then_one_process_then_torchrun_on_one_run_folder(tmp_path, gpt2_folder, chain_data):
     """The issue's scenario: each launch raises num_epochs and resumes the same folder
