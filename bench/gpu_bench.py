@@ -19,8 +19,9 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
    model), after a warm-up that compiles; compile seconds, graphs and graph breaks
    reported. --compile-mode reduce-overhead also replays each pass shape as a CUDA graph
    (an experiment: `compile: True` does not do that).
-   Each training row also profiles one step (torch.profiler): GPU kernels launched and
-   the milliseconds the GPU was busy, the rest of the step being the host's dispatch.
+   Each training row also profiles one step (torch.profiler): GPU operations launched,
+   the milliseconds the GPU was busy (the rest of the step is the host's dispatch), and
+   the operations that took the most of it.
 3. generation (64 new tokens max, natural EOS): questions/s at batch 1 and batch 64
    vs the naive batch-1 loop without a KV cache, with the eager decoding loop and with
    the CUDA-graph step (compiling.CapturedDecoder; the path that actually ran is
@@ -30,8 +31,9 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
 Sections run as training, generation, compile (the compile section compiles for about
 5 minutes on an H100 host); the compile section, and CUDA-graph decoding, are skipped
 when they would start after --budget-s seconds, and say so. The JSON is rewritten after
-each section, so a run stopped midway keeps what it measured. Without CUDA it prints one line and exits 2; `--cpu-smoke` runs the same
-code on the CPU with a tiny model (tests), compiling with the "eager" backend.
+each section, so a run stopped midway keeps what it measured. Without CUDA it prints
+one line and exits 2; `--cpu-smoke` runs the same code on the CPU with a tiny model
+(tests), compiling with the "eager" backend.
 """
 
 import argparse
@@ -208,10 +210,10 @@ def section_training(b: Bench) -> dict:
 
 
 def section_compiled_training(b: Bench) -> dict:
+    from torch._dynamo.utils import counters
+
     from coconut import Coconut
     from compiling import compile_decoder
-
-    from torch._dynamo.utils import counters
 
     model = copy.deepcopy(b.model)  # the eager model stays eager for the generation section
     coconut = Coconut(model, b.ids.latent, b.ids.start, b.ids.end, b.ids.eos)
