@@ -6,9 +6,9 @@
 # Nothing is downloaded (random-weight GPT-2 124M, generated ProsQA-shaped batches).
 # Needs torch with CUDA and transformers only: uses $PYTHON when set, else .venv/bin/python
 # when present, else python3. Extra arguments go to bench/gpu_bench.py (--help).
-# Without a CUDA GPU it prints one line and exits 2. About 4 minutes on one H100, plus about
+# Without a CUDA GPU it prints one line and exits 2. About 3 minutes on one H100, plus about
 # 5 for the compile section (3 to 4 graphs of a minute each), which runs only if it starts
-# within --budget-s: time it alone with --skip generation.
+# within --budget-s; --skip compile and --skip generation split the run in two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then
