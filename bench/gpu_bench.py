@@ -167,7 +167,7 @@ def summarize_ops(events, device_type) -> dict:
     top = sorted(by_name.items(), key=lambda item: -item[1][1])[:TOP_GPU_OPS]
     return {"gpu_ops": sum(count for count, _ in by_name.values()),
             "gpu_busy_ms": sum(ms for _, ms in by_name.values()),
-            "top": {name[:120]: [count, round(ms, 3)] for name, (count, ms) in top}}
+            "top": {name[:120]: [count, ms] for name, (count, ms) in top}}
 
 
 def train_ours(b: Bench, coconut, label: str) -> dict:
