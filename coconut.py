@@ -65,6 +65,40 @@ def _standalone(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
 
 
+# Model types whose decoder builds its mask with create_causal_mask and nothing else
+# (read in their transformers 5 modeling files) once the config has no sliding window and
+# no sliding or chunked layers; other models (GPT-Neo's local layers, Gemma 3's image
+# tokens, ...) keep Hugging Face's own masks.
+PLAIN_MASK_MODEL_TYPES = frozenset(
+    {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "olmo", "olmo2", "gemma", "granite", "smollm3"})
+
+
+def builds_plain_masks(config) -> bool:
+    """Whether every layer of the decoder attends with the plain causal-and-padding mask in
+    sdpa's boolean form (no sliding window, no chunked attention), so a pass may be given
+    that mask ready-made (pass_mask) instead of Hugging Face building it."""
+    return (getattr(config, "model_type", None) in PLAIN_MASK_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) == "sdpa"
+            and getattr(config, "sliding_window", None) is None
+            and getattr(config, "attention_chunk_size", None) is None
+            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ()))
+
+
+def pass_mask(attention_mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """(batch, 1, end - start, end) bool: query column q sees key column k when k <= q and k
+    is real (attention 1), the mask Hugging Face's create_causal_mask builds for sdpa.
+
+    Built here for the passes that follow a cached prefix, because Hugging Face's
+    per-call mask work is some 20 small operations and, in eager mode, a read of a
+    tensor's value (a GPU sync) in every latent pass.
+    """
+    keys = attention_mask[:, None, None, :end].bool()  # (batch, 1, 1, end)
+    if end - start == 1:  # one query, the last column: causality hides nothing from it
+        return keys
+    cols = torch.arange(end, device=attention_mask.device)
+    return keys & (cols <= cols[start:end, None])  # (batch, 1, end - start, end)
+
+
 def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list:
     """Column of the i-th latent, shared by every example that has one.
 
@@ -343,9 +377,12 @@ class Coconut(nn.Module):
 
         # a compiled decoder always gets a cache: a batch without latents then runs the
         # graph of a latent batch's first piece instead of compiling one of its own
+        own_masks = False  # ready-made masks for the passes after the first (pass_mask)
         if cache is None and (keep_cache or len(segments) > 1 or self.compiled_decoder):
             buffered = not torch.is_grad_enabled() and not self.compiled_decoder
             cache = new_cache(self.base_causallm.config, buffered, self.cache_class)
+            # compiled, Hugging Face's mask work is traced into the graph and costs nothing
+            own_masks = not self.compiled_decoder and builds_plain_masks(self.base_causallm.config)
         chunks, hiddens, padding_term = [], [], token_embeds.new_zeros(())
         filled = None  # (batch, hidden): value for the latent at column `start`, if any
         for segment in segments:
@@ -360,8 +397,9 @@ class Coconut(nn.Module):
                 first = torch.where(is_latent[:, start, None], filled, chunk[:, 0])  # (batch, hidden)
                 chunk = first[:, None] if end - start == 1 else torch.cat([first[:, None], chunk[:, 1:]], dim=1)
             run_pass = one_column_pass if (one_column_pass is not None and end - start == 1) else self._decoder_pass
+            mask = pass_mask(attention_mask, start, end) if own_masks and start > 0 else attention_mask[:, :end]
             with self._pass_mode(end - start):
-                hidden = run_pass(chunk, attention_mask[:, :end], position_ids[:, start:end], cache)
+                hidden = run_pass(chunk, mask, position_ids[:, start:end], cache)
             chunks.append(chunk)
             hiddens.append(hidden)
             filled = hidden[:, -1]  # last layer, after the final norm
@@ -438,6 +476,7 @@ class Coconut(nn.Module):
         state = DecodeState(input_ids.new_full((batch, max_new_tokens), self.eos_token_id), torch.zeros_like(lengths),
                             torch.zeros(batch, dtype=torch.bool, device=input_ids.device))
         attention_mask = prompt_mask
+        own_masks = not self.compiled_decoder and builds_plain_masks(self.base_causallm.config)
         step = 0
         while True:  # under synced_gpus a finished process keeps stepping until all are done
             token = state.record(step, next_token, max_new_tokens, self.eos_token_id)
@@ -445,8 +484,10 @@ class Coconut(nn.Module):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             positions = (lengths + step)[:, None]
+            width = attention_mask.shape[1]
+            mask = pass_mask(attention_mask, width - 1, width) if own_masks else attention_mask
             with self._pass_mode(1):
-                hidden = self._decoder_pass(self.embedding(token[:, None]), attention_mask, positions, cache)
+                hidden = self._decoder_pass(self.embedding(token[:, None]), mask, positions, cache)
             next_token = self.lm_head(hidden[:, -1]).argmax(-1)
             step += 1
         return state.generated, state.n_kept

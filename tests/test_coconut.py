@@ -279,3 +279,67 @@ def test_chunked_loss_matches_plain_cross_entropy_across_chunks(monkeypatch):
     assert abs(got.item() - want.item()) < 1e-6 * want.item()
     for a, b in zip(got_grads, want_grads):
         assert relative_difference(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_ready_made_pass_masks_equal_hugging_faces(arch):
+    """pass_mask gives what create_causal_mask builds for a pass after a cached prefix,
+    on rows with left and right padding (None from it means: causal, nothing padded)."""
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    from coconut import builds_plain_masks, pass_mask
+
+    config = MODELS[arch]().config
+    assert builds_plain_masks(config)
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0],
+                                   [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    for start, end in [(4, 5), (5, 6), (6, 9), (3, 9), (8, 9)]:
+        cache = DynamicCache(config=config)
+        heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+        for layer in range(config.num_hidden_layers):
+            cache.update(torch.zeros(3, heads, start, head_dim), torch.zeros(3, heads, start, head_dim), layer)
+        embeds = torch.zeros(3, end - start, config.hidden_size)
+        positions = torch.arange(start, end)[None].expand(3, -1)
+        want = create_causal_mask(config, embeds, attention_mask[:, :end], cache, positions)
+        if want is None:
+            want = torch.ones(end - start, end, dtype=torch.bool).tril(start)[None, None]
+        got = pass_mask(attention_mask, start, end)
+        assert torch.equal(got.expand(3, 1, end - start, end), want.expand(3, 1, end - start, end)), (start, end)
+
+
+def test_latent_passes_skip_hugging_faces_mask_work_where_it_is_plain(monkeypatch):
+    """Training with six latents has Hugging Face build one mask (the first pass), decoding
+    one per prompt; a sliding-window or non-sdpa model keeps Hugging Face's masks."""
+    from transformers.models.gpt2 import modeling_gpt2
+
+    from coconut import builds_plain_masks
+
+    calls = []  # the calls that build a mask: given the (batch, seq) padding mask, not a 4-D one
+    real = modeling_gpt2.create_causal_mask
+
+    def spy(*args, **kwargs):
+        calls.extend([1] if kwargs["attention_mask"].dim() == 2 else [])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_gpt2, "create_causal_mask", spy)
+    base = make_gpt2(VOCAB)
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    rng = random.Random(3)
+    coconut(**collate([make_example(rng, 6, 5, 2), make_example(rng, 6, 3, 3)])).loss.backward()
+    assert len(calls) == 1
+    calls.clear()
+    prompt = make_example(rng, 6, 4, 1)[0][:-2]
+    with torch.no_grad():
+        coconut.generate(prompt[None], max_new_tokens=5)
+    assert len(calls) == 1
+    base.config._attn_implementation = "eager"
+    assert not builds_plain_masks(base.config)
+    calls.clear()
+    coconut(**collate([make_example(rng, 6, 5, 2)]))
+    assert len(calls) == 7
+    from transformers import GPTNeoConfig, MistralConfig
+
+    assert builds_plain_masks(MistralConfig(sliding_window=None, attn_implementation="sdpa"))
+    assert not builds_plain_masks(MistralConfig(sliding_window=16, attn_implementation="sdpa"))
+    assert not builds_plain_masks(GPTNeoConfig(attn_implementation="sdpa"))  # local layers: its own windows
