@@ -20,6 +20,7 @@ import torch
 from cli import UserError, first_line
 from coconut import Coconut, align_latents
 from layout import LatentTokens, PromptLayout
+from modeling import fuse_gelu
 from utils import METHODS, extract_answer
 
 TOP_K = 5
@@ -59,6 +60,7 @@ class Exported:
                 model = Coconut.from_pretrained(self.model_dir)
             except (OSError, ValueError, RuntimeError, KeyError) as e:
                 raise UserError(f"{self.model_dir}: the model does not load ({first_line(e)})") from None
+            fuse_gelu(model.base_causallm)  # as training ran it (the `fused_gelu` default)
             self.model = model.to(device).eval()
         return self.model
 

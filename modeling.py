@@ -187,6 +187,29 @@ def build_empty_model(config, dtype: torch.dtype) -> BuiltModel:
     return BuiltModel(_wrap(config, base, tokenizer, tokens), base, tokenizer, tokens, None)
 
 
+# ------------------------------------------------------------------ fused activation
+def fuse_gelu(model) -> int:
+    """Replace each `gelu_new` activation module (NewGELUActivation: GPT-2, GPT-J, Phi, ...)
+    by transformers' GELUTanh, in place; returns how many.
+
+    gelu_new is Python arithmetic over the (batch, seq, 4 x hidden) MLP activation: eight
+    elementwise operations forward and about as many backward, one kernel each on a GPU.
+    GELUTanh computes the same formula, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))),
+    as one operation (F.gelu(approximate="tanh")): equal to float rounding (fp32: about
+    1e-7 relative). Modules only: the config (activation_function) and the state dict
+    stay as they are, so a saved model is unchanged. `fused_gelu: False` keeps gelu_new.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 # ------------------------------------------------------------------ activation checkpointing
 def checkpoint_blocks(base_causallm) -> int:
     """Recompute each transformer block's activations in the backward pass instead of

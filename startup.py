@@ -7,8 +7,8 @@
   only_eval: the whole model on the device. Sharded training (FSDP2): rank 0 builds the
   whole model as a lone process would, the others only its structure on the meta
   device (no memory); every rank shards it, then rank 0's weights fill the shards one
-  tensor at a time. `activation_checkpointing`, `compile` and `mixed_precision` apply
-  here.
+  tensor at a time. `fused_gelu`, `activation_checkpointing`, `compile` and
+  `mixed_precision` apply here.
 """
 
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ import checkpoint
 import distributed
 from cli import UserError
 from coconut import Coconut
-from modeling import BuiltModel, ModelLoadError, build_empty_model, build_model, checkpoint_blocks
+from modeling import BuiltModel, ModelLoadError, build_empty_model, build_model, checkpoint_blocks, fuse_gelu
 
 
 @dataclass
@@ -102,8 +102,11 @@ def build_and_place(config, start: Start, env, log) -> tuple:
 
 
 def _prepare(built: BuiltModel, config, env, sharded: bool) -> None:
-    """What applies to the blocks before sharding: checkpointing, then compilation: the
-    whole decoder pass as one graph, or (FSDP2's units, checkpointed blocks) each block."""
+    """What applies to the blocks before sharding: the fused activation, checkpointing,
+    then compilation: the whole decoder pass as one graph, or (FSDP2's units,
+    checkpointed blocks) each block."""
+    if config.fused_gelu:
+        fuse_gelu(built.base_causallm)
     if config.activation_checkpointing:
         checkpoint_blocks(built.base_causallm)
     if config.compile:

@@ -125,6 +125,8 @@ class Config:
     mixed_precision: str = "none"
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the decoder pass, or each block under FSDP (compiling.py)
+    # GPT-2's gelu_new as one operation (modeling.fuse_gelu: the same formula, equal to rounding)
+    fused_gelu: bool = True
 
     # Keys of later published configs, accepted so those YAML files keep working:
     # `local: True` loads the model from `local_path` instead of `model_id`; the

@@ -1,7 +1,8 @@
 """CUDA benchmark of Coconut (run it through bench/gpu.sh). Nothing is downloaded.
 
 Model: GPT-2 124M architecture (GPT2Config() defaults, vocabulary 50257 + 3 markers),
-random weights, dropout off, fp32 weights with bf16 autocast. Data: ProsQA-shaped
+random weights, dropout off, its gelu_new fused as run.py trains it by default
+(`fused_gelu: True`, modeling.fuse_gelu), fp32 weights with bf16 autocast. Data: ProsQA-shaped
 batches from bench/workload.py (~300 tokens: ~200-token question, markers, latents,
 steps, answer). Imports only torch, transformers and this repository's modules.
 
@@ -14,6 +15,7 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
    padded batch counted, whatever an implementation skips. Stage 6 does the same
    arithmetic as stage 0 by design, so its MFU shows what the 7 passes cost. Peak: 989
    TFLOP/s dense bf16 for H100/H200 (detected by name), else COCONUT_PEAK_TFLOPS.
+   Ours again with GPT-2's Python gelu_new (`fused_gelu: False`), on a copy.
 2. the same two training steps of ours with `compile: True` as one process runs it
    (compiling.compile_decoder: the decoder pass one graph per shape, on a copy of the
    model), after a warm-up that compiles; compile seconds, graphs and graph breaks
@@ -85,6 +87,7 @@ class Bench:
 
         from bench import workload
         from coconut import Coconut
+        from modeling import fuse_gelu
 
         self.args, self.torch, self.workload = args, torch, workload
         if args.cpu_smoke:
@@ -99,6 +102,7 @@ class Bench:
         self.cfg = GPT2Config(vocab_size=self.shape.vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                               bos_token_id=self.ids.eos, eos_token_id=self.ids.eos, **sizes)
         self.model = GPT2LMHeadModel(self.cfg).to(self.dev)
+        fuse_gelu(self.model)  # as run.py trains it (fused_gelu: True); both algorithms share it
         self.coconut = Coconut(self.model, self.ids.latent, self.ids.start, self.ids.end, self.ids.eos)
         self.batches = {k: {n: t.to(self.dev) for n, t in workload.training_batch(self.shape, args.batch, k).items()}
                         for k in (0, 6)}
@@ -190,11 +194,30 @@ def train_ours(b: Bench, coconut, label: str) -> dict:
     return result
 
 
+def with_gelu_new(model):
+    """A copy of `model` with GPT-2's Python gelu_new back in place of the fused
+    activation: what `fused_gelu: False` trains."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    model = copy.deepcopy(model)
+    for block in model.transformer.h:
+        if type(block.mlp.act) is GELUTanh:
+            block.mlp.act = NewGELUActivation()
+    return model
+
+
 def section_training(b: Bench) -> dict:
+    from coconut import Coconut
+
     for k in (0, 6, 0, 6):  # warm-up
         b.step(b.coconut, k)
     result = {"batch": b.args.batch, "seq_len": b.batches[0]["input_ids"].shape[1]}
     result["ours"] = train_ours(b, b.coconut, "ours")
+    unfused = Coconut(with_gelu_new(b.model), b.ids.latent, b.ids.start, b.ids.end, b.ids.eos)
+    for k in (0, 6):  # warm-up
+        b.step(unfused, k)
+    result["ours_gelu_new"] = train_ours(b, unfused, "ours, fused_gelu: False")
+    del unfused
     b.step(b.coconut, 0, "naive")  # warm-up
     naive = {0: statistics.median(timed(lambda: b.step(b.coconut, 0, "naive"), b.sync, b.args.steps)),
              6: statistics.median(timed(lambda: b.step(b.coconut, 6, "naive"), b.sync, 2))}
@@ -324,6 +347,10 @@ def markdown_table(result) -> str:
                          + (ms(comp[f"stage_{k}"]) if comp else "-") + " |")
         lines.append(f"| stage 6 / stage 0 | {tr['naive']['stage_6_over_0']:.1f}x | {tr['ours']['stage_6_over_0']:.2f}x | "
                      + (f"{comp['stage_6_over_0']:.2f}x" if comp else "-") + " |")
+        if "ours_gelu_new" in tr:
+            unfused = tr["ours_gelu_new"]
+            lines.append(f"| the same, fused_gelu: False: stage 0, stage 6 | - | {ms(unfused['stage_0'])}, "
+                         f"{ms(unfused['stage_6'])} | - |")
         busy = lambda e: f"{e['profile']['gpu_ops']:,} ops, busy {e['profile']['gpu_busy_ms']:.0f} ms"  # noqa: E731
         for k in (0, 6):
             lines.append(f"| profiled step, stage {k}: GPU operations, GPU busy | - | {busy(tr['ours'][f'stage_{k}'])} | "

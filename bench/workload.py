@@ -85,9 +85,12 @@ def layout_for(vocab: int) -> PromptLayout:
     return PromptLayout(ids.start, ids.latent, ids.end, c_thought=1, max_latent_stage=10**6, pad_latent_to_max=False)
 
 
-def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_positions=1024):
-    """GPT-2 with random weights and dropout off (so losses of two algorithms compare)."""
+def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_positions=1024, fused_gelu=True):
+    """GPT-2 with random weights and dropout off (so losses of two algorithms compare);
+    fused_gelu: its activation as run.py trains it by default (modeling.fuse_gelu)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modeling import fuse_gelu
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
@@ -95,7 +98,10 @@ def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_posi
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=ids_for(vocab).eos, eos_token_id=ids_for(vocab).eos,
     )
-    return GPT2LMHeadModel(cfg)
+    model = GPT2LMHeadModel(cfg)
+    if fused_gelu:
+        fuse_gelu(model)
+    return model
 
 
 def collator(vocab: int):

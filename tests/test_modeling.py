@@ -59,3 +59,45 @@ def test_checkpoint_of_another_size_names_the_key(gpt2_folder):
     state["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 3)
     with pytest.raises(ModelLoadError, match=r"ckpt: transformer\.h\.0\.mlp\.c_fc\.weight has shape \(3, 3\)"):
         build_model(config, state, "ckpt", silent)
+
+
+def test_fused_gelu_computes_gelu_new_in_one_operation_and_changes_nothing_saved():
+    """The swapped activation gives gelu_new's loss and gradients to rounding, on a real
+    Coconut batch with latents; the config and the state dict stay as they were."""
+    import copy
+
+    from test_coconut import END, EOS, LATENT, START, VOCAB, collate, mixed_batch, relative_difference
+    from tiny import make_gpt2, make_llama
+    from transformers.activations import GELUTanh
+
+    from coconut import Coconut
+    from modeling import fuse_gelu
+
+    plain = make_gpt2(VOCAB, n_layer=3)
+    fused = copy.deepcopy(plain)
+    assert fuse_gelu(fused) == 3 and fuse_gelu(fused) == 0
+    assert all(type(block.mlp.act) is GELUTanh for block in fused.transformer.h)
+    assert fused.config.activation_function == "gelu_new"
+    assert_loaded(fused, plain.state_dict())
+    batch = collate(mixed_batch(seed=4, c_thought=1))
+    losses, grads = [], []
+    for model in (plain, fused):
+        loss = Coconut(model, LATENT, START, END, EOS)(**batch).loss
+        losses.append(loss.item())
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    assert abs(losses[0] - losses[1]) < 1e-6 * losses[0]
+    assert all(relative_difference(b, a) < 1e-5 for a, b in zip(*grads))
+    assert fuse_gelu(make_llama(VOCAB)) == 0  # SiLU: one operation already
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_run_fuses_gelu_unless_told_not_to(gpt2_folder, fused):
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    import startup
+    from distributed import DistEnv
+
+    config = config_for(gpt2_folder, coconut=True, fused_gelu=fused)
+    built, _ = startup.build_and_place(config, startup.Start(), DistEnv(), silent)
+    activations = {type(block.mlp.act) for block in built.base_causallm.transformer.h}
+    assert activations == {GELUTanh if fused else NewGELUActivation}
