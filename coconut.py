@@ -383,26 +383,31 @@ class Coconut(nn.Module):
             cache = new_cache(self.base_causallm.config, buffered, self.cache_class)
             # compiled, Hugging Face's mask work is traced into the graph and costs nothing
             own_masks = not self.compiled_decoder and builds_plain_masks(self.base_causallm.config)
+        # one split, not a slice per pass: the backward then joins the pieces' gradients
+        # once instead of zero-filling and adding a whole (batch, seq, hidden) per pass;
+        # the whole width is passed as it is, not as a view (a compiled decoder would copy it)
+        spans = [segment for segment in segments if segment is not None]
+        pieces = iter(token_embeds.split([end - start for start, end in spans], dim=1) if len(spans) > 1
+                      else [token_embeds])
         chunks, hiddens, padding_term = [], [], token_embeds.new_zeros(())
-        filled = None  # (batch, hidden): value for the latent at column `start`, if any
+        filled = None  # (batch, 1, hidden): value for the latent at column `start`, if any
         for segment in segments:
             if segment is None:  # another rank still fills latents: run a matching pass
                 dummy = self.decoder(inputs_embeds=token_embeds[:, :1], attention_mask=attention_mask[:, :1])
                 padding_term = padding_term + 0.0 * dummy.last_hidden_state.float().sum()
                 continue
             start, end = segment
-            # the whole width is passed as it is, not as a view (a compiled decoder would copy it)
-            chunk = token_embeds if end - start == token_embeds.shape[1] else token_embeds[:, start:end]
-            if filled is not None:
-                first = torch.where(is_latent[:, start, None], filled, chunk[:, 0])  # (batch, hidden)
-                chunk = first[:, None] if end - start == 1 else torch.cat([first[:, None], chunk[:, 1:]], dim=1)
+            chunk = next(pieces)  # (batch, end - start, hidden)
+            if filled is not None:  # a piece's only latents are in its first column (segments cut at each)
+                chunk = torch.where(is_latent[:, start:end, None], filled, chunk)
             run_pass = one_column_pass if (one_column_pass is not None and end - start == 1) else self._decoder_pass
             mask = pass_mask(attention_mask, start, end) if own_masks and start > 0 else attention_mask[:, :end]
             with self._pass_mode(end - start):
                 hidden = run_pass(chunk, mask, position_ids[:, start:end], cache)
             chunks.append(chunk)
             hiddens.append(hidden)
-            filled = hidden[:, -1]  # last layer, after the final norm
+            # last layer, after the final norm; a one-column pass's whole output (no select to undo)
+            filled = hidden if end - start == 1 else hidden[:, -1:]
         if len(chunks) == 1:  # no latents: no copies
             return chunks[0], hiddens[0], cache, padding_term
         return torch.cat(chunks, dim=1), torch.cat(hiddens, dim=1), cache, padding_term
