@@ -171,10 +171,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
+        compute_weight = None  # the weight in the logits' dtype, cast once for every chunk
         for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
             rows = hidden[start : start + LOSS_CHUNK_ROWS]
             target = targets[start : start + LOSS_CHUNK_ROWS, None]  # (rows, 1)
             logits = F.linear(rows, weight, bias)  # (rows, vocab), autocast's dtype
+            if compute_weight is None:
+                compute_weight = weight.to(logits.dtype)
             log_probs = logits.float().log_softmax(-1)
             total = total - log_probs.gather(1, target).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
@@ -182,7 +185,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits = log_probs.exp_().scatter_add_(1, target, log_probs.new_full(target.shape, -1.0))
             grad_logits = grad_logits.to(logits.dtype)  # d(sum of losses) / d(logits)
             if grad_hidden is not None:
-                grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ weight.to(logits.dtype)
+                grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ compute_weight
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ rows.to(logits.dtype)
             if grad_bias is not None:

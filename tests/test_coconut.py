@@ -343,3 +343,23 @@ def test_latent_passes_skip_hugging_faces_mask_work_where_it_is_plain(monkeypatc
     assert builds_plain_masks(MistralConfig(sliding_window=None, attn_implementation="sdpa"))
     assert not builds_plain_masks(MistralConfig(sliding_window=16, attn_implementation="sdpa"))
     assert not builds_plain_masks(GPTNeoConfig(attn_implementation="sdpa"))  # local layers: its own windows
+
+
+def test_chunked_loss_under_bf16_autocast_matches_plain_cross_entropy(monkeypatch):
+    """With autocast the chunks' logits are bf16 and the LM head is cast once for all of
+    them: same loss and gradients as autocast's plain cross-entropy, to bf16 precision."""
+    import coconut as coconut_module
+
+    monkeypatch.setattr(coconut_module, "LOSS_CHUNK_ROWS", 7)
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 12, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = coconut_module.supervised_loss(hidden, labels, head)
+        want = F.cross_entropy(head(hidden)[:, :-1].float().reshape(-1, 50), labels[:, 1:].reshape(-1))
+    got_grads = torch.autograd.grad(got, [hidden, head.weight])
+    want_grads = torch.autograd.grad(want, [hidden, head.weight])
+    assert got.dtype == torch.float32 and abs(got.item() - want.item()) < 1e-2 * want.item()
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype == torch.float32 and relative_difference(a, b) < 2e-2
