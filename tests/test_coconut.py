@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import make_gpt2, make_llama
+from tiny import make_gpt2, make_llama, make_qwen3
 
 from coconut import Coconut, LatentLayoutError, align_latents, latent_columns
 
@@ -82,7 +82,7 @@ def mixed_batch(seed, c_thought):
             for _ in range(5)] + [make_example(rng, 6, 4, 2), make_example(rng, 0, 5, 3)]
 
 
-MODELS = {"gpt2": lambda: make_gpt2(VOCAB), "llama": lambda: make_llama(VOCAB)}
+MODELS = {"gpt2": lambda: make_gpt2(VOCAB), "llama": lambda: make_llama(VOCAB), "qwen3": lambda: make_qwen3(VOCAB)}
 
 
 def relative_difference(a, b):

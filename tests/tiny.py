@@ -49,3 +49,15 @@ def make_llama(vocab_size, seed=0, **kw):
         **kw,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def make_qwen3(vocab_size, seed=0):
+    """Qwen3: biases off, RMS-normed queries and keys, grouped-query attention."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return Qwen3ForCausalLM(cfg).eval()
