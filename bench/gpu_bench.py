@@ -83,26 +83,23 @@ class Bench:
 
     def __init__(self, args):
         import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
 
         from bench import workload
         from coconut import Coconut
-        from modeling import fuse_gelu
 
         self.args, self.torch, self.workload = args, torch, workload
         if args.cpu_smoke:
             self.dev, self.name, self.shape, self.sync = torch.device("cpu"), "cpu (smoke test)", workload.QUICK, lambda: None
             sizes = dict(n_layer=2, n_embd=64, n_head=4)
         else:
-            self.dev, self.shape, self.sync, sizes = torch.device("cuda"), workload.FULL, torch.cuda.synchronize, {}
+            self.dev, self.shape, self.sync = torch.device("cuda"), workload.FULL, torch.cuda.synchronize
+            sizes = dict(n_layer=12, n_embd=768, n_head=12)  # GPT2Config()'s
             self.name = torch.cuda.get_device_name(self.dev)
         self.peak = peak_tflops(self.name)
         self.ids = workload.ids_for(self.shape.vocab)
-        torch.manual_seed(0)
-        self.cfg = GPT2Config(vocab_size=self.shape.vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                              bos_token_id=self.ids.eos, eos_token_id=self.ids.eos, **sizes)
-        self.model = GPT2LMHeadModel(self.cfg).to(self.dev)
-        fuse_gelu(self.model)  # as run.py trains it (fused_gelu: True); both algorithms share it
+        # dropout off, gelu_new fused as run.py trains it (fused_gelu: True); both algorithms share it
+        self.model = workload.make_model(**sizes, vocab=self.shape.vocab, seed=0).to(self.dev)
+        self.cfg = self.model.config
         self.coconut = Coconut(self.model, self.ids.latent, self.ids.start, self.ids.end, self.ids.eos)
         self.batches = {k: {n: t.to(self.dev) for n, t in workload.training_batch(self.shape, args.batch, k).items()}
                         for k in (0, 6)}

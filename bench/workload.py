@@ -85,9 +85,9 @@ def layout_for(vocab: int) -> PromptLayout:
     return PromptLayout(ids.start, ids.latent, ids.end, c_thought=1, max_latent_stage=10**6, pad_latent_to_max=False)
 
 
-def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_positions=1024, fused_gelu=True):
-    """GPT-2 with random weights and dropout off (so losses of two algorithms compare);
-    fused_gelu: its activation as run.py trains it by default (modeling.fuse_gelu)."""
+def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_positions=1024):
+    """GPT-2 with random weights and dropout off (so losses of two algorithms compare),
+    its activation fused as run.py trains it by default (modeling.fuse_gelu)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from modeling import fuse_gelu
@@ -99,8 +99,7 @@ def make_model(n_layer=4, n_embd=256, n_head=4, vocab=VOCAB_SIZE, seed=0, n_posi
         bos_token_id=ids_for(vocab).eos, eos_token_id=ids_for(vocab).eos,
     )
     model = GPT2LMHeadModel(cfg)
-    if fused_gelu:
-        fuse_gelu(model)
+    fuse_gelu(model)
     return model
 
 
