@@ -338,6 +338,12 @@ class Coconut(nn.Module):
         )
         return out.last_hidden_state
 
+    def _builds_own_masks(self) -> bool:
+        """Whether passes on a cache this module made get pass_mask's masks. Not when the
+        decoder is compiled: Hugging Face's mask work is traced into the graph there and
+        costs nothing."""
+        return not self.compiled_decoder and builds_plain_masks(self.base_causallm.config)
+
     def _pass_mode(self, width: int):
         """With compiled blocks, a one-column pass (a latent, a decoded token) runs eagerly:
         it is dispatch-bound, and a compiled block's guards and runtime wrappers cost more
@@ -384,8 +390,7 @@ class Coconut(nn.Module):
         if cache is None and (keep_cache or len(segments) > 1 or self.compiled_decoder):
             buffered = not torch.is_grad_enabled() and not self.compiled_decoder
             cache = new_cache(self.base_causallm.config, buffered, self.cache_class)
-            # compiled, Hugging Face's mask work is traced into the graph and costs nothing
-            own_masks = not self.compiled_decoder and builds_plain_masks(self.base_causallm.config)
+            own_masks = self._builds_own_masks()
         # one split, not a slice per pass: the backward then joins the pieces' gradients
         # once instead of zero-filling and adding a whole (batch, seq, hidden) per pass;
         # the whole width is passed as it is, not as a view (a compiled decoder would copy it)
@@ -484,7 +489,7 @@ class Coconut(nn.Module):
         state = DecodeState(input_ids.new_full((batch, max_new_tokens), self.eos_token_id), torch.zeros_like(lengths),
                             torch.zeros(batch, dtype=torch.bool, device=input_ids.device))
         attention_mask = prompt_mask
-        own_masks = not self.compiled_decoder and builds_plain_masks(self.base_causallm.config)
+        own_masks = self._builds_own_masks()
         step = 0
         while True:  # under synced_gpus a finished process keeps stepping until all are done
             token = state.record(step, next_token, max_new_tokens, self.eos_token_id)
