@@ -43,7 +43,8 @@ demo: venv
 
 # `make bench`: CPU benchmarks against the naive algorithm (bench/bench.py: step time per
 # stage, memory, generation), the dispatch-bound proxy of a GPU step (bench/proxy.py), and,
-# after `make demo`, one epoch of args/demo.yaml (temporary checkpoints, wandb disabled).
+# after `make demo`, one epoch of args/demo.yaml (temporary checkpoints, wandb disabled);
+# last, the proxy with compile: True, in what is left of the 10 minutes.
 # Under 10 minutes on 2 cores; writes bench/results/ only.
 bench: venv
 	$(PY) bench/bench.py

@@ -29,9 +29,11 @@ random weights, dropout off; ProsQA-shaped batches from bench/workload.py):
    slow, so one new question per repeat is timed and its seconds per question compared;
    its outputs must equal Coconut's rows at every batch size. Target: 20x at batch 32.
 4. The dispatch-bound CPU proxy of bench/proxy.py (a GPU's latent passes on a CPU):
-   training step with 6 latents over the step with none (target <= 1.5x), eager (the
-   ratio with `compile: True` is `python bench/proxy.py --compile`: minutes of compiling),
-   and the per-token decoding time at batch 1, ours and the naive loop's.
+   training step with 6 latents over the step with none (target <= 1.5x), eager, and
+   the per-token decoding time at batch 1, ours and the naive loop's. Last of all, the
+   training ratio again with `compile: True` (`bench/proxy.py --compile-only`), when
+   at least COMPILED_PROXY_MIN_S of the run's 10-minute budget is left (its graphs
+   take 1 to 3 minutes to compile), and stopped at the budget.
 5. One epoch of args/demo.yaml through run.py (temporary checkpoints, wandb disabled),
    only when that config and its data exist (after `make demo`).
 6. Host memory (bench/host_memory.py): the peak RSS of the largest process of a
@@ -54,6 +56,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,6 +79,8 @@ from coconut import Coconut  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 LOSS_TOLERANCE = 1e-4
 BUSY_LOAD = 0.75  # 1-minute load average above which other jobs are taken to share the cores
+BUDGET_S = 600  # `make bench` stays under 10 minutes: the compiled proxy runs only in what is left
+COMPILED_PROXY_MIN_S = 200  # compiling its graphs took 44 s (inductor's cache warm) to 150 s (cold)
 TARGETS = {"step_time_ratio_max": 1.2, "memory_ratio_max": 1.3, "generation_speedup_min_at_32": 20.0}
 
 
@@ -392,20 +397,37 @@ def bench_demo(log, timeout=600):
 
 
 # ----------------------------------------------------------------------------- dispatch-bound proxy
-def bench_proxy(log, timeout=600):
+def bench_proxy(log, options=(), timeout=600):
     """bench/proxy.py in a process of its own, as a training process starts: neither the
     heap the sections before leave behind (gigabytes freed) nor the proxy's allocator
     settings (mallopt) then touch the other's figures."""
-    log("proxy: 12 layers x 64 wide, batch 4, ~60 tokens, 1 thread (bench/proxy.py, a process of its own)")
+    log(f"proxy: 12 layers x 64 wide, batch 4, ~60 tokens, 1 thread (bench/proxy.py {' '.join(options)}, "
+        "a process of its own)".replace(" ,", ","))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "proxy.json"
-        proc = subprocess.run([sys.executable, "bench/proxy.py", "--json", str(out)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout, check=False)
-        for line in proc.stdout.splitlines():
+        # a session of its own: at the budget's end, inductor's compile workers go with it
+        proc = subprocess.Popen([sys.executable, "bench/proxy.py", *options, "--json", str(out)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return {"skipped": f"stopped after {timeout:.0f} s, at the end of the run's {BUDGET_S} s budget"}
+        for line in stdout.splitlines():
             log("  " + line)
         if proc.returncode != 0:
-            return {"skipped": f"bench/proxy.py failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
+            return {"skipped": f"bench/proxy.py failed (exit {proc.returncode}): {stderr.strip().splitlines()[-1:]}"}
         return json.loads(out.read_text())
+
+
+def bench_compiled_proxy(log, elapsed_s: float):
+    """The proxy's training ratio with compile: True, in what is left of the run's budget."""
+    left = BUDGET_S - elapsed_s
+    if left < COMPILED_PROXY_MIN_S:
+        log(f"proxy, compile: True: skipped ({left:.0f} s left of the {BUDGET_S} s budget)")
+        return {"skipped": f"{left:.0f} s left of the run's {BUDGET_S} s budget, under {COMPILED_PROXY_MIN_S} s"}
+    return bench_proxy(log, ["--compile-only"], timeout=left)
 
 
 # ----------------------------------------------------------------------------- report
@@ -452,18 +474,20 @@ def table(results) -> str:
         lines.append(f"target >= {TARGETS['generation_speedup_min_at_32']:.0f}x at batch {top}: "
                      f"{gen['batches'][top]['speedup_vs_naive']:.1f}x wall -> {'MET' if gen['target_met'] else 'MISSED'}, "
                      f"{gen['batches'][top]['speedup_cpu_vs_naive']:.1f}x cpu -> {'MET' if gen['target_met_cpu'] else 'MISSED'}")
-    proxy = results.get("proxy")
+    proxy, compiled = results.get("proxy"), results.get("proxy_compiled")
     if proxy is not None and "skipped" not in proxy:
         tr, dec = proxy["train"], proxy["decode"]
-        with_latents = tr[f"stage_{tr['latents']}_s"]
         lines.append("")
         lines.append(f"Dispatch-bound proxy (GPT-2 {proxy['model']['n_layer']} layers x {proxy['model']['n_embd']}, "
                      f"batch {tr['batch']} x {tr['seq_len']} tokens, 1 thread, {proxy.get('allocator', '')})")
-        lines.append(f"  training step: no latents {tr['stage_0_s'] * 1e3:.1f} ms, {tr['latents']} latents "
-                     f"{with_latents * 1e3:.1f} ms: {tr['ratio']:.2f}x (target <= {tr['target']}x) -> "
-                     f"{'MET' if tr['target_met'] else 'MISSED'}")
+        lines.append(_proxy_train_line("training step", tr))
         lines.append(f"  decoding at batch 1: {dec['ours_s_per_token'] * 1e3:.2f} ms/token, naive no-cache loop "
                      f"{dec['naive_s_per_token'] * 1e3:.2f} ms/token ({dec['naive_over_ours']:.1f}x)")
+    if compiled is not None and "skipped" in compiled:
+        lines.append(f"  training step, compile: True: skipped ({compiled['skipped']})")
+    elif compiled is not None:
+        tr = compiled["train_compiled"]
+        lines.append(_proxy_train_line("training step, compile: True", tr) + f"; compiling took {tr['compile_s']:.0f} s")
     demo = results.get("demo")
     if demo is not None:
         lines.append("")
@@ -473,6 +497,12 @@ def table(results) -> str:
             lines.append(f"Demo epoch: {demo['s_per_epoch']:.1f} s for one epoch of args/demo.yaml (training + evaluation)")
     lines += host_memory_lines(results)
     return "\n".join(lines)
+
+
+def _proxy_train_line(label: str, tr: dict) -> str:
+    with_latents = tr[f"stage_{tr['latents']}_s"]
+    return (f"  {label}: no latents {tr['stage_0_s'] * 1e3:.1f} ms, {tr['latents']} latents {with_latents * 1e3:.1f} ms: "
+            f"{tr['ratio']:.2f}x (target <= {tr['target']}x) -> {'MET' if tr['target_met'] else 'MISSED'}")
 
 
 def host_memory_lines(results) -> list:
@@ -506,7 +536,8 @@ def main(argv=None):
                         help="naive training step's per-position list: 'index' is the published code's "
                              "embeds[b, p, :] (its backward is very slow), 'unbind' the same list made cheaply")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench.json and step_time.png")
-    parser.add_argument("--skip", action="append", default=[], choices=["training", "memory", "generation", "proxy", "demo", "sharding", "checkpointing"],
+    parser.add_argument("--skip", action="append", default=[], choices=["training", "memory", "generation", "proxy", "demo", "sharding", "checkpointing",
+                                 "proxy_compiled"],
                         help="leave a section out (repeatable)")
     parser.add_argument("--setup", choices=["full", "quick"], help=argparse.SUPPRESS)
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
@@ -544,6 +575,9 @@ def main(argv=None):
         # host memory of sharded training and of a stage-6 step with activation checkpointing
         "sharding": lambda: host_memory.measure_sharding("quick" if setup.name == "quick" else "full", log),
         "checkpointing": lambda: host_memory.measure_checkpointing(setup.name == "quick", log),
+        # last: it runs in what is left of the 10-minute budget
+        "proxy_compiled": lambda: ({"skipped": "--quick"} if setup.name == "quick"
+                                   else bench_compiled_proxy(log, time.perf_counter() - start)),
     }
     results["section_s"] = {}
     for name, run in sections.items():

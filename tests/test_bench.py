@@ -216,3 +216,23 @@ def test_proxy_times_the_compiled_decoder(monkeypatch):
     assert graphs >= 3 and not breaks, (graphs, breaks)  # the first pass, one-column passes, the rest
     assert result["compile_s"] > 0 and result["ratio"] > 0 and result["pairs"] == 1
     assert lines and "compile: True" in lines[0]
+    from bench.bench import table
+
+    line = table({"proxy_compiled": {"train_compiled": result}})
+    assert f"compile: True: no latents {result['stage_0_s'] * 1e3:.1f} ms" in line
+    assert f"{result['ratio']:.2f}x (target <= 1.5x) -> {'MET' if result['ratio'] <= 1.5 else 'MISSED'}" in line
+
+
+def test_make_bench_compiles_the_proxy_only_in_what_is_left_of_its_budget():
+    """The compiled proxy runs last, only with COMPILED_PROXY_MIN_S of the 10 minutes left,
+    and is stopped at the budget's end: make bench stays under 10 minutes either way."""
+    from bench import bench
+
+    lines = []
+    late = bench.bench_compiled_proxy(lines.append, elapsed_s=bench.BUDGET_S - bench.COMPILED_PROXY_MIN_S + 1)
+    assert late == {"skipped": f"{bench.COMPILED_PROXY_MIN_S - 1} s left of the run's {bench.BUDGET_S} s budget, "
+                               f"under {bench.COMPILED_PROXY_MIN_S} s"}
+    assert len(lines) == 1 and "skipped" in lines[0]  # nothing started
+    stopped = bench.bench_proxy(lines.append, ["--compile-only"], timeout=1)
+    assert stopped == {"skipped": f"stopped after 1 s, at the end of the run's {bench.BUDGET_S} s budget"}
+    assert f"compile: True: skipped ({stopped['skipped']})" in bench.table({"proxy_compiled": stopped})
