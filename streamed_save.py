@@ -74,6 +74,12 @@ def _write_crcs(f, path: str, crcs: dict) -> None:
         crc = crcs.get(info.filename.split("/", 1)[1])
         if crc is None:
             continue
+        f.seek(info.header_offset + 6)
+        (flags,) = struct.unpack("<H", f.read(2))
+        if not flags & 0x08:  # no data descriptor (torch writes none for an empty record): the local header's CRC
+            f.seek(info.header_offset + 14)
+            f.write(struct.pack("<I", crc))
+            continue
         f.seek(info.header_offset + 26)
         name_length, extra_length = struct.unpack("<HH", f.read(4))
         descriptor = info.header_offset + 30 + name_length + extra_length + info.compress_size
