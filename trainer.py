@@ -192,9 +192,23 @@ def new_optimizer(model, config, start: Start, epoch: int, env, log):
         if resumed.get("optimizer") is not None:
             distributed.load_optimizer_state(model, optimizer, resumed["optimizer"], env)
             log(f"restored the optimizer state of epoch {epoch}")
+            apply_config_hyperparameters(optimizer, config, log)
         else:
             log("the checkpoint has no optimizer state (published layout): starting a new AdamW")
     return optimizer
+
+
+def apply_config_hyperparameters(optimizer, config, log) -> None:
+    """The config's lr and weight_decay over those a restored state brought back
+    (load_state_dict restores its param groups' settings too): a run relaunched with
+    another lr trains with it, and says so."""
+    for key in ("lr", "weight_decay"):
+        wanted = getattr(config, key)
+        saved = sorted({group[key] for group in optimizer.param_groups})
+        if saved != [wanted]:
+            log(f"{key} = {wanted} (the config's) replaces the restored optimizer's {', '.join(map(str, saved))}")
+            for group in optimizer.param_groups:
+                group[key] = wanted
 
 
 def save_run_state(model, optimizer, save_dir: str, epoch_done: int, best_acc: float, env) -> None:

@@ -151,6 +151,27 @@ def test_optimizer_state_round_trip_with_gradients_left_over(tmp_path):
             assert torch.equal(restored.state[param][key], value), key
 
 
+def test_a_resumed_optimizer_takes_the_configs_lr_and_weight_decay(tmp_path):
+    """The moments come back from the checkpoint; lr and weight_decay come from the
+    relaunched run's config (load_state_dict would bring the saved ones back too)."""
+    model = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    saved = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    loss_and_grads(model, coconut_batch(2))
+    saved.step()
+    checkpoint.save_checkpoint(tmp_path, 1, distributed.full_model_state(model), {},
+                               {"optimizer": distributed.optimizer_state(model, saved)})
+    resume = startup.Start(epoch=1, train_state=checkpoint.load_train_state(tmp_path, 1))
+    lines = []
+    for lr, weight_decay in ((1e-2, 0.01), (5e-3, 0.0)):
+        config = run_config("unused", str(tmp_path / "run"), lr=lr, weight_decay=weight_decay)
+        optimizer = trainer.new_optimizer(model, config, resume, 1, DistEnv(), lines.append)
+        assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(lr, weight_decay)]
+        assert all(torch.equal(optimizer.state[p]["exp_avg"], saved.state[p]["exp_avg"]) for p in model.parameters())
+    assert lines == ["restored the optimizer state of epoch 1", "restored the optimizer state of epoch 1",
+                     "lr = 0.005 (the config's) replaces the restored optimizer's 0.01",
+                     "weight_decay = 0.0 (the config's) replaces the restored optimizer's 0.01"]
+
+
 # ------------------------------------------------------------------ several processes
 def model_folder(folder):
     """conftest's tiny GPT-2 folder (tied embeddings, a causal-mask buffer) without
