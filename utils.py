@@ -448,6 +448,11 @@ def _value_problems(config: Config):
         for op, bound in bounds:
             if value is not None and not _COMPARISONS[op](value, bound):
                 yield f"key {key!r} must be {op} {bound}, got {value!r}"
+    # epoch e runs under set_seed(seed + e), and numpy takes seeds below 2**32 only
+    last_seed = config.seed + config.num_epochs - 1
+    if config.seed >= 0 and config.num_epochs >= 1 and last_seed >= 2**32:
+        yield (f"key 'seed' must be <= {2**32 - config.num_epochs} with num_epochs {config.num_epochs} "
+               f"(epoch e seeds with seed + e, below 2**32), got {config.seed}")
 
     on = [flag for flag in METHOD_FLAGS if getattr(config, flag)]
     if len(on) != 1:

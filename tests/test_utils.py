@@ -306,6 +306,13 @@ def test_out_of_range_values_are_rejected(tmp_path, key, value, expected):
     assert "x.yaml" in message
 
 
+def test_a_seed_that_an_epoch_would_push_past_numpys_range_is_rejected(tmp_path):
+    """Epoch e seeds with seed + e; numpy refuses seeds of 2**32 and more."""
+    assert load_with(tmp_path, seed=str(2**32 - 50), num_epochs="50").seed == 2**32 - 50
+    message = error_of(tmp_path, seed=str(2**32 - 49), num_epochs="50")
+    assert f"key 'seed' must be <= {2**32 - 50} with num_epochs 50" in message and f"got {2**32 - 49}" in message
+
+
 def test_infinite_float_is_rejected(tmp_path):
     assert "key 'lr' must be a finite number" in error_of(tmp_path, lr=".inf")
 
