@@ -19,7 +19,7 @@ Checked, in order:
   prompt plus `max_new_tokens`. Tokenized exactly as dataset.tokenize_sample does;
   every example of both files, also in debug runs;
 - the checkpoint the run will load (its own folder's newest usable one when it
-  resumes, else load_model_path) fits the model: the model is built on the meta device
+  resumes, else load_model_path, which must then exist) fits the model: the model is built on the meta device
   from its config (no weights), resized for the three new tokens as modeling.build_model
   does, and the checkpoint's keys and shapes are compared by modeling's loading rules;
   the file is memory-mapped, so no tensor data is read here;
@@ -83,8 +83,10 @@ def check(config, data: dict, saves: bool) -> Preflight:
         state_path = checkpoint.checkpoint_path(config.save_dir, epoch)
         if epoch >= config.num_epochs:
             result.finished = finished_message(config, epoch, train_state)
-    elif config.load_model_path is not None:
+    elif config.load_model_path is not None:  # not read when the run resumes its own folder
         state_path = config.load_model_path
+        if not os.path.isfile(state_path):
+            raise UserError(f"load_model_path {state_path}: no such file")
         state = checkpoint.load_model_state(state_path)  # memory-mapped: no tensor data is read
     if state is not None:
         check_checkpoint_fits(config, hf_config, tokenizer, tokens, state, state_path)

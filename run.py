@@ -35,12 +35,11 @@ def log(message: str) -> None:
 
 
 def check_paths(config, config_path) -> None:
-    """The files the config names exist (train_path only when training)."""
+    """The data files the config names exist (train_path only when training);
+    load_model_path is preflight's: a run that resumes its own folder does not read it."""
     needed = [("val_path", config.val_path)]
     if not config.only_eval:
         needed.insert(0, ("train_path", config.train_path))
-    if config.load_model_path is not None:
-        needed.append(("load_model_path", config.load_model_path))
     for key, path in needed:
         if not os.path.isfile(path):
             raise ConfigError(f"config {config_path}: key '{key}' names a file that does not exist: {path}")

@@ -264,6 +264,18 @@ def test_a_run_folder_of_another_model_stops_the_run(tmp_path, gpt2_folder, chai
     assert sorted(os.listdir(save_dir)) == ["checkpoint_1"]  # no lock taken, nothing written
 
 
+def test_load_model_path_must_exist_unless_the_run_resumes_its_own_folder(tmp_path, gpt2_folder, chain_data):
+    """A preempted run that started from load_model_path resumes its own checkpoints
+    (SPEC: they win over resume and load_model_path), even once that file is gone."""
+    missing = str(tmp_path / "gone" / "checkpoint_22")
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, load_model_path=missing, resume=1, num_epochs=2)
+    assert_fails(tmp_path, [cfg], f"load_model_path {missing}: no such file")
+    save_dir = tmp_path / "ckpt" / "run"
+    checkpoint.save_checkpoint(str(save_dir), 2, _state_of(gpt2_folder, coconut=True))
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0 and "this run is finished" in out, err[-2000:]
+
+
 def test_a_file_that_is_no_checkpoint_stops_the_run(tmp_path, gpt2_folder, chain_data):
     cfg = config_file(tmp_path, gpt2_folder, chain_data, load_model_path=chain_data["val"])
     assert_fails(tmp_path, [cfg], f"checkpoint {chain_data['val']}: does not load")
