@@ -19,6 +19,9 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                {"epoch", "best_acc", "optimizer": whole state dict};
                                still resumes. Folders written by the published code have
                                no .state at all; such checkpoints resume without it.
+    progress.json              save_only_improve runs only: {"epochs_done", "newest_checkpoint"},
+                               rewritten every epoch, since their newest checkpoint is their
+                               best epoch, not their last (`write_progress`, `read_progress`).
 
 What this module fixes in the published code (DESIGN §9):
 - Every file is written to a temporary name in the same folder, fsynced, then renamed
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -73,12 +77,16 @@ __all__ = [
     "load_train_state",
     "load_sharded",
     "prune_train_states",
+    "read_progress",
     "read_sharded_state",
     "save_checkpoint",
     "state_path",
+    "write_progress",
 ]
 
 STATE_SUFFIX = ".state"
+# save_only_improve runs: how many epochs are trained (their newest checkpoint is their best)
+PROGRESS_FILE = "progress.json"
 # the plain part of a .state folder; the sharded part is DCP's own files beside it
 PLAIN_STATE_FILE = "train_state.pt"
 # Written into train_state.pt: the top-level keys whose values are in the DCP part.
@@ -146,6 +154,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     survives a power loss. On any error the temporary file is removed and the error
     re-raised; a SIGKILL may leave the temporary file behind, never a partial `path`.
     """
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
+    """write(f) into a binary file that becomes `path` whole or not at all (atomic_torch_save)."""
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
@@ -154,7 +167,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -509,6 +522,29 @@ def find_resume_point(
             continue
         return epoch, model_state, train_state
     return None
+
+
+def write_progress(save_dir: str | os.PathLike, epochs_done: int, newest_checkpoint: Optional[int]) -> None:
+    """Record, atomically, that the run has trained `epochs_done` epochs while its newest
+    checkpoint is `newest_checkpoint` (None: none yet). For save_only_improve runs, whose
+    newest checkpoint is their best epoch, not their last."""
+    record = {"epochs_done": int(epochs_done), "newest_checkpoint": newest_checkpoint}
+    _atomic_write(os.path.join(os.fspath(save_dir), PROGRESS_FILE), lambda f: f.write(json.dumps(record).encode()))
+
+
+def read_progress(save_dir: str | os.PathLike, newest_checkpoint: Optional[int]) -> int:
+    """Epochs the run has trained by its progress record, or 0 when there is none, it
+    does not read, or the folder changed since (its newest checkpoint is no longer
+    `newest_checkpoint`: a record of another run's folder, or of deleted checkpoints)."""
+    try:
+        with open(os.path.join(os.fspath(save_dir), PROGRESS_FILE)) as f:
+            record = json.load(f)
+        epochs_done, recorded = record["epochs_done"], record["newest_checkpoint"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return 0
+    if recorded != newest_checkpoint or not isinstance(epochs_done, int):
+        return 0
+    return epochs_done
 
 
 def prune_train_states(save_dir: str | os.PathLike, keep_epochs: Iterable[int]) -> list[str]:

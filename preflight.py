@@ -23,7 +23,9 @@ Checked, in order:
   from its config (no weights), resized for the three new tokens as modeling.build_model
   does, and the checkpoint's keys and shapes are compared by modeling's loading rules;
   the file is memory-mapped, so no tensor data is read here;
-- a run whose folder already holds its last epoch is finished (`Preflight.finished`);
+- a run whose folder already holds its last epoch is finished (`Preflight.finished`),
+  and so is a save_only_improve run whose progress record (checkpoint.write_progress)
+  says it trained every epoch, its newest checkpoint being its best;
 - save_path is writable (runs that save checkpoints, on the process that writes).
 """
 
@@ -81,8 +83,11 @@ def check(config, data: dict, saves: bool) -> Preflight:
     if found is not None:
         epoch, state, train_state = found
         state_path = checkpoint.checkpoint_path(config.save_dir, epoch)
-        if epoch >= config.num_epochs:
+        if max(epoch, checkpoint.read_progress(config.save_dir, epoch)) >= config.num_epochs:
             result.finished = finished_message(config, epoch, train_state)
+    elif not (config.only_eval or config.debug) and checkpoint.read_progress(config.save_dir, None) >= config.num_epochs:
+        result.finished = finished_message(config, None, None)
+        return result
     elif config.load_model_path is not None:  # not read when the run resumes its own folder
         state_path = config.load_model_path
         if not os.path.isfile(state_path):
@@ -330,15 +335,25 @@ def _quiet(message: str) -> None:
     pass
 
 
-def finished_message(config, epoch: int, train_state: Optional[dict]) -> str:
+def finished_message(config, epoch: Optional[int], train_state: Optional[dict]) -> str:
+    """The line of a run with every epoch trained: its newest checkpoint `epoch` (a
+    save_only_improve run's best, which may be older than its last epoch; None when no
+    epoch beat accuracy 0, so none was saved)."""
+    to_train_on = "to train on: a larger num_epochs; to start again: another name"
+    if epoch is None:
+        return (f"run folder {config.save_dir} has trained all {config.num_epochs} epochs (num_epochs) and holds no "
+                f"checkpoint: save_only_improve saved none, no epoch's validation accuracy beat 0. This run is "
+                f"finished, nothing to train; {to_train_on}")
     path = checkpoint.checkpoint_path(config.save_dir, epoch)
     accuracy = ""
     if config.save_only_improve and train_state and "best_acc" in train_state:
         accuracy = f" (validation accuracy {train_state['best_acc']})"
-    return (f"run folder {config.save_dir} already holds {os.path.basename(path)}{accuracy} and num_epochs is "
-            f"{config.num_epochs}: this run is finished, nothing to train. To evaluate it: only_eval=True "
-            f"load_model_path={path} resume={config.num_epochs - 1}; to train on: a larger num_epochs; "
-            "to start again: another name")
+    held = f"already holds {os.path.basename(path)}{accuracy} and num_epochs is {config.num_epochs}"
+    if epoch < config.num_epochs:  # its progress record says every epoch is trained
+        held = (f"has trained all {config.num_epochs} epochs (num_epochs); its best, {os.path.basename(path)}{accuracy}, "
+                "is its newest checkpoint (save_only_improve)")
+    return (f"run folder {config.save_dir} {held}: this run is finished, nothing to train. To evaluate it: "
+            f"only_eval=True load_model_path={path} resume={config.num_epochs - 1}; {to_train_on}")
 
 
 def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: dict, path: str) -> None:

@@ -76,14 +76,28 @@ def _find_start(config, log) -> Start:
             epoch, state, train_state = found
             log("Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
             log(f"Loading from previous run epoch_{epoch}!")
+            _say_what_is_trained_again(config, epoch, log)
             # {} (not None) for a published-layout checkpoint, which has no .state: it is a resume
             return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch), train_state or {})
+        _say_what_is_trained_again(config, None, log)
     if config.load_model_path is not None:
         log(f"Loading from {config.load_model_path} and skip the first {config.resume} epochs")
         return Start(config.resume, checkpoint.load_model_state(config.load_model_path), config.load_model_path)
     if config.resume:
         log(f"Warning: you want to skip the first {config.resume} but you are not loading any existing checkpoint!")
     return Start(config.resume)
+
+
+def _say_what_is_trained_again(config, newest: Optional[int], log) -> None:
+    """A save_only_improve run resumes from its best epoch, which may be older than the
+    last it trained: say which epochs run again (they repeat: each epoch reseeds)."""
+    trained = checkpoint.read_progress(config.save_dir, newest)
+    first = newest if newest is not None else config.resume
+    if trained > first:
+        since = (f"resumes from checkpoint_{newest}, its best and newest checkpoint" if newest is not None
+                 else "saved no checkpoint and starts again")
+        log(f"save_only_improve: this run had trained {trained} epochs; it {since}, so epochs "
+            f"{first + 1} to {trained} are trained again")
 
 
 def build_and_place(config, start: Start, env, log) -> tuple:

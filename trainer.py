@@ -123,6 +123,9 @@ class TrainingRun:
                 else:  # no silent endings: a run may otherwise end without a single checkpoint
                     self.log(f"save_only_improve: not saving checkpoint_{epoch + 1}, its accuracy "
                              f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc})")
+                if self.env.is_main:  # the newest checkpoint is the best: record how far the run got
+                    newest = checkpoint.list_checkpoints(config.save_dir)[-1:] or [None]
+                    checkpoint.write_progress(config.save_dir, epoch + 1, newest[0])
             self.best_acc = max(self.best_acc, metrics["eval/acc"])
         if self.wandb is not None:
             self.wandb.finish()

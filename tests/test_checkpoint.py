@@ -563,3 +563,20 @@ def test_sigkill_during_saves_never_leaves_a_usable_half_checkpoint(tmp_path):
         # The next save clears what the killed one left behind.
         save_checkpoint(folder, 9, {"w": torch.zeros(1)}, None)
         assert not [n for n in os.listdir(folder) if ".tmp-" in n], context
+
+
+def test_progress_record_counts_only_for_the_folder_it_was_written_in(tmp_path):
+    """save_only_improve's record of trained epochs holds while the folder's newest
+    checkpoint is the one it names; missing, unreadable or stale, it says 0."""
+    assert checkpoint.read_progress(tmp_path, None) == 0  # none written
+    checkpoint.write_progress(tmp_path, 7, 3)
+    assert checkpoint.read_progress(tmp_path, 3) == 7
+    assert checkpoint.read_progress(tmp_path, 5) == 0  # newer checkpoints since: another run's record
+    assert checkpoint.read_progress(tmp_path, None) == 0  # its checkpoints deleted
+    checkpoint.write_progress(tmp_path, 2, None)  # replaced whole
+    assert checkpoint.read_progress(tmp_path, None) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.PROGRESS_FILE]  # no temporary file left
+    (tmp_path / checkpoint.PROGRESS_FILE).write_text('{"epochs_done": 2, "newest')
+    assert checkpoint.read_progress(tmp_path, None) == 0
+    (tmp_path / checkpoint.PROGRESS_FILE).write_text('{"epochs_done": "2", "newest_checkpoint": null}')
+    assert checkpoint.read_progress(tmp_path, None) == 0

@@ -336,7 +336,38 @@ def test_save_only_improve_says_when_it_skips_a_save(tmp_path, gpt2_folder, chai
     assert rc == 0, err[-2000:]
     assert "Accuracy on validation set: 0 / 12 = 0.0" in out
     assert "save_only_improve: not saving checkpoint_1, its accuracy 0.0 does not beat the best so far (0.0)" in out
-    assert checkpoint.list_checkpoints(tmp_path / "ckpt" / "run") == []
+    save_dir = tmp_path / "ckpt" / "run"
+    assert checkpoint.list_checkpoints(save_dir) == []
+    # launched again, it knows it is finished though it saved nothing
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0 and out.splitlines() == [
+        f"run folder {save_dir} has trained all 1 epochs (num_epochs) and holds no checkpoint: save_only_improve "
+        "saved none, no epoch's validation accuracy beat 0. This run is finished, nothing to train; to train on: a "
+        "larger num_epochs; to start again: another name"], (out, err[-2000:])
+
+
+def test_a_save_only_improve_run_past_its_best_epoch_is_finished_or_says_what_it_trains_again(
+        tmp_path, gpt2_folder, chain_data):
+    """Its newest checkpoint is its best epoch, not its last: the progress record says
+    how far it got (trainer writes it every epoch)."""
+    save_dir = tmp_path / "ckpt" / "run"
+    checkpoint.save_checkpoint(str(save_dir), 2, _state_of(gpt2_folder, coconut=True), {"best_acc": 0.75})
+    checkpoint.write_progress(save_dir, 4, 2)  # epochs 3 and 4 did not beat epoch 2
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=4, save_only_improve=True)
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0 and out.splitlines() == [
+        f"run folder {save_dir} has trained all 4 epochs (num_epochs); its best, checkpoint_2 (validation accuracy "
+        f"0.75), is its newest checkpoint (save_only_improve): this run is finished, nothing to train. To evaluate "
+        f"it: only_eval=True load_model_path={save_dir}/checkpoint_2 resume=3; to train on: a larger num_epochs; "
+        "to start again: another name"], (out, err[-2000:])
+    # killed in epoch 5 of 6: it resumes from its best and says which epochs run again
+    import startup
+
+    lines = []
+    config = load_config(config_file(tmp_path, gpt2_folder, chain_data, num_epochs=6, save_only_improve=True))
+    assert startup._find_start(config, lines.append).epoch == 2
+    assert lines[-1] == ("save_only_improve: this run had trained 4 epochs; it resumes from checkpoint_2, its best "
+                         "and newest checkpoint, so epochs 3 to 4 are trained again")
 
 
 def test_a_second_run_on_a_held_folder_names_the_holder(tmp_path, gpt2_folder, chain_data):
