@@ -19,10 +19,11 @@ Checked, in order:
   prompt plus `max_new_tokens`. Tokenized exactly as dataset.tokenize_sample does;
   every example of both files, also in debug runs;
 - the checkpoint the run will load (its own folder's newest usable one when it
-  resumes, else load_model_path, which must then exist) fits the model: the model is built on the meta device
-  from its config (no weights), resized for the three new tokens as modeling.build_model
-  does, and the checkpoint's keys and shapes are compared by modeling's loading rules;
-  the file is memory-mapped, so no tensor data is read here;
+  resumes, else load_model_path, which must then exist) fits the model: the model is
+  built on the meta device from its config (no weights), resized for the three new
+  tokens as modeling.build_model does, and the checkpoint's keys and shapes are
+  compared by modeling's loading rules; the file is memory-mapped, so no tensor data
+  is read here;
 - a run whose folder already holds its last epoch is finished (`Preflight.finished`),
   and so is a save_only_improve run whose progress record (checkpoint.write_progress)
   says it trained every epoch, its newest checkpoint being its best;

@@ -96,8 +96,8 @@ def _say_what_is_trained_again(config, newest: Optional[int], log) -> None:
     if trained > first:
         since = (f"resumes from checkpoint_{newest}, its best and newest checkpoint" if newest is not None
                  else "saved no checkpoint and starts again")
-        log(f"save_only_improve: this run had trained {trained} epochs; it {since}, so epochs "
-            f"{first + 1} to {trained} are trained again")
+        again = f"epoch {trained} is" if trained == first + 1 else f"epochs {first + 1} to {trained} are"
+        log(f"save_only_improve: this run had trained {trained} epochs; it {since}, so {again} trained again")
 
 
 def build_and_place(config, start: Start, env, log) -> tuple:
