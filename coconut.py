@@ -165,32 +165,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
-        # hidden (n, hidden), weight (vocab, hidden), bias (vocab,) or None, targets (n,)
-        needs = ctx.needs_input_grad
-        total = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
-        compute_weight = None  # the weight in the logits' dtype, cast once for every chunk
-        for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
-            rows = hidden[start : start + LOSS_CHUNK_ROWS]
-            target = targets[start : start + LOSS_CHUNK_ROWS, None]  # (rows, 1)
-            logits = F.linear(rows, weight, bias)  # (rows, vocab), autocast's dtype
-            if compute_weight is None:
-                compute_weight = weight.to(logits.dtype)
-            log_probs = logits.float().log_softmax(-1)
-            total = total - log_probs.gather(1, target).sum()
-            if grad_hidden is None and grad_weight is None and grad_bias is None:
-                continue
-            grad_logits = log_probs.exp_().scatter_add_(1, target, log_probs.new_full(target.shape, -1.0))
-            grad_logits = grad_logits.to(logits.dtype)  # d(sum of losses) / d(logits)
-            if grad_hidden is not None:
-                grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ compute_weight
-            if grad_weight is not None:
-                grad_weight += grad_logits.t() @ rows.to(logits.dtype)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        total, grads = _chunked_cross_entropy(hidden, weight, bias, targets, ctx.needs_input_grad)
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
@@ -206,6 +182,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 scaled(grad_weight, weight_dtype), scaled(grad_bias, bias_dtype), None)
 
 
+def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, False)) -> tuple:
+    """(summed loss, (grad_hidden, grad_weight, grad_bias)) of _LinearCrossEntropy; a
+    gradient is computed only where `needs` asks (all None without grad mode: validation)."""
+    # hidden (n, hidden), weight (vocab, hidden), bias (vocab,) or None, targets (n,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if needs[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
+    compute_weight = None  # the weight in the logits' dtype, cast once for every chunk
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
+        rows = hidden[start : start + LOSS_CHUNK_ROWS]
+        target = targets[start : start + LOSS_CHUNK_ROWS, None]  # (rows, 1)
+        logits = F.linear(rows, weight, bias)  # (rows, vocab), autocast's dtype
+        if compute_weight is None:
+            compute_weight = weight.to(logits.dtype)
+        log_probs = logits.float().log_softmax(-1)
+        total = total - log_probs.gather(1, target).sum()
+        if grad_hidden is None and grad_weight is None and grad_bias is None:
+            continue
+        grad_logits = log_probs.exp_().scatter_add_(1, target, log_probs.new_full(target.shape, -1.0))
+        grad_logits = grad_logits.to(logits.dtype)  # d(sum of losses) / d(logits)
+        if grad_hidden is not None:
+            grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ compute_weight
+        if grad_weight is not None:
+            grad_weight += grad_logits.t() @ rows.to(logits.dtype)
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+    return total, (grad_hidden, grad_weight, grad_bias)
+
+
 def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
     """Mean cross-entropy of next-token logits over every supervised token of the batch.
 
@@ -217,7 +223,10 @@ def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Line
     targets = labels[:, 1:]  # (batch, seq - 1): the token each position predicts
     supervised = targets != -100
     rows = hidden[:, :-1][supervised]  # (n, hidden)
-    total = _LinearCrossEntropy.apply(rows, lm_head.weight, lm_head.bias, targets[supervised])
+    if torch.is_grad_enabled():
+        total = _LinearCrossEntropy.apply(rows, lm_head.weight, lm_head.bias, targets[supervised])
+    else:  # validation: an autograd.Function would still compute the gradients (needs_input_grad)
+        total, _ = _chunked_cross_entropy(rows, lm_head.weight, lm_head.bias, targets[supervised])
     return total / supervised.sum()
 
 

@@ -27,13 +27,19 @@ def reference_answers(examples: list) -> tuple:
     return answers, cots
 
 
+def loss_only(model) -> dict:
+    """forward's keywords for a step that needs only the loss: Coconut then applies the LM
+    head only where the loss needs it, never over (batch, seq, vocab)."""
+    return {"return_logits": False} if isinstance(unwrap(model), Coconut) else {}
+
+
 @torch.no_grad()
 def validation_loss(model, dataset, collator, batch_size: int, env: DistEnv) -> float:
     """Mean of per-batch losses over all processes (each process gets an equal share)."""
     unwrap(model).eval()
     total, count = 0.0, 0
     for batch in loader(dataset, batch_size, collator, env):
-        total += float(model(**to_device(batch, env.device)).loss)
+        total += float(model(**to_device(batch, env.device), **loss_only(model)).loss)
         count += 1
     total, count = all_reduce_sum([total, count], env)
     return total / max(count, 1)

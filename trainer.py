@@ -18,9 +18,8 @@ from tqdm import tqdm
 import checkpoint
 import distributed
 from cli import UserError, fail
-from coconut import Coconut
 from dataset import MyCollator, Staging, get_dataset, question_dataset, training_dataset
-from evaluate import generation_accuracy, generator_for, report, validation_loss
+from evaluate import generation_accuracy, generator_for, loss_only, report, validation_loss
 from layout import PromptLayout
 from startup import Start, build_and_place, find_start
 from utils import set_seed
@@ -143,14 +142,12 @@ class TrainingRun:
         distributed.unwrap(model).train()
         accumulation = config.gradient_accumulation_steps
         n_batches = len(train_loader)
-        # Coconut computes the LM head only where the loss needs it, not full logits
-        skip_logits = {"return_logits": False} if isinstance(distributed.unwrap(model), Coconut) else {}
         bar = tqdm(total=n_batches // accumulation, desc=f"Training Epoch: {epoch + 1}", colour="blue",
                    dynamic_ncols=True, disable=not env.is_main)
         for step, batch in enumerate(train_loader):
             steps_now = (step + 1) % accumulation == 0 or step == n_batches - 1  # the last partial group steps too
             distributed.set_gradient_sync(model, steps_now)
-            loss = model(**distributed.to_device(batch, env.device), **skip_logits).loss / accumulation
+            loss = model(**distributed.to_device(batch, env.device), **loss_only(model)).loss / accumulation
             loss.backward()
             if steps_now:
                 optimizer.step()

@@ -262,6 +262,27 @@ def test_training_forward_can_skip_the_full_logits():
     assert abs(full.loss.item() - want.item()) < TOLERANCE * want.item()
 
 
+def test_validation_loss_is_the_mean_batch_loss_without_full_logits(monkeypatch):
+    """evaluate.validation_loss: the mean of the batches' losses, as forward gives them,
+    with the LM head applied only where the loss needs it (no (batch, seq, vocab) logits)."""
+    from distributed import DistEnv
+    from evaluate import validation_loss
+
+    coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    examples = mixed_batch(seed=4, c_thought=1)
+    with torch.no_grad():
+        want = sum(coconut(**collate(examples[i : i + 3])).loss.item() for i in range(0, len(examples), 3)) / 3
+    asked, forward = [], Coconut.forward
+
+    def spied(self, *args, **kwargs):
+        asked.append(kwargs.get("return_logits"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Coconut, "forward", spied)
+    got = validation_loss(coconut, examples, collate, 3, DistEnv())
+    assert abs(got - want) < 1e-6 * want and asked == [False] * 3
+
+
 def test_chunked_loss_matches_plain_cross_entropy_across_chunks(monkeypatch):
     """Several chunks, a bias, and a scaled backward give plain autograd's numbers."""
     import coconut as coconut_module
@@ -279,6 +300,11 @@ def test_chunked_loss_matches_plain_cross_entropy_across_chunks(monkeypatch):
     assert abs(got.item() - want.item()) < 1e-6 * want.item()
     for a, b in zip(got_grads, want_grads):
         assert relative_difference(a, b) < 1e-5
+    # validation (no grad): the same loss, and none of the gradients' work
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        quiet = coconut_module.supervised_loss(hidden, labels, head)
+    assert quiet.item() == got.item()
+    assert not [e.name for e in profile.events() if e.name in ("aten::mm", "aten::exp_", "aten::scatter_add_")]
 
 
 @pytest.mark.parametrize("arch", MODELS)
