@@ -50,12 +50,19 @@ class BuiltModel:
 
 
 def build_tokenizer(model_id: str):
+    tokenizer, tokens, _ = load_tokenizer(model_id)
+    return tokenizer, tokens
+
+
+def load_tokenizer(model_id: str):
+    """(tokenizer, tokens, already): `already`, the three tokens were in model_id's own
+    tokenizer (a model export.py wrote, say), whose rows then hold trained values."""
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # special, so decoding with skip_special_tokens drops them from answers
-    tokenizer.add_tokens([START, END, LATENT], special_tokens=True)
-    return tokenizer, LatentTokens.of(tokenizer)
+    already = tokenizer.add_tokens([START, END, LATENT], special_tokens=True) == 0
+    return tokenizer, LatentTokens.of(tokenizer), already
 
 
 def has_weights(model_id: str) -> bool:
@@ -76,15 +83,23 @@ def load_base_model(model_id: str, log, weights_from: Optional[str] = None) -> t
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_id))
 
 
-def init_new_token_rows(model, tokenizer, tokens: LatentTokens, log) -> None:
-    """Resize and start the three new rows as copies of `<<` (stabilises training)."""
+def init_new_token_rows(model, tokenizer, tokens: LatentTokens, log, already_in_tokenizer=False) -> None:
+    """Resize and start the three new rows as copies of `<<` (stabilises training).
+
+    Not when the tokens were in the model's own tokenizer and its embeddings have their
+    rows (a model export.py wrote): those rows are trained and stay as they are.
+    """
+    rows_before = model.get_input_embeddings().weight.shape[0]
+    new_ids = [tokens.start_id, tokens.end_id, tokens.latent_id]
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set below
+    if already_in_tokenizer and max(new_ids) < rows_before:
+        log("the model's tokenizer already holds the latent tokens, and its embeddings their rows: kept as they are")
+        return
     source = tokenizer.encode("<<", add_special_tokens=False)
     matrices = [model.get_input_embeddings().weight]
     head = model.get_output_embeddings()
     if head is not None and head.weight is not matrices[0]:
         matrices.append(head.weight)
-    new_ids = [tokens.start_id, tokens.end_id, tokens.latent_id]
     if len(source) != 1:
         log("'<<' is not one token of this tokenizer: new token rows start as the mean embedding")
     with torch.no_grad():
@@ -136,10 +151,10 @@ def _tied_keys(module) -> set:
 
 def build_model(config, state: Optional[dict], state_path: Optional[str], log) -> BuiltModel:
     """Tokenizer, base model, new tokens, optional weights, and the wrapper if coconut."""
-    tokenizer, tokens = build_tokenizer(config.model_path)
+    tokenizer, tokens, already = load_tokenizer(config.model_path)
     base = load_base_model(config.model_path, log, state_path if state is not None else None)
     model = place_weights(config, base, tokenizer, tokens, state, state_path,
-                          add_token_rows=lambda b: init_new_token_rows(b, tokenizer, tokens, log))
+                          add_token_rows=lambda b: init_new_token_rows(b, tokenizer, tokens, log, already))
     if config.bf16:
         model = model.to(torch.bfloat16)
     return BuiltModel(model, base, tokenizer, tokens, state_path if state is not None else None)

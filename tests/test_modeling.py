@@ -53,6 +53,26 @@ def test_cot_checkpoint_feeds_a_coconut_run_with_new_rows_from_the_marker(gpt2_f
         assert torch.equal(embedding[token_id], state["transformer.wte.weight"][marker])
 
 
+def test_a_model_that_already_has_the_latent_tokens_keeps_their_trained_rows(gpt2_folder, tmp_path):
+    """model_id a folder export.py wrote (its tokenizer and embeddings hold the three
+    tokens): their rows are trained values, not reset to `<<`'s; a fresh model's are."""
+    config = config_for(gpt2_folder, coconut=True)
+    fresh = build_model(config, None, None, silent)
+    embedding = fresh.base_causallm.get_input_embeddings().weight
+    marker = fresh.tokenizer.encode("<<", add_special_tokens=False)[0]
+    ids = (fresh.tokens.start_id, fresh.tokens.end_id, fresh.tokens.latent_id)
+    assert all(torch.equal(embedding[i], embedding[marker]) for i in ids)
+    with torch.no_grad():
+        embedding[fresh.tokens.start_id] = 7.0  # as training leaves it
+    fresh.base_causallm.save_pretrained(tmp_path)
+    fresh.tokenizer.save_pretrained(tmp_path)
+    lines = []
+    again = build_model(config_for(str(tmp_path), coconut=True), None, None, lines.append)
+    assert torch.equal(again.base_causallm.get_input_embeddings().weight, embedding)
+    assert again.tokens == fresh.tokens
+    assert lines == ["the model's tokenizer already holds the latent tokens, and its embeddings their rows: kept as they are"]
+
+
 def test_checkpoint_of_another_size_names_the_key(gpt2_folder):
     config = config_for(gpt2_folder, cot=True)
     state = build_model(config, None, None, silent).model.state_dict()
