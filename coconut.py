@@ -25,7 +25,7 @@ import inspect
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -164,8 +164,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        total, grads = _chunked_cross_entropy(hidden, weight, bias, targets, ctx.needs_input_grad)
+    def forward(ctx, hidden, weight, bias, targets, transform=None):
+        total, grads = _chunked_cross_entropy(hidden, weight, bias, targets, ctx.needs_input_grad, transform)
         ctx.save_for_backward(*grads)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -179,12 +179,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return None if grad is None else (grad * grad_total).to(dtype)
 
         return (scaled(grad_hidden, None if grad_hidden is None else grad_hidden.dtype),
-                scaled(grad_weight, weight_dtype), scaled(grad_bias, bias_dtype), None)
+                scaled(grad_weight, weight_dtype), scaled(grad_bias, bias_dtype), None, None)
 
 
-def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, False)) -> tuple:
+def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, False), transform=None) -> tuple:
     """(summed loss, (grad_hidden, grad_weight, grad_bias)) of _LinearCrossEntropy; a
-    gradient is computed only where `needs` asks (all None without grad mode: validation)."""
+    gradient is computed only where `needs` asks (all None without grad mode: validation).
+    `transform` (logit_transform's) is applied to the head's output first."""
     # hidden (n, hidden), weight (vocab, hidden), bias (vocab,) or None, targets (n,)
     total = hidden.new_zeros((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
@@ -197,12 +198,22 @@ def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, F
         logits = F.linear(rows, weight, bias)  # (rows, vocab), autocast's dtype
         if compute_weight is None:
             compute_weight = weight.to(logits.dtype)
-        log_probs = logits.float().log_softmax(-1)
-        total = total - log_probs.gather(1, target).sum()
-        if grad_hidden is None and grad_weight is None and grad_bias is None:
-            continue
-        grad_logits = log_probs.exp_().scatter_add_(1, target, log_probs.new_full(target.shape, -1.0))
-        grad_logits = grad_logits.to(logits.dtype)  # d(sum of losses) / d(logits)
+        wanted = grad_hidden is not None or grad_weight is not None or grad_bias is not None
+        if transform is not None:  # d(loss) / d(logits) through the transform, by autograd on this chunk
+            with torch.enable_grad():
+                head_out = logits.detach().requires_grad_(wanted)
+                chunk_total = F.cross_entropy(transform(head_out).float(), target[:, 0], reduction="sum")
+            total = total + chunk_total.detach()
+            if not wanted:
+                continue
+            grad_logits = torch.autograd.grad(chunk_total, head_out)[0]
+        else:
+            log_probs = logits.float().log_softmax(-1)
+            total = total - log_probs.gather(1, target).sum()
+            if not wanted:
+                continue
+            grad_logits = log_probs.exp_().scatter_add_(1, target, log_probs.new_full(target.shape, -1.0))
+            grad_logits = grad_logits.to(logits.dtype)  # d(sum of losses) / d(logits)
         if grad_hidden is not None:
             grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ compute_weight
         if grad_weight is not None:
@@ -212,21 +223,46 @@ def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, F
     return total, (grad_hidden, grad_weight, grad_bias)
 
 
-def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+def logit_transform(config) -> Optional[Callable]:
+    """What the model's own causal-LM forward does to its LM head's output, for models
+    that do something (None for the others: GPT-2, Llama, Qwen, ...): Granite divides
+    the logits by `logits_scaling`, Cohere multiplies them by `logit_scale`, Gemma 2
+    and later soft-cap them at `final_logit_softcapping`. Each keeps the logits' order,
+    so greedy decoding needs none of them; the loss and returned logits do."""
+    scaling = getattr(config, "logits_scaling", None)
+    scale = getattr(config, "logit_scale", None) if "cohere" in getattr(config, "model_type", "") else None
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if scaling in (None, 1) and scale in (None, 1) and softcap is None:
+        return None
+
+    def transform(logits):  # (..., vocab), in the head's dtype, as the model's forward computes it
+        if scaling not in (None, 1):
+            logits = logits / scaling
+        if scale not in (None, 1):
+            logits = logits * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear,
+                    transform: Optional[Callable] = None) -> torch.Tensor:
     """Mean cross-entropy of next-token logits over every supervised token of the batch.
 
     hidden (batch, seq, hidden), labels (batch, seq) with -100 where unsupervised. The
     LM head runs only on the positions whose next label is supervised (DESIGN §4's
     loss: shifted logits, one mean over the batch's tokens). NaN when nothing is supervised,
-    as F.cross_entropy gives.
+    as F.cross_entropy gives. `transform`: logit_transform's, applied to the head's output.
     """
     targets = labels[:, 1:]  # (batch, seq - 1): the token each position predicts
     supervised = targets != -100
     rows = hidden[:, :-1][supervised]  # (n, hidden)
     if torch.is_grad_enabled():
-        total = _LinearCrossEntropy.apply(rows, lm_head.weight, lm_head.bias, targets[supervised])
+        total = _LinearCrossEntropy.apply(rows, lm_head.weight, lm_head.bias, targets[supervised], transform)
     else:  # validation: an autograd.Function would still compute the gradients (needs_input_grad)
-        total, _ = _chunked_cross_entropy(rows, lm_head.weight, lm_head.bias, targets[supervised])
+        total, _ = _chunked_cross_entropy(rows, lm_head.weight, lm_head.bias, targets[supervised], transform=transform)
     return total / supervised.sum()
 
 
@@ -304,6 +340,8 @@ class Coconut(nn.Module):
         # Set by the launcher under FSDP: every process must run as many forward passes
         # of the base model as the others, or the sharded collectives deadlock.
         self.sync_passes_across_ranks = False
+        # what the model's own forward does to its head's output (Granite, Cohere, Gemma 2, ...)
+        self.logit_transform = logit_transform(base_causallm.config)
         decoder_args = inspect.signature(base_causallm.base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in decoder_args else "past_key_values"
         # compiling.compile_blocks sets a cache whose update stays outside compiled graphs,
@@ -443,8 +481,12 @@ class Coconut(nn.Module):
         )  # hidden: (batch, seq, hidden)
         loss = None
         if labels is not None:
-            loss = supervised_loss(hidden, labels, self.lm_head) + padding_term
-        logits = self.lm_head(hidden) if return_logits else None  # (batch, seq, vocab)
+            loss = supervised_loss(hidden, labels, self.lm_head, self.logit_transform) + padding_term
+        logits = None
+        if return_logits:
+            logits = self.lm_head(hidden)  # (batch, seq, vocab)
+            if self.logit_transform is not None:
+                logits = self.logit_transform(logits)
         return CoconutOutput(loss=loss, inputs_embeds=inputs_embeds, logits=logits)
 
     # ----------------------------------------------------------------- generation

@@ -112,6 +112,47 @@ def test_loss_and_gradients_match_naive_reference(arch, c_thought):
     assert checked > 10
 
 
+def make_transformed_head(kind):
+    """Models whose causal-LM forward changes the head's output: Granite scales the
+    logits down, Cohere scales them, Gemma 2 soft-caps them (coconut.logit_transform)."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    name, extra = {"granite": ("Granite", dict(logits_scaling=8.0)), "cohere": ("Cohere", dict(logit_scale=4.0)),
+                   "gemma2": ("Gemma2", dict(head_dim=16, final_logit_softcapping=0.05, attn_logit_softcapping=None))}[kind]
+    config = getattr(transformers, f"{name}Config")(**common, **extra)
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere", "gemma2"])
+def test_models_that_transform_their_head_output_keep_it_in_loss_and_logits(kind):
+    """The loss, its gradients and the returned logits are the model's own (the naive
+    reference calls the model's forward); a plain loss on the bare head would differ."""
+    base = make_transformed_head(kind)
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    assert coconut.logit_transform is not None
+    examples = mixed_batch(seed=5, c_thought=1)
+    expected = naive_loss(base, examples)
+    expected_grads = torch.autograd.grad(expected, list(base.parameters()), allow_unused=True)
+    batch = collate(examples)
+    out = coconut(**batch)
+    grads = torch.autograd.grad(out.loss, list(base.parameters()), allow_unused=True)
+    assert abs(out.loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
+    assert all(relative_difference(g, w) < TOLERANCE for g, w in zip(grads, expected_grads) if w is not None)
+    with torch.no_grad():  # validation's path
+        assert abs(coconut(**batch, return_logits=False).loss.item() - out.loss.item()) < 1e-6 * out.loss.item()
+    no_latents = [e for e in examples if LATENT not in e[0].tolist()][:1]
+    ids = no_latents[0][0][None]
+    assert torch.allclose(coconut(ids, torch.ones_like(ids)).logits, base(ids).logits, atol=1e-5)
+    # the premise: the bare head's loss is another number
+    with torch.no_grad():
+        bare = Coconut(base, LATENT, START, END, EOS)
+        bare.logit_transform = None
+        assert abs(bare(**batch).loss.item() - expected.item()) > 10 * TOLERANCE * abs(expected.item())
+
+
 def test_gradient_flows_through_the_continuous_thoughts():
     """Our gradients match the reference and differ from a detached-thought variant."""
     base = make_gpt2(VOCAB)
