@@ -191,14 +191,16 @@ def _wrap(config, base, tokenizer, tokens):
     return base
 
 
-def build_empty_model(config, dtype: torch.dtype) -> BuiltModel:
-    """build_model's modules on the meta device, in `dtype` (that of rank 0's model):
-    no memory and no weights until distributed.fill_from_main gives them rank 0's."""
+def build_empty_model(config, dtype: torch.dtype, embedding_rows: int) -> BuiltModel:
+    """build_model's modules on the meta device, in `dtype` and with `embedding_rows`
+    rows (those of rank 0's model: place_weights adds the new tokens' rows for latent
+    methods, and for a checkpoint that holds them): no memory and no weights until
+    distributed.fill_from_main gives them rank 0's."""
     tokenizer, tokens = build_tokenizer(config.model_path)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model_path), dtype=dtype)
-        if config.method.latent_tokens:
-            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if base.get_input_embeddings().weight.shape[0] != embedding_rows:
+            base.resize_token_embeddings(embedding_rows, mean_resizing=False)
     return BuiltModel(_wrap(config, base, tokenizer, tokens), base, tokenizer, tokens, None)
 
 

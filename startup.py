@@ -106,8 +106,10 @@ def build_and_place(config, start: Start, env, log) -> tuple:
         built = build_model(config, start.model_state, start.model_path, log)
         return built, _place_whole(built, config, env, log)
     source = on_main(lambda: build_model(config, start.model_state, start.model_path, log), env)
-    dtype = distributed.share(source and next(source.model.parameters()).dtype, env)
-    built = build_empty_model(config, dtype)
+    # rank 0's dtype and embedding rows (the loading rules may add the new tokens' rows)
+    dtype, rows = distributed.share(source and (next(source.model.parameters()).dtype,
+                                                source.base_causallm.get_input_embeddings().weight.shape[0]), env)
+    built = build_empty_model(config, dtype, rows)
     _prepare(built, config, env, sharded=True)
     log(f"Running FSDP on rank = {env.rank}, world size = {env.world_size}")
     model = distributed.shard(built.model, built.base_causallm, distributed.COMPUTE_DTYPES[config.mixed_precision])

@@ -24,6 +24,7 @@ import startup
 import trainer
 from coconut import Coconut
 from distributed import DistEnv
+import modeling
 from modeling import checkpoint_blocks
 from tiny import make_gpt2, make_llama
 from utils import Config
@@ -297,7 +298,14 @@ def runs(tmp_path_factory):
     checkpoints written after step SAVED_AFTER by another process count."""
     tmp = tmp_path_factory.mktemp("scale")
     model = model_folder(tmp / "model")
-    one = in_process({"plain": (dict(model=model, save_dir=str(tmp / "one")), SAVED_AFTER)})
+    # a plain checkpoint whose embeddings hold the new tokens' rows (pause_as_thought's),
+    # loaded by a cot run: rank 0's loading rules resize, so must every rank's empty model
+    pause = modeling.build_model(run_config(model, str(tmp / "unused"), coconut=False, pause_as_thought=True),
+                                 None, None, lambda message: None)
+    torch.save({k: v + 0.01 for k, v in pause.model.state_dict().items()}, tmp / "pause.pt")
+    cot_from_pause = dict(model=model, coconut=False, cot=True, load_model_path=str(tmp / "pause.pt"))
+    one = in_process({"plain": (dict(model=model, save_dir=str(tmp / "one")), SAVED_AFTER),
+                      "cot_from_pause": (dict(cot_from_pause, save_dir=str(tmp / "one_cot")), None)})
     # what an earlier version wrote on one process: the optimizer state keyed by index
     legacy = copy_run(tmp / "one", tmp / "legacy")
     opt_state = checkpoint.read_sharded_state(os.path.join(legacy, "checkpoint_2.state"))["optimizer"]
@@ -317,6 +325,7 @@ def runs(tmp_path_factory):
         "bf16": (dict(model=model, save_dir=str(tmp / "two_bf16"), mixed_precision="bf16"), None),
         "one_to_two": (dict(model=model, save_dir=copy_run(tmp / "one", tmp / "one_to_two")), STEPS),
         "legacy_to_two": (dict(model=model, save_dir=legacy), None),
+        "cot_from_pause": (dict(cot_from_pause, save_dir=str(tmp / "two_cot")), None),
     }, tmp)
     resumed_on_one = in_process({"two_to_one": (dict(model=model, save_dir=copy_run(tmp / "two", tmp / "2to1")), STEPS)})
     four = spawn(4, {"two_to_four": (dict(model=model, save_dir=copy_run(tmp / "two", tmp / "2to4")), None)}, tmp)
@@ -335,6 +344,13 @@ def test_two_processes_give_the_one_process_loss_curve(runs):
     assert list(reference) == list(range(STEPS))
     assert len(set(reference.values())) == STEPS  # premise: the model learns, steps differ
     assert_same_curve(runs["two"]["plain"]["losses"], reference, 1e-5)
+
+
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
+def test_a_cot_run_from_a_checkpoint_with_the_new_rows_shards_and_trains_alike(runs):
+    """Under FSDP every rank's empty model takes rank 0's embedding rows: a cot run (no
+    latent tokens of its own) loading a checkpoint that holds the three new rows."""
+    assert_same_curve(runs["two"]["cot_from_pause"]["losses"], runs["one"]["cot_from_pause"]["losses"], 1e-5)
 
 
 @pytest.mark.slow  # the shared multi-process runs (~40 s)
