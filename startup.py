@@ -18,6 +18,7 @@ import checkpoint
 import distributed
 from cli import UserError
 from coconut import Coconut
+from evaluate import generator_for
 from modeling import BuiltModel, ModelLoadError, build_empty_model, build_model, checkpoint_blocks, fuse_gelu
 
 
@@ -136,14 +137,30 @@ def _prepare(built: BuiltModel, config, env, sharded: bool) -> None:
         built.model.sync_passes_across_ranks = env.distributed
 
 
+def autocast_like_the_run(module, config, env) -> None:
+    """Mixed precision without FSDP: `module`'s forward and generate under autocast, as
+    the run's model (also for the plain decoder evaluate.generator_for builds beside it)."""
+    compute_dtype = distributed.COMPUTE_DTYPES[config.mixed_precision]
+    if compute_dtype is not None and not sharded_training(config, env):
+        distributed.autocast_forward(module, compute_dtype, env.device)
+
+
+def evaluation_decoder(model, built: BuiltModel, config, env):
+    """What generates the evaluation's answers: the run's model, or for a method without
+    latents a plain-decoding view of its base model (evaluate.generator_for), in the
+    run's precision too."""
+    generator = generator_for(model, built.base_causallm, built.tokens, built.tokenizer.eos_token_id)
+    if generator is not distributed.unwrap(model):
+        autocast_like_the_run(generator, config, env)
+    return generator
+
+
 def _place_whole(built: BuiltModel, config, env, log):
     """One process, or DDP for only_eval: the whole model on the device; mixed precision
     through autocast (parameters and optimizer stay fp32)."""
     _prepare(built, config, env, sharded=False)
     model = built.model.to(env.device)
-    compute_dtype = distributed.COMPUTE_DTYPES[config.mixed_precision]
-    if compute_dtype is not None:
-        distributed.autocast_forward(built.model, compute_dtype, env.device)
+    autocast_like_the_run(built.model, config, env)
     if not env.distributed:
         log("Running on one process")
         return model

@@ -19,9 +19,9 @@ import checkpoint
 import distributed
 from cli import UserError, fail
 from dataset import MyCollator, Staging, get_dataset, question_dataset, training_dataset
-from evaluate import generation_accuracy, generator_for, loss_only, report, validation_loss
+from evaluate import generation_accuracy, loss_only, report, validation_loss
 from layout import PromptLayout
-from startup import Start, build_and_place, find_start
+from startup import Start, build_and_place, evaluation_decoder, find_start
 from utils import set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32
@@ -92,7 +92,7 @@ class TrainingRun:
         self.collator = MyCollator(self.tokenizer, latent_id=built.tokens.latent_id, label_pad_token_id=-100)
         self.stager = Stager(config, self.tokenizer, PromptLayout.for_config(config, built.tokens), data)
         self.val_examples = data["val"][: len(self.stager.val_base)]
-        self.generator = generator_for(self.model, built.base_causallm, built.tokens, self.tokenizer.eos_token_id)
+        self.generator = evaluation_decoder(self.model, built, config, env)
         self.wandb = init_wandb(config, env, self.log)
         self.saving = not (config.debug or config.only_eval)
         self.optimizer = None

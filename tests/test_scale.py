@@ -133,6 +133,22 @@ def test_autocast_bf16_matches_fp32_within_bf16_tolerance():
     assert torch.nn.functional.cosine_similarity(total, mixed_total, dim=0) > 0.99
 
 
+@pytest.mark.parametrize("method", ["cot", "coconut"])
+def test_evaluation_decodes_in_the_runs_precision(gpt2_folder, method):
+    """mixed_precision without FSDP is autocast: the plain decoder evaluation builds for a
+    method without latents gets it too (the coconut model is the run's own, wrapped once)."""
+    config = Config.from_dict({method: True, "model_id": gpt2_folder, "train_path": "t", "val_path": "v",
+                               "mixed_precision": "bf16"})
+    built, model = startup.build_and_place(config, startup.Start(), DistEnv(), lambda message: None)
+    generator = startup.evaluation_decoder(model, built, config, DistEnv())
+    assert (generator is model) == (method == "coconut")
+    seen = []
+    built.base_causallm.base_model.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    generator.generate(ids, torch.ones_like(ids), max_new_tokens=2)
+    assert seen and all(seen)
+
+
 # ------------------------------------------------------------------ optimizer state, one process
 def test_optimizer_state_round_trip_with_gradients_left_over(tmp_path):
     """Restoring must not depend on the gradients being cleared first (DCP's template
