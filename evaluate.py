@@ -1,8 +1,8 @@
 """Validation for run.py: loss on the staged validation set, and generation accuracy.
 
 Accuracy (DESIGN §4): the answer is the decoded text after the last '#', commas
-removed, stripped; CoT match compares the generated lines after the first line and
-before '#' with the reference steps. Generation is batched (`batch_size_eval`), every
+removed, stripped; CoT match compares the generated lines after the question's line
+(its lines, for a question of several) and before '#' with the reference steps. Generation is batched (`batch_size_eval`), every
 process takes an equal share of the questions (padded with repeats that are not
 counted), and counts are summed over processes.
 """
@@ -17,8 +17,10 @@ from distributed import DistEnv, all_reduce_sum, gathered_root, loader, to_devic
 from utils import extract_answer, normalize_answer
 
 
-def extract_cot(text: str) -> str:
-    return "\n".join(text.split("\n")[1:]).split("#")[0].strip()
+def extract_cot(text: str, question_lines: int = 1) -> str:
+    """The generated steps: the lines after the question's (the first line, as published,
+    for a one-line question) and before '#', stripped."""
+    return "\n".join(text.split("\n")[question_lines:]).split("#")[0].strip()
 
 
 def reference_answers(examples: list) -> tuple:
@@ -84,7 +86,7 @@ def generation_accuracy(model, generator, dataset, collator, tokenizer, examples
                 idx = int(batch["idx"][k])
                 text = tokenizer.decode(output, skip_special_tokens=True)
                 correct += extract_answer(text) == answers[idx]
-                cot_correct += extract_cot(text) == cots[idx]
+                cot_correct += extract_cot(text, examples[idx]["question"].count("\n") + 1) == cots[idx]
                 if env.is_main and b == 0 and k < 2:
                     log(f"Question {idx}: Answer = '{answers[idx]}' CoT = '{cots[idx]}'")
                     log(f"Full output: '{tokenizer.decode(output)}'")

@@ -78,8 +78,11 @@ def _n_steps(example: dict) -> Optional[int]:
     return len(steps) if isinstance(steps, list) else None
 
 
-def check_output(path: str) -> None:
-    """--output names a file that can be written: UserError before any work if not."""
+def check_output(path: str, questions: Optional[str] = None) -> None:
+    """--output names a file that can be written, not the questions file: UserError
+    before any work if not."""
+    if questions is not None and os.path.exists(path) and os.path.exists(questions) and os.path.samefile(path, questions):
+        raise UserError(f"--output {path}: is the questions file; name another file for the answers")
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         raise UserError(f"--output {path}: is a folder; name the file to write, e.g. "
                         f"{os.path.join(path, 'answers.json')}")
@@ -92,7 +95,7 @@ def check_output(path: str) -> None:
 
 def run(args) -> int:
     if args.output:
-        check_output(args.output)
+        check_output(args.output, args.questions)
     exported = open_exported(args.model_dir)
     stage = resolve_stage(exported.settings, args.stage)
     if args.question is not None:

@@ -148,9 +148,9 @@ def check_context(prompts: list, context: Optional[int]) -> None:
 class Result:
     question: str
     output: str  # the generated text, special tokens skipped
-    answer: str  # after the last '#', commas removed, stripped
+    answer: str  # after the last '#' of question and output, commas removed, stripped (as run.py scores)
     latent_tokens: int
-    generated_tokens: int
+    generated_tokens: int  # the stopping EOS not counted
     thoughts: list = field(default_factory=list)  # per thought: [(token, probability)] * top_k
 
 
@@ -202,7 +202,9 @@ def answer_batch(exported: Exported, questions: list, prompts: list, max_new_tok
     for i, (question, prompt) in enumerate(zip(questions, prompts)):
         kept = _kept_generation(outputs[i, len(prompt):].tolist(), eos)
         text = tokenizer.decode(kept, skip_special_tokens=True)
-        result = Result(question, text, extract_answer(text), prompt.count(exported.latent_id), len(kept))
+        # run.py's answer: after the last '#' of the whole decoded row, question included
+        answer = extract_answer(tokenizer.decode(prompt + kept, skip_special_tokens=True))
+        result = Result(question, text, answer, prompt.count(exported.latent_id), len(kept) - (kept == [eos]))
         if thoughts is not None:
             top = thoughts[i].topk(min(top_k, thoughts[i].shape[-1]), dim=-1)
             result.thoughts = [

@@ -50,11 +50,38 @@ def test_one_question_prints_output_answer_and_counts(tiny, exported, tiny_val, 
 
     # the same greedy decoding as Coconut.generate on the evaluation prompt
     prompt = inference.prompt_ids(exported, q, 2)
-    row = exported.model.generate(torch.tensor([prompt]), max_new_tokens=12)[0, len(prompt):].tolist()
-    kept = inference._kept_generation(row, exported.model.eos_token_id)
-    text = exported.tokenizer.decode(kept, skip_special_tokens=True)
-    assert int(counts.group(2)) == len(kept)
-    assert re.search(r"^Answer: (.*)$", out, re.M).group(1) == extract_answer(text)
+    full = exported.model.generate(torch.tensor([prompt]), max_new_tokens=12)[0]
+    kept = inference._kept_generation(full[len(prompt):].tolist(), exported.model.eos_token_id)
+    assert int(counts.group(2)) == len(kept) - (kept == [exported.model.eos_token_id])  # EOS not counted
+    # scored as run.py scores: the answer after the last '#' of the whole decoded row
+    # (without a '#' that is the whole row, question and newlines included: its first line here)
+    answer = extract_answer(exported.tokenizer.decode(full, skip_special_tokens=True))
+    assert re.search(r"^Answer: (.*)$", out, re.M).group(1) == answer.split("\n")[0]
+
+
+def test_answers_are_scored_as_run_py_scores_them(exported):
+    """An output without '#': run.py's answer is then the whole decoded row (question
+    included), never the output alone (published scoring; SPEC §4)."""
+    tok, eos = exported.tokenizer, exported.model.eos_token_id
+    prompt = inference.prompt_ids(exported, "Is Tom a rempus?", 0)
+    output = tok.encode(" Tom is a rempus.", add_special_tokens=False)
+    original = exported.model.generate
+    exported.model.generate = lambda ids, mask, max_new_tokens: torch.tensor([prompt + output + [eos]])
+    try:
+        result = inference.answer_batch(exported, ["Is Tom a rempus?"], [prompt], 8)[0]
+    finally:
+        exported.model.generate = original
+    assert result.output == tok.decode(output, skip_special_tokens=True)
+    assert result.answer == extract_answer(tok.decode(prompt + output + [eos], skip_special_tokens=True))
+    assert result.answer != extract_answer(result.output) and result.generated_tokens == len(output)
+
+
+def test_cot_match_reads_the_steps_after_every_line_of_the_question():
+    from evaluate import extract_cot
+
+    steps = "Two plus two.\nIt is four."
+    assert extract_cot(f"What is 2+2?\n{steps}\n### 4") == steps  # published: after the first line
+    assert extract_cot(f"Read this:\nWhat is 2+2?\n{steps}\n### 4", question_lines=2) == steps
 
 
 def test_stage_sets_the_number_of_thoughts(tiny, tiny_val, capsys):
@@ -143,13 +170,16 @@ def test_from_pretrained_refuses_a_plain_folder(tiny):
         Coconut.from_pretrained(tiny.model)
 
 
-@pytest.mark.parametrize("kind", ["trailing_slash", "existing_folder", "missing_folder"])
+@pytest.mark.parametrize("kind", ["trailing_slash", "existing_folder", "missing_folder", "questions_file"])
 def test_output_is_checked_before_generating(tiny, tiny_val, capsys, tmp_path, kind):
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps(tiny_val[:2]))
     output = {"trailing_slash": str(tmp_path / "new") + "/", "existing_folder": str(tmp_path),
-              "missing_folder": str(tmp_path / "nowhere" / "a.json")}[kind]
-    code, out, err = _run(capsys, [tiny.export, "--questions", tiny.val, "--output", output])
+              "missing_folder": str(tmp_path / "nowhere" / "a.json"), "questions_file": str(questions)}[kind]
+    code, out, err = _run(capsys, [tiny.export, "--questions", str(questions), "--output", output])
     assert code == 2 and out == ""  # not one answer generated
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --output {output}: "), err
-    assert ("its folder does not exist" if kind == "missing_folder" else "is a folder") in lines[0]
-    assert os.listdir(tmp_path) == []
+    assert {"missing_folder": "its folder does not exist", "questions_file": "is the questions file"}.get(
+        kind, "is a folder") in lines[0]
+    assert os.listdir(tmp_path) == ["questions.json"] and json.loads(questions.read_text()) == tiny_val[:2]
