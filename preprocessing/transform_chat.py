@@ -63,8 +63,13 @@ MIN_STEPS = 2
 # ---------------------------------------------------------------- tag spans
 
 def tag_spans(text):
-    """(start, end) of each outermost <tag ...>...</tag> pair, in order."""
-    spans, stack = [], []
+    """(start, end) of each outermost <tag ...>...</tag> pair, in order.
+
+    A close tag pairs with the nearest open tag of its name; open tags that never close
+    (`List<String>`, a stray `<br>`) and close tags with no open one are plain text, and
+    leave the pairs around and after them intact.
+    """
+    pairs, stack = [], []
     for m in TAG.finditer(text):
         if m.group("open"):
             stack.append((m.group("open"), m.start()))
@@ -73,10 +78,12 @@ def tag_spans(text):
         if m.group("close") not in names:
             continue  # a close tag with no open one: plain text
         depth = len(names) - 1 - names[::-1].index(m.group("close"))
-        start = stack[depth][1]
-        del stack[depth:]
-        if not stack:
-            spans.append((start, m.end()))
+        pairs.append((stack[depth][1], m.end()))
+        del stack[depth:]  # opens inside the pair that never closed: plain text
+    spans = []
+    for start, end in sorted(pairs):  # pairs nest or are disjoint: keep the outermost
+        if not spans or start >= spans[-1][1]:
+            spans.append((start, end))
     return spans
 
 
@@ -132,16 +139,42 @@ def load_pipeline(model_name=None):
     return nlp
 
 
+ENUMERATOR = re.compile(r"\(?\d+[.)]")  # "1." "2)" "(3)": a numbered list item's number
+
+
 def join_fragments(sentences):
-    """Join a piece that starts lower-case or is bare punctuation to the one before."""
-    out = []
+    """Join a piece that starts lower-case or is bare punctuation to the one before, and
+    a bare list number ("2.", "3)") to the one after."""
+    out, pending = [], None
     for s in sentences:
+        if pending is not None:
+            s, pending = f"{pending} {s}", None
+        if ENUMERATOR.fullmatch(s):
+            pending = s
+            continue
         fragment = s[0].islower() or not any(c.isalnum() for c in s)
         if out and fragment:
             out[-1] = f"{out[-1]} {s}"
         else:
             out.append(s)
+    if pending is not None:  # a last enumerator with nothing after it
+        if out:
+            out[-1] = f"{out[-1]} {pending}"
+        else:
+            out.append(pending)
     return out
+
+
+def move_line_enumerators(pieces):
+    """A list item's number that the segmenter left at the end of the piece before
+    ("Steps:\n1." then "Add the numbers.") goes to the item it numbers."""
+    trailing = re.compile(rf"\n[ \t]*({ENUMERATOR.pattern})[ \t]*$")
+    pieces = list(pieces)
+    for i in range(len(pieces) - 1):
+        m = trailing.search(pieces[i])
+        if m:
+            pieces[i], pieces[i + 1] = pieces[i][: m.start()], f"{m.group(1)} {pieces[i + 1].lstrip()}"
+    return pieces
 
 
 def attach_trailing_spans(pieces, guard):
@@ -167,7 +200,7 @@ def split_sentences(text, nlp):
         if not paragraph.strip():
             continue
         starts = [sent.start_char for sent in nlp(paragraph).sents] + [len(paragraph)]
-        pieces = [paragraph[a:b] for a, b in zip(starts, starts[1:])]
+        pieces = move_line_enumerators([paragraph[a:b] for a, b in zip(starts, starts[1:])])
         pieces = [guard.restore(p) for p in attach_trailing_spans(pieces, guard)]
         steps += join_fragments([p for p in pieces if p])
     return steps

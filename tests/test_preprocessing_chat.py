@@ -58,6 +58,10 @@ def test_bare_sentencizer_would_get_these_wrong(nlp):
      ["Outer <a>one. <b>two. three.</b> four.</a> After.", "End."]),
     ("Stray </x> close tag. Then <y> unclosed. Done.",
      ["Stray </x> close tag.", "Then <y> unclosed.", "Done."]),
+    # an open tag that never closes leaves the spans after it protected
+    ("We use a List<String> here. It holds. <citation>Smith et al. 2020. A Study. Journal.</citation> Next.",
+     ["We use a List<String> here.", "It holds. <citation>Smith et al. 2020. A Study. Journal.</citation>",
+      "Next."]),
 ])
 def test_tag_spans_stay_whole_in_one_step(nlp, text, expected):
     assert tc.split_sentences(text, nlp) == expected
@@ -76,6 +80,19 @@ def test_tag_spans_finds_outermost_pairs():
     text = "a <x>b <y>c</y> d</x> e <z k='v'>f</z> </q> <open>"
     spans = [text[s:e] for s, e in tc.tag_spans(text)]
     assert spans == ["<x>b <y>c</y> d</x>", "<z k='v'>f</z>"]
+    # unclosed opens before, inside and around pairs are plain text
+    text = "<br> a <x>b <p> c</x> <y><u>d</u> e <y>f</y>"
+    assert [text[s:e] for s, e in tc.tag_spans(text)] == ["<x>b <p> c</x>", "<u>d</u>", "<y>f</y>"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Steps:\n1. Add the numbers. 2. Divide by two.\n3. Done.",
+     ["Steps:", "1. Add the numbers.", "2. Divide by two.", "3. Done."]),
+    ("Do this.\n1) Read it.\n2) Check it.", ["Do this.", "1) Read it.", "2) Check it."]),
+    ("The answer is 1. Then we stop.", ["The answer is 1.", "Then we stop."]),  # a number ending a sentence stays
+])
+def test_a_list_number_starts_its_item_and_is_no_step_of_its_own(nlp, text, expected):
+    assert tc.split_sentences(text, nlp) == expected
 
 
 def test_summary_marker_is_the_last_outside_tags():
