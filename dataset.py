@@ -63,6 +63,21 @@ def _check_example(path, i, item):
         raise DataError(f"{where}: 'steps' must be a list of strings")
 
 
+def unscorable_warnings(path, examples: list) -> list:
+    """Warnings for validation examples that evaluation can never count (DESIGN §4): the
+    answer is read after the last '#' of the output, so an answer holding '#' never
+    matches; CoT match reads the steps before the first '#', so a step holding one never
+    matches either. Valid data all the same (SPEC): said, not refused."""
+    warnings = []
+    for what, bad in (("answer", [i for i, ex in enumerate(examples) if "#" in ex["answer"]]),
+                      ("steps", [i for i, ex in enumerate(examples) if any("#" in s for s in ex["steps"])])):
+        if bad:
+            never = "answer accuracy" if what == "answer" else "CoT match"
+            warnings.append(f"warning: {path}: {len(bad)} example(s) have '#' in their {what} (first: example "
+                            f"{bad[0]}); {never} can never count them")
+    return warnings
+
+
 def load_data_file(path) -> list[dict]:
     """Read and validate a data file; raises DataError naming the file (and example)."""
     try:

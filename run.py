@@ -58,9 +58,11 @@ def start(config_path: str, overrides: dict) -> int:
     for key in overrides:
         log(f"command line: {key} = {getattr(config, key)!r}")
     check_paths(config, config_path)
-    from dataset import load_data_file  # imports `datasets`: only for a good config
+    from dataset import load_data_file, unscorable_warnings  # imports `datasets`: only for a good config
 
     data = read_data(config, load_data_file)
+    for warning in unscorable_warnings(config.val_path, data["val"]):
+        log(warning)
     import preflight  # torch, transformers: only once the config and the data are good
 
     # only_eval and debug runs write nothing into the run folder: they neither check it

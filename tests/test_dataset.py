@@ -189,6 +189,23 @@ def test_data_errors_name_file_and_example(tmp_path, tok, content, index, word):
     assert issubclass(D.DataError, ValueError)
 
 
+def test_validation_examples_that_can_never_score_are_named():
+    """An answer holding '#' is never extracted whole (the answer is read after the last
+    '#'), a step holding one never matches (CoT is read before the first): warned."""
+    from utils import extract_answer, normalize_answer
+
+    examples = [{"question": "q", "answer": "4", "steps": ["a"]},
+                {"question": "q", "answer": "C#", "steps": ["see #3"]},
+                {"question": "q", "answer": "x", "steps": ["b", "#2 wins"]}]
+    perfect = "q\n" + "\n".join(examples[1]["steps"]) + "\n### " + examples[1]["answer"]
+    assert extract_answer(perfect) != normalize_answer(examples[1]["answer"])  # premise: it can never score
+    assert D.unscorable_warnings("v.json", examples) == [
+        "warning: v.json: 1 example(s) have '#' in their answer (first: example 1); answer accuracy can never "
+        "count them",
+        "warning: v.json: 2 example(s) have '#' in their steps (first: example 1); CoT match can never count them"]
+    assert D.unscorable_warnings("v.json", examples[:1]) == []
+
+
 def test_data_error_missing_file(tmp_path):
     path = tmp_path / "missing.json"
     with pytest.raises(D.DataError, match="missing.json") as err:
