@@ -14,10 +14,12 @@ run.py evaluates. Models trained with cot / no_cot / no_thoughts get the bare qu
 (stage 0 only); pause_as_thought models get the coconut layout with `<|latent|>` as an
 ordinary token.
 
-Decoding is greedy (KV cache, batched), until EOS or --max_new_tokens. For every
-question it prints the generated text, the answer (text after the last '#', commas
-removed, as run.py scores it) and how many latent tokens the prompt held and how many
-tokens were generated (EOS not counted). A questions file is a JSON list of objects
+Decoding is greedy (KV cache, batched), until EOS or --max_new_tokens. Generated
+positions stay inside the model's context: near its limit a batch's budget is that of
+its longest prompt, so use --batch_size 1 there for each question's own budget. For
+every question it prints the generated text, the answer (text after the last '#' of
+the question and the output, commas removed, as run.py scores it) and how many latent
+tokens the prompt held and how many tokens were generated (EOS not counted). A questions file is a JSON list of objects
 with a "question" (e.g. a Coconut data file) or of strings; when its examples carry an
 "answer", the accuracy is printed too.
 
@@ -28,8 +30,8 @@ probabilities are printed per thought.
 
 Bad input (missing or non-Coconut model folder, unreadable questions file, a question
 longer than the model's context, a stage beyond max_latent_stage, an --output that is a
-folder or cannot be written): one line on stderr, exit status 2, before any answer is
-generated.
+folder, cannot be written or is the questions file): one line on stderr, exit status 2,
+before any answer is generated.
 """
 
 import argparse
