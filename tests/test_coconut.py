@@ -246,11 +246,20 @@ def test_passes_cover_the_sequence_in_n_plus_one_pieces():
 
 
 def test_bf16_forward_runs_and_stays_close():
+    """A bf16 model fills the thoughts as the fp32 one does, within bf16's precision (the
+    loss alone would not show it: an untrained model's loss barely depends on them)."""
     base = make_llama(VOCAB)
     batch = collate(mixed_batch(5, 1)[:3])
-    fp32 = Coconut(base, LATENT, START, END, EOS)(**batch).loss.item()
-    bf16 = Coconut(base.to(torch.bfloat16), LATENT, START, END, EOS)(**batch).loss.item()
-    assert abs(bf16 - fp32) < 0.05 * fp32
+    is_latent = batch["input_ids"] == LATENT
+    assert is_latent.any()  # premise: there are thoughts to fill
+    with torch.no_grad():
+        fp32 = Coconut(base, LATENT, START, END, EOS)(**batch)
+        bf16 = Coconut(base.to(torch.bfloat16), LATENT, START, END, EOS)(**batch)
+        unfilled = base.get_input_embeddings()(batch["input_ids"])[is_latent].float()
+    assert abs(bf16.loss.item() - fp32.loss.item()) < 0.05 * fp32.loss.item()
+    thoughts32, thoughts16 = fp32.inputs_embeds[is_latent], bf16.inputs_embeds[is_latent].float()
+    assert relative_difference(thoughts16, thoughts32) < 0.05
+    assert relative_difference(unfilled, thoughts32) > 0.5  # premise: an unfilled latent is far off
 
 
 def test_buffered_cache_layer_matches_concatenation():
