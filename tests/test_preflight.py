@@ -94,14 +94,15 @@ def test_an_evaluation_prompt_needs_room_for_max_new_tokens(tmp_path, gpt2_folde
                  "max_new_tokens 64", "lower max_new_tokens")
 
 
-STAGED_CASES = {
-    "coconut": dict(coconut=True, c_thought=2, max_latent_stage=2, num_epochs=4),
-    "coconut_unpadded_uniform": dict(coconut=True, c_thought=3, max_latent_stage=3, num_epochs=2, uniform_prob=0.5),
-    "coconut_padded_past_the_last_stage": dict(coconut=True, c_thought=4, max_latent_stage=1, num_epochs=3,
-                                               pad_latent_to_max=True, resume=1),
-    "pause_as_thought": dict(pause_as_thought=True, c_thought=1, max_latent_stage=3, num_epochs=4),
-    "no_cot": dict(no_cot=True, c_thought=1, max_latent_stage=1, num_epochs=1),
-    "no_thoughts": dict(no_thoughts=True, c_thought=1, max_latent_stage=2, num_epochs=3),
+STAGED_CASES = {  # name -> (config keys, the stages the run trains at: one epoch each)
+    "coconut": (dict(coconut=True, c_thought=2, max_latent_stage=2, num_epochs=4), [0, 1, 2, 3]),
+    "coconut_unpadded_uniform": (dict(coconut=True, c_thought=3, max_latent_stage=3, num_epochs=2, uniform_prob=0.5),
+                                 [0, 1]),
+    "coconut_padded_past_the_last_stage": (dict(coconut=True, c_thought=4, max_latent_stage=1, num_epochs=3,
+                                                pad_latent_to_max=True, resume=1), [1, 2]),
+    "pause_as_thought": (dict(pause_as_thought=True, c_thought=1, max_latent_stage=3, num_epochs=4), [0, 1, 2, 3]),
+    "no_cot": (dict(no_cot=True, c_thought=1, max_latent_stage=1, num_epochs=1), [0]),
+    "no_thoughts": (dict(no_thoughts=True, c_thought=1, max_latent_stage=2, num_epochs=3), [0, 1, 2]),
 }
 
 
@@ -109,7 +110,9 @@ STAGED_CASES = {
 def test_counted_lengths_are_the_staged_data_lengths(case, gpt2_folder, chain_data):
     """The reference: the data sets the trainer builds (dataset.py), every stage and every
     uniform draw it can make; the counted longest sequence and prompt equal theirs."""
-    config = Config.from_dict(dict(train_path=chain_data["train"], val_path=chain_data["val"], **STAGED_CASES[case]))
+    keys, stages = STAGED_CASES[case]
+    config = Config.from_dict(dict(train_path=chain_data["train"], val_path=chain_data["val"], **keys))
+    assert preflight.run_stages(config) == stages
     tokenizer, tokens = build_tokenizer(gpt2_folder)
     layout = PromptLayout.for_config(config, tokens)
     examples = load_data_file(chain_data["train"])
@@ -117,7 +120,6 @@ def test_counted_lengths_are_the_staged_data_lengths(case, gpt2_folder, chain_da
     longest = [0] * len(examples)
     draws = range(40) if config.uniform_prob else [0]  # many epochs: every uniform draw is seen
     staging = Staging(layout, config.uniform_prob, drop_steps=not config.method.keeps_steps, seed=0)
-    stages = preflight.run_stages(config)
     for stage in stages:
         for epoch in draws:
             for row in training_dataset(base, staging, stage, epoch):
