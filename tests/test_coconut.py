@@ -154,7 +154,8 @@ def test_models_that_transform_their_head_output_keep_it_in_loss_and_logits(kind
 
 
 def test_gradient_flows_through_the_continuous_thoughts():
-    """Our gradients match the reference and differ from a detached-thought variant."""
+    """Our gradients differ from those of the reference with detached thoughts (that
+    they equal the reference's is test_loss_and_gradients_match_naive_reference)."""
     base = make_gpt2(VOCAB)
     coconut = Coconut(base, LATENT, START, END, EOS)
     examples = mixed_batch(seed=7, c_thought=1)
@@ -194,11 +195,14 @@ def test_generation_accepts_any_padding():
     width = max(map(len, prompts))
     left = torch.stack([F.pad(p, (width - len(p), 0), value=EOS) for p in prompts])
     left_mask = torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in prompts])
+    right = torch.stack([F.pad(p, (0, width - len(p)), value=EOS) for p in prompts])
+    right_mask = torch.stack([F.pad(torch.ones_like(p), (0, width - len(p))) for p in prompts])
     with torch.no_grad():
         got = coconut.generate(left, left_mask, max_new_tokens=6)
+        assert coconut.generate(right, right_mask, max_new_tokens=6).tolist() == got.tolist()
     for row, prompt in zip(got.tolist(), prompts):
-        assert row[: len(prompt)] == prompt.tolist()
-        assert row[: len(naive := naive_generate(base, prompt, 6))] == naive
+        naive = naive_generate(base, prompt, 6)  # the prompt, then the kept tokens
+        assert row == naive + [EOS] * (len(row) - len(naive))  # then only EOS
 
 
 def test_generation_stops_when_every_row_hit_eos():

@@ -95,6 +95,7 @@ def test_save_pretrained_round_trip_keeps_settings(tiny, tmp_path):
     loaded.save_pretrained(tmp_path / "again", max_latent_stage=1)
     again = Coconut.from_pretrained(tmp_path / "again")
     assert again.coconut_config == {**loaded.coconut_config, "max_latent_stage": 1}
+    assert loaded.state_dict().keys() == again.state_dict().keys()
     for (name, p), (_, q) in zip(loaded.state_dict().items(), again.state_dict().items()):
         assert torch.equal(p, q), name
 

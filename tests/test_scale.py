@@ -90,7 +90,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch):
     assert grads.keys() == ac_grads.keys()
     for name in grads:
         torch.testing.assert_close(ac_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
-    # premise: there were latent passes, and the checkpointed blocks kept fewer tensors
+    # premise: there were latent passes (that the checkpointed blocks keep fewer tensors is the next test)
     assert int((batch["input_ids"] == LATENT).sum()) == 6
 
 
