@@ -59,7 +59,7 @@ def _all_ranks_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def _standalone(t: torch.Tensor) -> torch.Tensor:
+def standalone(t: torch.Tensor) -> torch.Tensor:
     """`t` contiguous and not a view: compiled graphs guard on strides, and on a view's
     base, so a view and a copy of the same shape would each compile a graph."""
     return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
@@ -375,7 +375,7 @@ class Coconut(nn.Module):
     def _decoder_pass(self, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
         """(batch, len, hidden) last hidden states of one pass; no LM head, no all-layer list."""
         if self.compiled_decoder:  # column slices of the batch: compiled graphs guard on strides
-            embeds, attention_mask, position_ids = (_standalone(t) for t in (embeds, attention_mask, position_ids))
+            embeds, attention_mask, position_ids = (standalone(t) for t in (embeds, attention_mask, position_ids))
         out = self.decoder(
             inputs_embeds=embeds,
             attention_mask=attention_mask,

@@ -53,6 +53,7 @@ Any failure disables it for that model and generation falls back to the eager lo
 import torch
 from transformers import DynamicCache
 
+from coconut import standalone
 from distributed import transformer_blocks
 
 RECOMPILE_LIMIT = 32
@@ -130,6 +131,7 @@ class CapturedDecoder:
     """
 
     def __init__(self, coconut, capture: bool = True):
+        _raise_recompile_limit()  # one graph per (batch, cache bucket): evaluation meets a few
         self.coconut = coconut
         self.capture = capture
         self.enabled = True
@@ -147,6 +149,10 @@ class CapturedDecoder:
         return hidden, coconut.lm_head(hidden[:, -1]).argmax(-1)
 
     def _call_step(self, embeds, mask, positions, cache):
+        # standalone inputs: a column sliced out of the prompt's (batch, width) positions has
+        # strides that depend on the width, and a graph compiled with dynamic=False guards on
+        # strides, so every prompt width would compile (and capture) a graph of its own
+        embeds, positions = standalone(embeds), standalone(positions)
         if self.capture:  # the graph's outputs are overwritten by its next replay: copy them
             torch.compiler.cudagraph_mark_step_begin()
         hidden, token = self.step(embeds, mask, positions, cache)
