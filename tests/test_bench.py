@@ -165,6 +165,17 @@ def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
         assert entry["rows_equal_to_naive"].split("/")[0] == entry["rows_equal_to_naive"].split("/")[1]
 
 
+def test_mfu_peaks_by_card_and_a_failed_optional_section_keeps_the_table(monkeypatch):
+    from bench import gpu_bench
+
+    monkeypatch.delenv("COCONUT_PEAK_TFLOPS", raising=False)
+    assert [gpu_bench.peak_tflops(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+                                               "NVIDIA H200", "NVIDIA A10")] == [989.0, 756.0, 835.0, 989.0, None]
+    table = gpu_bench.markdown_table({"device": "x", "torch": "t", "transformers": "v", "training": None,
+                                      "compile": {"error": "RuntimeError: boom"}, "generation": {"error": "e"}})
+    assert table.splitlines()[0] == "x, torch t, transformers v"
+
+
 def test_profile_summary_counts_and_ranks_operations():
     """gpu_bench.summarize_ops, on a real CPU profile (on a GPU it reads the CUDA events)."""
     from torch.autograd import DeviceType
