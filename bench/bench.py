@@ -536,8 +536,8 @@ def main(argv=None):
                         help="naive training step's per-position list: 'index' is the published code's "
                              "embeds[b, p, :] (its backward is very slow), 'unbind' the same list made cheaply")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench.json and step_time.png")
-    sections = ["training", "memory", "generation", "proxy", "demo", "sharding", "checkpointing", "proxy_compiled"]
-    parser.add_argument("--skip", action="append", default=[], choices=sections, help="leave a section out (repeatable)")
+    section_names = ["training", "memory", "generation", "proxy", "demo", "sharding", "checkpointing", "proxy_compiled"]
+    parser.add_argument("--skip", action="append", default=[], choices=section_names, help="leave a section out (repeatable)")
     parser.add_argument("--setup", choices=["full", "quick"], help=argparse.SUPPRESS)
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
