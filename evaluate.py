@@ -2,9 +2,10 @@
 
 Accuracy (DESIGN §4): the answer is the decoded text after the last '#', commas
 removed, stripped; CoT match compares the generated lines after the question's line
-(its lines, for a question of several) and before '#' with the reference steps. Generation is batched (`batch_size_eval`), every
-process takes an equal share of the questions (padded with repeats that are not
-counted), and counts are summed over processes.
+(its lines, for a question of several) and before '#' with the reference steps.
+Generation is batched (`batch_size_eval`), every process takes an equal share of the
+questions (padded with repeats that are not counted), and counts are summed over
+processes.
 """
 
 import math

@@ -19,9 +19,9 @@ positions stay inside the model's context: near its limit a batch's budget is th
 its longest prompt, so use --batch_size 1 there for each question's own budget. For
 every question it prints the generated text, the answer (text after the last '#' of
 the question and the output, commas removed, as run.py scores it) and how many latent
-tokens the prompt held and how many tokens were generated (EOS not counted). A questions file is a JSON list of objects
-with a "question" (e.g. a Coconut data file) or of strings; when its examples carry an
-"answer", the accuracy is printed too.
+tokens the prompt held and how many tokens were generated (EOS not counted). A
+questions file is a JSON list of objects with a "question" (e.g. a Coconut data file)
+or of strings; when its examples carry an "answer", the accuracy is printed too.
 
 --show-thoughts decodes each continuous thought through the language-model head: the
 thought at a latent position is the last hidden state of the position before it, so
@@ -83,7 +83,8 @@ def _n_steps(example: dict) -> Optional[int]:
 def check_output(path: str, questions: Optional[str] = None) -> None:
     """--output names a file that can be written, not the questions file: UserError
     before any work if not."""
-    if questions is not None and os.path.exists(path) and os.path.exists(questions) and os.path.samefile(path, questions):
+    same = questions is not None and os.path.exists(path) and os.path.exists(questions)
+    if same and os.path.samefile(path, questions):
         raise UserError(f"--output {path}: is the questions file; name another file for the answers")
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         raise UserError(f"--output {path}: is a folder; name the file to write, e.g. "
