@@ -66,14 +66,17 @@ def test_answers_are_scored_as_run_py_scores_them(exported):
     prompt = inference.prompt_ids(exported, "Is Tom a rempus?", 0)
     output = tok.encode(" Tom is a rempus.", add_special_tokens=False)
     original = exported.model.generate
-    exported.model.generate = lambda ids, mask, max_new_tokens: torch.tensor([prompt + output + [eos]])
     try:
+        exported.model.generate = lambda ids, mask, max_new_tokens: torch.tensor([prompt + output + [eos]])
         result = inference.answer_batch(exported, ["Is Tom a rempus?"], [prompt], 8)[0]
+        exported.model.generate = lambda ids, mask, max_new_tokens: torch.tensor([prompt + [eos] * 3])
+        lone_eos = inference.answer_batch(exported, ["Is Tom a rempus?"], [prompt], 3)[0]
     finally:
         exported.model.generate = original
     assert result.output == tok.decode(output, skip_special_tokens=True)
     assert result.answer == extract_answer(tok.decode(prompt + output + [eos], skip_special_tokens=True))
     assert result.answer != extract_answer(result.output) and result.generated_tokens == len(output)
+    assert (lone_eos.output, lone_eos.generated_tokens) == ("", 0)  # the kept first EOS is no generated token
 
 
 def test_cot_match_reads_the_steps_after_every_line_of_the_question():
