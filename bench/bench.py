@@ -521,8 +521,9 @@ def host_memory_lines(results) -> list:
         lines += ["", f"Stage-6 step with and without activation checkpointing ({checkpointing['method']})"]
         for name, probe in checkpointing["variants"].items():
             lines.append(f"  {name:>18}: step peak {probe['step_peak_delta'] / 2**20:6.0f} MiB ({probe['peak_ratio']:.2f}x), "
-                         f"saved activations {probe['saved_activation_bytes'] / 2**20:6.0f} MiB "
-                         f"({probe['saved_activation_ratio']:.2f}x)")
+                         f"held after the forward {probe['forward_held_bytes'] / 2**20:6.0f} MiB "
+                         f"({probe['forward_held_ratio']:.2f}x), saved-tensor hooks "
+                         f"{probe['saved_activation_bytes'] / 2**20:6.0f} MiB ({probe['saved_activation_ratio']:.2f}x)")
     return lines
 
 

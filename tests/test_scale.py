@@ -518,3 +518,4 @@ def test_host_memory_bench_runs(tmp_path):
     assert steps["checkpointing_same_loss"] is True
     variants = steps["variants"]
     assert variants["checkpointing"]["saved_activation_bytes"] < variants["plain"]["saved_activation_bytes"]
+    assert all(v["forward_held_bytes"] > 0 and v["forward_held_ratio"] > 0 for v in variants.values())
