@@ -15,11 +15,14 @@ counts the tokens each answer took: language tokens generated, and latent positi
 Runs go `--jobs` at a time (default 2, one thread each: a 2-core machine), each as
 run.py -> export.py -> generate.py in subprocesses, logs under WORK/logs/. A finished
 run is not run again when its config is unchanged, so a killed `make compare` picks up
-where it stopped (run.py itself resumes the run it was in). Writes
+where it stopped; the run it was in starts again (its validation curve needs every
+epoch's log line). The best checkpoint answers the test split at the stage its
+validation accuracy was measured at. Writes
 bench/results/compare.json and bench/results/compare.png, and prints the table.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -40,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # as a script, sys.path[0] is bench/
     sys.path.insert(0, str(ROOT))
 
-from utils import METHOD_FLAGS  # noqa: E402 - the config's method keys (imports no torch)
+from utils import METHOD_FLAGS, Config  # noqa: E402 - the config class and its method keys (imports no torch)
 
 DEMO_CONFIG = ROOT / "args" / "demo.yaml"
 RESULTS = ROOT / "bench" / "results"
@@ -83,9 +86,23 @@ def run_config(row: Row, seed: int, data_dir: Path, work: Path, epochs: int) -> 
     return config
 
 
+DEFAULT_DATA_ARGS = "--split_sizes 6000,200,500 --num_nodes 7 --min_steps 3 --max_steps 3"
+
+
+def data_folder(seed: int, data_args: str, work: Path) -> Path:
+    folder = work / "data"
+    if shlex.split(data_args) != shlex.split(DEFAULT_DATA_ARGS):
+        folder = folder / hashlib.sha256(" ".join(shlex.split(data_args)).encode()).hexdigest()[:12]
+    return folder / f"seed{seed}"
+
+
 def make_data(seed: int, data_args: str, work: Path) -> Path:
-    """The demo's generator settings with a test split, for one seed (written once)."""
-    out = work / "data" / f"seed{seed}"
+    """The demo's generator settings with a test split, for one seed (written once).
+
+    Other --data_args write to a folder of their own (named by a hash of them), so the
+    runs' configs, which name their data files, change with them: no run or result of
+    other data is reused."""
+    out = data_folder(seed, data_args, work)
     if not (out / "prosqa_test.json").is_file():
         command = [sys.executable, str(ROOT / "preprocessing" / "prosqa.py"), "--split",
                    *shlex.split(data_args), "--seed", str(seed), "--output_dir", str(out)]
@@ -136,6 +153,10 @@ def run_one(row: Row, seed: int, data_dir: Path, work: Path, epochs: int, thread
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled")
     log_path = work / "logs" / f"{name}.log"
     log_path.write_text("")
+    run_dir = work / "runs" / name
+    # a run stopped part-way starts again: its validation curve needs every epoch's line in
+    # this log, and run.py would resume from its checkpoints and print only the rest
+    shutil.rmtree(run_dir, ignore_errors=True)
     began = time.monotonic()
     _step([sys.executable, "run.py", str(config_path)], log_path, env)
     train_s = time.monotonic() - began
@@ -143,16 +164,17 @@ def run_one(row: Row, seed: int, data_dir: Path, work: Path, epochs: int, thread
     if len(curve) != epochs:
         raise RuntimeError(f"{log_path}: {len(curve)} validation accuracies, expected {epochs}")
     best = best_epoch(curve)
-    run_dir = work / "runs" / name
+    # tested at the stage its validation accuracy was measured at (capped as generate.py caps)
+    stage = min(Config.from_dict(config).scheduled_stage(best), config["max_latent_stage"])
     exported, answers = work / "exported" / name, work / "answers" / f"{name}.json"
     answers.parent.mkdir(parents=True, exist_ok=True)
     _step([sys.executable, "export.py", str(config_path), str(run_dir / f"checkpoint_{best + 1}"), str(exported)],
           log_path, env)
     _step([sys.executable, "generate.py", str(exported), "--questions", str(data_dir / "prosqa_test.json"),
            "--output", str(answers), "--batch_size", "100", "--max_new_tokens", str(config["max_new_tokens"]),
-           "--device", "cpu"], log_path, env)
+           "--stage", str(stage), "--device", "cpu"], log_path, env)
     shutil.rmtree(run_dir)  # 12 checkpoints of every run would be gigabytes; the export stays
-    result = {"method": row.key, "seed": seed, "val_acc_per_epoch": curve, "best_epoch": best + 1,
+    result = {"method": row.key, "seed": seed, "val_acc_per_epoch": curve, "best_epoch": best + 1, "test_stage": stage,
               "train_wall_s": round(train_s, 1), **score_answers(answers)}
     result_path.write_text(json.dumps(result, indent=1))
     return result, False
@@ -225,7 +247,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=yaml.safe_load(DEMO_CONFIG.read_text())["num_epochs"])
     p.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
     p.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / jobs)")
-    p.add_argument("--data_args", default="--split_sizes 6000,200,500 --num_nodes 7 --min_steps 3 --max_steps 3",
+    p.add_argument("--data_args", default=DEFAULT_DATA_ARGS,
                    help="preprocessing/prosqa.py arguments besides --seed (default: make demo's, with a test split)")
     p.add_argument("--work", default=str(ROOT / "runs" / "compare"), help="runs, logs, exports (default runs/compare)")
     p.add_argument("--output", default=str(RESULTS / "compare.json"))

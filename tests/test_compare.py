@@ -87,7 +87,9 @@ def test_a_short_comparison_runs_end_to_end_and_resumes(tmp_path):
     runs = {run["method"]: run for run in report_["runs"]}
     assert set(runs) == {"coconut", "cot"}
     assert all(len(run["val_acc_per_epoch"]) == 1 and run["test_questions"] == 6 for run in runs.values())
-    assert runs["coconut"]["latent_tokens"] == 3 and runs["cot"]["latent_tokens"] == 0  # max_latent_stage 3
+    # one epoch: the best checkpoint is stage 0's, and it is tested at stage 0 (no thoughts yet)
+    assert [runs[m]["test_stage"] for m in ("coconut", "cot")] == [0, 0]
+    assert runs["coconut"]["latent_tokens"] == 0 and runs["cot"]["latent_tokens"] == 0
     answers = json.loads((tmp_path / "work" / "answers" / "coconut_s0.json").read_text())
     assert runs["coconut"]["test_acc"] == sum(a["correct"] for a in answers) / 6
     assert not (tmp_path / "work" / "runs" / "coconut_s0").exists()  # checkpoints go once exported
@@ -97,3 +99,27 @@ def test_a_short_comparison_runs_end_to_end_and_resumes(tmp_path):
     again = json.loads((tmp_path / "compare.json").read_text())
     assert again["runs"] == report_["runs"]
     assert report_["reused_runs"] == [] and again["reused_runs"] == ["coconut_s0", "cot_s0"]
+    # a compare stopped during a run: that run starts again (run.py would resume it and log only
+    # the epochs left), and gives the same result
+    import checkpoint
+    from coconut import Coconut
+
+    (tmp_path / "work" / "results" / "coconut_s0.json").unlink()
+    stopped = Coconut.from_pretrained(tmp_path / "work" / "exported" / "coconut_s0")  # its epoch-1 weights
+    checkpoint.save_checkpoint(tmp_path / "work" / "runs" / "coconut_s0", 1, stopped.state_dict())
+    assert compare.main(args) == 0
+    third = json.loads((tmp_path / "compare.json").read_text())
+    assert third["reused_runs"] == ["cot_s0"]
+    strip = lambda run: {k: v for k, v in run.items() if k != "train_wall_s"}  # noqa: E731
+    assert [strip(r) for r in third["runs"]] == [strip(r) for r in report_["runs"]]
+
+
+def test_other_data_args_get_data_of_their_own(tmp_path):
+    """The runs' configs name their data files, so other data means other configs: no
+    result of the default data is read back for them."""
+    default = compare.data_folder(0, compare.DEFAULT_DATA_ARGS, tmp_path)
+    assert default == tmp_path / "data" / "seed0"  # where earlier compares wrote it
+    assert compare.data_folder(0, "  " + compare.DEFAULT_DATA_ARGS.replace(" ", "  "), tmp_path) == default
+    other = compare.data_folder(0, "--split_sizes 17886,300,500", tmp_path)
+    assert other.name == "seed0" and other != default
+    assert compare.data_folder(0, "--split_sizes 17886,300,400", tmp_path) != other
