@@ -155,8 +155,16 @@ class Probe:
 
 
 def first_token_ids(tokenizer, symbols: list) -> list:
-    """The first token of " " + symbol (how the concept starts inside a sentence)."""
-    return [tokenizer.encode(" " + s, add_special_tokens=False)[0] for s in symbols]
+    """The first token of " " + symbol (how the concept starts inside a sentence), past a
+    leading token that is only the space (SentencePiece tokenizers, Llama 2 and Mistral,
+    may give a lone "▁" first: the same token for every concept)."""
+    ids = []
+    for s in symbols:
+        pieces = tokenizer.encode(" " + s, add_special_tokens=False)
+        if len(pieces) > 1 and not tokenizer.decode(pieces[:1]).strip():
+            pieces = pieces[1:]
+        ids.append(pieces[0])
+    return ids
 
 
 @torch.no_grad()

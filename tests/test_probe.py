@@ -110,3 +110,28 @@ def test_runs_as_a_script(tiny, tmp_path):
                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "frontier (sum)" in done.stdout and (tmp_path / "p.png").exists()
+
+
+def test_a_concepts_token_skips_a_lone_leading_space():
+    """SentencePiece tokenizers may encode " wumpus" as a lone "▁" then the word: the
+    probe must read the word's token, not the space every concept shares."""
+    from analysis.probe_prosqa import first_token_ids
+
+    class SpaceFirst:  # " word" -> [space, word]; decode of the space is whitespace only
+        vocab = {"wumpus": 7, "yumpus": 8}
+
+        def encode(self, text, add_special_tokens=False):
+            return [5, self.vocab[text.strip()]]
+
+        def decode(self, ids):
+            return " " if ids == [5] else "?"
+
+    class Merged:  # GPT-2 style: " word" is one token
+        def encode(self, text, add_special_tokens=False):
+            return [{"wumpus": 17, "yumpus": 18}[text.strip()]]
+
+        def decode(self, ids):
+            return " word"
+
+    assert first_token_ids(SpaceFirst(), ["wumpus", "yumpus"]) == [7, 8]
+    assert first_token_ids(Merged(), ["wumpus", "yumpus"]) == [17, 18]
