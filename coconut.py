@@ -191,14 +191,14 @@ def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, F
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
-    compute_weight = None  # the weight in the logits' dtype, cast once for every chunk
+    wanted = grad_hidden is not None or grad_weight is not None or grad_bias is not None
+    compute_weight = None  # for grad_hidden: the weight in the logits' dtype, cast once for every chunk
     for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
         rows = hidden[start : start + LOSS_CHUNK_ROWS]
         target = targets[start : start + LOSS_CHUNK_ROWS, None]  # (rows, 1)
         logits = F.linear(rows, weight, bias)  # (rows, vocab), autocast's dtype
-        if compute_weight is None:
+        if grad_hidden is not None and compute_weight is None:
             compute_weight = weight.to(logits.dtype)
-        wanted = grad_hidden is not None or grad_weight is not None or grad_bias is not None
         if transform is not None:  # d(loss) / d(logits) through the transform, by autograd on this chunk
             with torch.enable_grad():
                 head_out = logits.detach().requires_grad_(wanted)
@@ -229,16 +229,19 @@ def logit_transform(config) -> Optional[Callable]:
     the logits by `logits_scaling`, Cohere multiplies them by `logit_scale`, Gemma 2
     and later soft-cap them at `final_logit_softcapping`. Each keeps the logits' order,
     so greedy decoding needs none of them; the loss and returned logits do."""
-    scaling = getattr(config, "logits_scaling", None)
-    scale = getattr(config, "logit_scale", None) if "cohere" in getattr(config, "model_type", "") else None
+    def unless_neutral(value):  # a factor of 1 changes nothing
+        return None if value in (None, 1) else value
+
+    scaling = unless_neutral(getattr(config, "logits_scaling", None))
+    scale = unless_neutral(getattr(config, "logit_scale", None)) if "cohere" in getattr(config, "model_type", "") else None
     softcap = getattr(config, "final_logit_softcapping", None)
-    if scaling in (None, 1) and scale in (None, 1) and softcap is None:
+    if scaling is None and scale is None and softcap is None:
         return None
 
     def transform(logits):  # (..., vocab), in the head's dtype, as the model's forward computes it
-        if scaling not in (None, 1):
+        if scaling is not None:
             logits = logits / scaling
-        if scale not in (None, 1):
+        if scale is not None:
             logits = logits * scale
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
