@@ -40,9 +40,9 @@ def loss_only(model) -> dict:
 def validation_loss(model, dataset, collator, batch_size: int, env: DistEnv) -> float:
     """Mean of per-batch losses over all processes (each process gets an equal share)."""
     unwrap(model).eval()
-    total, count = 0.0, 0
+    total, count, forward_options = 0.0, 0, loss_only(model)
     for batch in loader(dataset, batch_size, collator, env):
-        total += float(model(**to_device(batch, env.device), **loss_only(model)).loss)
+        total += float(model(**to_device(batch, env.device), **forward_options).loss)
         count += 1
     total, count = all_reduce_sum([total, count], env)
     return total / max(count, 1)

@@ -142,12 +142,13 @@ class TrainingRun:
         distributed.unwrap(model).train()
         accumulation = config.gradient_accumulation_steps
         n_batches = len(train_loader)
+        forward_options = loss_only(model)
         bar = tqdm(total=n_batches // accumulation, desc=f"Training Epoch: {epoch + 1}", colour="blue",
                    dynamic_ncols=True, disable=not env.is_main)
         for step, batch in enumerate(train_loader):
             steps_now = (step + 1) % accumulation == 0 or step == n_batches - 1  # the last partial group steps too
             distributed.set_gradient_sync(model, steps_now)
-            loss = model(**distributed.to_device(batch, env.device), **loss_only(model)).loss / accumulation
+            loss = model(**distributed.to_device(batch, env.device), **forward_options).loss / accumulation
             loss.backward()
             if steps_now:
                 optimizer.step()
