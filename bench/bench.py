@@ -401,8 +401,8 @@ def bench_proxy(log, options=(), timeout=600):
     """bench/proxy.py in a process of its own, as a training process starts: neither the
     heap the sections before leave behind (gigabytes freed) nor the proxy's allocator
     settings (mallopt) then touch the other's figures."""
-    log(f"proxy: 12 layers x 64 wide, batch 4, ~60 tokens, 1 thread (bench/proxy.py {' '.join(options)}, "
-        "a process of its own)".replace(" ,", ","))
+    command = " ".join(["bench/proxy.py", *options])
+    log(f"proxy: 12 layers x 64 wide, batch 4, ~60 tokens, 1 thread ({command}, a process of its own)")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "proxy.json"
         # a session of its own: at the budget's end, inductor's compile workers go with it

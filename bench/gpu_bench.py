@@ -332,11 +332,14 @@ def section_generation(b: Bench) -> dict:
     return result
 
 
+def completed(section):
+    """A section's result if it ran through (not skipped, not failed), else None."""
+    return section if section and "skipped" not in section and "error" not in section else None
+
+
 def markdown_table(result) -> str:
     """Issue 13's table: published algorithm, ours, ours compiled."""
-    tr, comp, gen = result.get("training"), result.get("compile"), result.get("generation")
-    comp = comp if comp and "skipped" not in comp and "error" not in comp else None
-    gen = gen if gen and "error" not in gen else None
+    tr, comp, gen = result.get("training"), completed(result.get("compile")), completed(result.get("generation"))
     ms = lambda e: f"{e['s_per_step'] * 1e3:.0f} ms (MFU {fmt_mfu(e)})"  # noqa: E731
     lines = [f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}",
              "", "| measure | published algorithm | ours | ours, compile: True"
@@ -425,8 +428,8 @@ def main(argv=None):
         write_result(args.out, result)  # a run stopped later keeps the sections done
         if b.dev.type == "cuda":
             torch.cuda.empty_cache()
-    tr, comp = result.get("training"), result.get("compile")
-    if tr and comp and "skipped" not in comp and "error" not in comp:
+    tr, comp = result.get("training"), completed(result.get("compile"))
+    if tr and comp:
         for k in (0, 6):
             print(f"MFU stage {k}: eager {fmt_mfu(tr['ours'][f'stage_{k}'])}, compiled {fmt_mfu(comp[f'stage_{k}'])}")
     result["wall_s"] = b.elapsed()
