@@ -189,9 +189,11 @@ def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, F
     # hidden (n, hidden), weight (vocab, hidden), bias (vocab,) or None, targets (n,)
     total = hidden.new_zeros((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
-    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
-    wanted = grad_hidden is not None or grad_weight is not None or grad_bias is not None
+    # the head's gradients are summed in fp32, starting from the first chunk's (no zero-fill
+    # of a (vocab, hidden) buffer)
+    grad_weight = grad_bias = None
+    wants_weight, wants_bias = needs[1], bias is not None and needs[2]
+    wanted = grad_hidden is not None or wants_weight or wants_bias
     compute_weight = None  # for grad_hidden: the weight in the logits' dtype, cast once for every chunk
     for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
         rows = hidden[start : start + LOSS_CHUNK_ROWS]
@@ -216,11 +218,20 @@ def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, F
             grad_logits = grad_logits.to(logits.dtype)  # d(sum of losses) / d(logits)
         if grad_hidden is not None:
             grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ compute_weight
-        if grad_weight is not None:
-            grad_weight += grad_logits.t() @ rows.to(logits.dtype)
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(0)
+        if wants_weight:
+            grad_weight = _fp32_sum(grad_weight, grad_logits.t() @ rows.to(logits.dtype))
+        if wants_bias:
+            grad_bias = _fp32_sum(grad_bias, grad_logits.sum(0))
+    if wants_weight and grad_weight is None:  # no supervised row
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+    if wants_bias and grad_bias is None:
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32)
     return total, (grad_hidden, grad_weight, grad_bias)
+
+
+def _fp32_sum(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:
+    """total + term in fp32, in place; the first term itself when it is fp32 already."""
+    return term.float() if total is None else total.add_(term)
 
 
 def logit_transform(config) -> Optional[Callable]:
@@ -321,11 +332,24 @@ class _BufferedLayer(DynamicLayer):
         super().reset()
 
 
+class _UncopiedFirstLayer(DynamicLayer):
+    """A cache layer that keeps the first pass's keys and values as they are: the plain
+    layer concatenates them onto an empty tensor, one copy forward and one more node
+    backward per layer and pass sequence, for nothing."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return self.keys, self.values
+
+
 def new_cache(config, buffered: bool, cache_class=DynamicCache) -> DynamicCache:
     """A transformers 5 cache; buffered (no-grad decoding only) avoids a copy per token."""
     cache = cache_class(config=config)
-    if buffered:
-        cache.layers = [_BufferedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    layer_class = _BufferedLayer if buffered else _UncopiedFirstLayer
+    cache.layers = [layer_class() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 

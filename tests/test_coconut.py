@@ -266,20 +266,47 @@ def test_bf16_forward_runs_and_stays_close():
     assert relative_difference(unfilled, thoughts32) > 0.5  # premise: an unfilled latent is far off
 
 
-def test_buffered_cache_layer_matches_concatenation():
-    """The no-grad decoding cache returns exactly what concatenation would, across growth."""
+@pytest.mark.parametrize("layer_class", ["_BufferedLayer", "_UncopiedFirstLayer"])
+def test_cache_layers_match_concatenation(layer_class):
+    """The no-grad decoding cache and the training cache return exactly what
+    concatenation would, across growth; the training cache keeps the first keys and
+    values as they came (no copy onto an empty tensor)."""
     from transformers.cache_utils import DynamicLayer
 
-    from coconut import _BufferedLayer
+    import coconut as coconut_module
 
-    buffered, plain = _BufferedLayer(), DynamicLayer()
+    ours, plain = getattr(coconut_module, layer_class)(), DynamicLayer()
     torch.manual_seed(0)
-    for length in [5, 1, 1, 40, 1, 100, 1]:  # forces the buffer to grow twice
+    for i, length in enumerate([5, 1, 1, 40, 1, 100, 1]):  # forces the buffer to grow twice
         keys, values = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
-        got = buffered.update(keys, values)
+        got = ours.update(keys, values)
         want = plain.update(keys, values)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert buffered.get_seq_length() == plain.get_seq_length() == 149
+        if i == 0 and layer_class == "_UncopiedFirstLayer":
+            assert got[0] is keys and got[1] is values
+    assert ours.get_seq_length() == plain.get_seq_length() == 149
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_training_passes_use_the_uncopied_first_cache_layer(arch, monkeypatch):
+    """What the latent passes of a training step get (premise of the test above): every
+    layer's first update is stored as it is."""
+    import coconut as coconut_module
+
+    first_updates = []
+    original = coconut_module._UncopiedFirstLayer.update
+
+    def counting(layer, keys, values, *args, **kwargs):
+        first_updates.append(not layer.is_initialized)
+        return original(layer, keys, values, *args, **kwargs)
+
+    monkeypatch.setattr(coconut_module._UncopiedFirstLayer, "update", counting)
+    base = MODELS[arch]()
+    rng = random.Random(3)
+    batch = collate([make_example(rng, 2, 5, 2)])
+    Coconut(base, LATENT, START, END, EOS)(**batch).loss.backward()
+    n_layers = base.config.num_hidden_layers
+    assert sum(first_updates) == n_layers and len(first_updates) == 3 * n_layers  # 2 latents: 3 passes
 
 
 @pytest.mark.parametrize("arch", MODELS)
@@ -359,6 +386,11 @@ def test_chunked_loss_matches_plain_cross_entropy_across_chunks(monkeypatch):
         quiet = coconut_module.supervised_loss(hidden, labels, head)
     assert quiet.item() == got.item()
     assert not [e.name for e in profile.events() if e.name in ("aten::mm", "aten::exp_", "aten::scatter_add_")]
+    # a batch with nothing supervised still gives the head a gradient (of zeros, scaled),
+    # as every process under FSDP needs one
+    unsupervised = coconut_module.supervised_loss(hidden, torch.full_like(labels, -100), head)
+    weight_grad, bias_grad = torch.autograd.grad(0 * unsupervised.nan_to_num(), [head.weight, head.bias])
+    assert weight_grad.shape == head.weight.shape and bias_grad.shape == head.bias.shape
 
 
 @pytest.mark.parametrize("arch", MODELS)
