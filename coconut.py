@@ -277,7 +277,10 @@ def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Line
         total = _LinearCrossEntropy.apply(rows, lm_head.weight, lm_head.bias, targets[supervised], transform)
     else:  # validation: an autograd.Function would still compute the gradients (needs_input_grad)
         total, _ = _chunked_cross_entropy(rows, lm_head.weight, lm_head.bias, targets[supervised], transform=transform)
-    return total / supervised.sum()
+    count = supervised.sum()
+    # nothing supervised: a NaN loss, as F.cross_entropy gives, but no gradient (0 / 0 in
+    # the backward would put NaN into the head and, tied, the embeddings); no sync
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset, Features, List, Value
 
 from cli import UserError
-from layout import PromptLayout
+from layout import END, LATENT, START, PromptLayout
 
 IGNORE_INDEX = -100
 # Below this many examples, worker start-up costs more than tokenizing in one process.
@@ -61,6 +61,24 @@ def _check_example(path, i, item):
     steps = item["steps"]
     if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
         raise DataError(f"{where}: 'steps' must be a list of strings")
+    for key, text in [("question", item["question"]), ("answer", item["answer"])] + [("steps", s) for s in steps]:
+        _check_text(where, key, text)
+
+
+def _check_text(where: str, key: str, text: str) -> None:
+    """DataError for text the tokenizer would misread: a latent marker (the tokenizer maps
+    it to the marker's id, which the run then treats as a thought or, without new rows,
+    indexes past the embeddings) or a lone surrogate (not UTF-8 text: JSON allows it)."""
+    if "<|" in text:
+        marker = next((m for m in (START, END, LATENT) if m in text), None)
+        if marker is not None:
+            raise DataError(f"{where}: '{key}' contains {marker}, a token reserved for the latent tokens")
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: '{key}' is not valid text (a lone UTF-16 surrogate, e.g. half an emoji)") from None
 
 
 def unscorable_warnings(path, examples: list) -> list:
@@ -87,6 +105,8 @@ def load_data_file(path) -> list[dict]:
         raise DataError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a folder, no permission, an I/O error
+        raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: top level must be a JSON list, got {type(data).__name__}")
     for i, item in enumerate(data):
@@ -115,8 +135,9 @@ def tokenize_sample(sample, tokenizer):
     }
 
 
-def _check_piecewise(path, sample, tokenizer):
-    """The staged layouts splice pieces together, so pieces must tokenize like the whole."""
+def check_piecewise(path, sample, tokenizer):
+    """The staged layouts splice pieces together, so pieces must tokenize like the whole
+    (checked on one sample: run.py's pre-flight checks and get_dataset)."""
     pieces = tokenize_sample({**sample, "idx": 0}, tokenizer)
     joined = pieces["question_tokenized"] + sum(pieces["steps_tokenized"], []) + pieces["answer_tokenized"]
     # Equals DESIGN §1's question + "\n" + "\n".join(steps) + "\n### " + answer whenever there
@@ -148,7 +169,7 @@ def get_dataset(path, tokenizer, max_size=1000000000, examples=None) -> Dataset:
         features=RAW_FEATURES,
     )
     if len(raw):
-        _check_piecewise(path, raw[0], tokenizer)
+        check_piecewise(path, raw[0], tokenizer)
     return raw.map(
         tokenize_sample,
         fn_kwargs={"tokenizer": tokenizer},

@@ -13,6 +13,8 @@ Checked, in order:
   path that does not exist is an error, and a hub id that is not in the local cache
   fails at once when the hub is offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set,
   or the hub unreachable within 2 s) instead of retrying for a minute;
+- the tokenizer loads, has an EOS token and a vocabulary, and tokenizes each file's
+  first example in pieces as it tokenizes the whole text (DESIGN §1);
 - every example fits the model's context (max_position_embeddings or n_positions):
   the longest training sequence the run's stages give it (question, latent tokens and
   markers, kept steps, answer, EOS), and for validation examples also the evaluation
@@ -45,6 +47,7 @@ import torch
 
 import checkpoint
 from cli import UserError, first_line
+from dataset import check_piecewise
 from layout import PromptLayout
 from modeling import build_tokenizer, place_weights
 
@@ -74,6 +77,7 @@ def check(config, data: dict, saves: bool) -> Preflight:
         tokenizer, tokens = build_tokenizer(name)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{key} {name}: the tokenizer does not load ({first_line(e)})") from None
+    check_tokenizer(config, data, tokenizer, f"{key} {name}")
     check_context(config, data, tokenizer, PromptLayout.for_config(config, tokens), context_of(hf_config), f"{key} {name}")
 
     result = Preflight()
@@ -201,6 +205,21 @@ def in_hub_cache(name: str) -> bool:
 def context_of(hf_config) -> Optional[int]:
     """The model's positions, None when its config does not say."""
     return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+
+
+# ------------------------------------------------------------------ the tokenizer
+def check_tokenizer(config, data: dict, tokenizer, source: str) -> None:
+    """The tokenizer can tokenize the data as dataset.tokenize_sample does: it has an EOS
+    (every answer ends with it), it has a vocabulary (a model folder without tokenizer
+    files loads as an empty tokenizer that turns every text into no tokens), and it
+    tokenizes each file's first example in pieces as it tokenizes the whole."""
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{source}: the tokenizer has no EOS token (every answer ends with it; set eos_token)")
+    if not tokenizer.encode("### ", add_special_tokens=False):
+        raise UserError(f"{source}: the tokenizer turns text into no tokens (are its vocabulary files missing?)")
+    for key, part in [("train_path", "train"), ("val_path", "val")]:
+        if part in data:  # check_data_present: each file holds an example
+            check_piecewise(getattr(config, key), {**data[part][0], "idx": 0}, tokenizer)
 
 
 # ------------------------------------------------------------------ the data fits the context

@@ -5,7 +5,9 @@
 
 The lock is `fcntl.flock` on the open lock file: the kernel releases it when the
 holding process ends, however it ends, so a SIGKILL never leaves a stale lock (the
-file itself stays; only the lock on it counts). The holder writes its pid, host and
+file itself stays; only the lock on it counts). A flock belongs to the open file, which
+a forked child shares (datasets.map's worker processes): children drop their copy at
+once, so workers orphaned by a killed run do not keep its folder locked. The holder writes its pid, host and
 start time into the file, and a second run names them in its one-line error. On a
 file system without flock (some network mounts) the run goes on unlocked and says so.
 
@@ -25,6 +27,25 @@ from typing import Callable, Iterator
 from cli import UserError
 
 LOCK_NAME = ".run.lock"
+
+
+_held_fds: set = set()  # descriptors of the lock files this process holds
+
+
+def _drop_held_locks_in_child() -> None:
+    """In a forked child: point each held lock's descriptor at /dev/null, which closes the
+    child's reference to the locked file (the parent keeps the lock) and leaves the
+    number valid for whatever closes it later in the child."""
+    if not _held_fds:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in _held_fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_locks_in_child)
 
 
 class RunFolderBusy(UserError):
@@ -69,4 +90,8 @@ def hold(save_dir: str, warn: Callable[[str], object] = print) -> Iterator[None]
             f.truncate()
             f.write(holder_line() + "\n")
             f.flush()
-        yield  # closing the file (or the process ending) releases the lock
+            _held_fds.add(f.fileno())
+        try:
+            yield  # closing the file (or the process ending) releases the lock
+        finally:
+            _held_fds.discard(f.fileno())

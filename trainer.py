@@ -143,7 +143,7 @@ class TrainingRun:
         accumulation = config.gradient_accumulation_steps
         n_batches = len(train_loader)
         forward_options = loss_only(model)
-        bar = tqdm(total=n_batches // accumulation, desc=f"Training Epoch: {epoch + 1}", colour="blue",
+        bar = tqdm(total=-(-n_batches // accumulation),  # optimizer steps: the last partial group steps too desc=f"Training Epoch: {epoch + 1}", colour="blue",
                    dynamic_ncols=True, disable=not env.is_main)
         for step, batch in enumerate(train_loader):
             steps_now = (step + 1) % accumulation == 0 or step == n_batches - 1  # the last partial group steps too
@@ -194,6 +194,9 @@ def new_optimizer(model, config, start: Start, epoch: int, env, log):
             distributed.load_optimizer_state(model, optimizer, resumed["optimizer"], env)
             log(f"restored the optimizer state of epoch {epoch}")
             apply_config_hyperparameters(optimizer, config, log)
+        elif resumed:  # its .state holds no optimizer: its own run's rule started a new one here
+            log(f"checkpoint_{epoch} was saved without optimizer state (the reset_optimizer rule it was trained "
+                "under started a new AdamW at this epoch): starting a new AdamW")
         else:
             log("the checkpoint has no optimizer state (published layout): starting a new AdamW")
     return optimizer

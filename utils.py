@@ -19,6 +19,7 @@ import operator
 import os
 import random
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
@@ -263,7 +264,7 @@ def parse_overrides(args) -> dict:
         if arg.startswith("--") and "=" in arg:
             (key, text), i = arg[2:].split("=", 1), i + 1
         elif arg.startswith("--"):
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ConfigError(f"{COMMAND_LINE}{arg} needs a value ({arg} VALUE or {arg}=VALUE)")
             key, text, i = arg[2:], args[i + 1], i + 2
         elif "=" in arg and not arg.startswith("-"):
@@ -327,6 +328,8 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice", key_node.start_mark
@@ -467,6 +470,10 @@ def _value_problems(config: Config):
         yield ("keys 'bf16' and 'mixed_precision' cannot both be on: bf16: True casts the whole model "
                "(published behaviour), mixed_precision keeps fp32 parameters; choose one")
 
+    parts = config.name.replace("\\", "/").split("/")
+    if not config.name.strip() or os.path.isabs(config.name) or ".." in parts:
+        yield (f"key 'name' must name a folder inside save_path (not empty, not absolute, no '..'), "
+               f"got {config.name!r}")
     if config.local and not config.local_path:
         yield "key 'local_path' is required when local is True"
     for unsupported in ("special_token", "grpo"):

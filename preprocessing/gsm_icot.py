@@ -100,6 +100,9 @@ def main(argv=None):
         except OSError as err:
             print(f"{src}: {err.strerror}", file=sys.stderr)
             return 2
+        except UnicodeDecodeError:
+            print(f"{src}: not UTF-8 text (a compressed file?)", file=sys.stderr)
+            return 2
         print(f"{src}: wrote {count} examples to {dst}")
     return 0
 

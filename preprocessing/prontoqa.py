@@ -89,6 +89,9 @@ def main(argv=None):
     except OSError as err:
         print(f"{args.input}: {err.strerror}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError:
+        print(f"{args.input}: not UTF-8 text (a compressed file?)", file=sys.stderr)
+        return 2
     except (json.JSONDecodeError, MalformedEntry) as err:
         print(f"{args.input}: {err}", file=sys.stderr)
         return 2

@@ -319,6 +319,9 @@ def main(argv=None):
         return 2
     try:
         nlp = load_pipeline(args.spacy_model)
+    except ImportError:
+        print("spaCy is not installed: pip install spacy", file=sys.stderr)
+        return 2
     except OSError as err:
         print(f"cannot load spaCy pipeline {args.spacy_model!r}: {err}", file=sys.stderr)
         return 2
@@ -326,6 +329,9 @@ def main(argv=None):
         examples, skipped, malformed = convert_file(args.input, nlp, args.min_steps, not args.no_progress)
     except OSError as err:
         print(f"{args.input}: {err.strerror}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError:
+        print(f"{args.input}: not UTF-8 text (a compressed file?)", file=sys.stderr)
         return 2
     folder = os.path.dirname(args.output)
     if folder:

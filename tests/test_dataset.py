@@ -169,6 +169,11 @@ BAD_FILES = [
     (json.dumps([EXAMPLES[0], {"question": "q", "answer": 42, "steps": []}]), 1, "answer"),
     (json.dumps([EXAMPLES[0], EXAMPLES[0], EXAMPLES[0], {"question": "q", "answer": "a", "steps": "one step"}]), 3, "steps"),
     (json.dumps([{"question": "q", "answer": "a", "steps": ["ok", 7]}]), 0, "steps"),
+    # text the tokenizer would read as a latent marker's id, and text that is not text
+    (json.dumps([EXAMPLES[0], {"question": "Use <|latent|> here", "answer": "a", "steps": []}]), 1, "question"),
+    (json.dumps([{"question": "q", "answer": "a", "steps": ["ok", "é <|start-latent|>"]}]), 0, "reserved"),
+    (json.dumps([{"question": "q", "answer": "<|end-latent|>", "steps": []}]), 0, "answer"),
+    ('[{"question": "half an emoji \\ud83d", "answer": "a", "steps": []}]', 0, "surrogate"),
 ]
 
 
@@ -204,6 +209,20 @@ def test_validation_examples_that_can_never_score_are_named():
         "count them",
         "warning: v.json: 2 example(s) have '#' in their steps (first: example 1); CoT match can never count them"]
     assert D.unscorable_warnings("v.json", examples[:1]) == []
+
+
+def test_text_near_the_markers_and_non_ascii_text_are_data(tmp_path, tok):
+    """What the marker and surrogate checks must not refuse (premise of BAD_FILES' cases)."""
+    ok = [{"question": "<|lat ent|> <|", "answer": "émoji 🙂", "steps": ["\u00e9", "<|endoftext|>"]}]
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(ok))
+    assert D.load_data_file(str(path)) == ok
+
+
+def test_a_data_path_that_cannot_be_read_is_one_line(tmp_path):
+    with pytest.raises(D.DataError, match="cannot be read") as err:
+        D.load_data_file(str(tmp_path))  # a folder
+    assert str(err.value) == f"{tmp_path}: cannot be read (Is a directory)"
 
 
 def test_data_error_missing_file(tmp_path):

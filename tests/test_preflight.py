@@ -9,6 +9,7 @@ are marked slow.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,50 @@ def test_model_id_an_empty_folder(tmp_path, gpt2_folder, chain_data):
     empty.mkdir()
     cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=str(empty))
     assert_fails(tmp_path, [cfg], f"model_id {empty}: the folder holds no config.json")
+
+
+def _tokenizer_variant(tmp_path, gpt2_folder, name, edit_config=None, edit_tokenizer=None, keep_tokenizer=True):
+    """A copy of gpt2_folder whose tokenizer files are edited (or left out)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(os.path.join(gpt2_folder, "config.json"), folder)
+    if keep_tokenizer:
+        for file, edit in (("tokenizer_config.json", edit_config), ("tokenizer.json", edit_tokenizer)):
+            content = json.loads(open(os.path.join(gpt2_folder, file)).read())
+            (folder / file).write_text(json.dumps(edit(content) if edit else content))
+    return str(folder)
+
+
+def test_a_model_folder_without_tokenizer_files_stops_the_run(tmp_path, gpt2_folder, chain_data):
+    """transformers loads it as an empty tokenizer, which would train on empty token lists."""
+    folder = _tokenizer_variant(tmp_path, gpt2_folder, "no_tokenizer", keep_tokenizer=False)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=folder)
+    assert_fails(tmp_path, [cfg], f"model_id {folder}: the tokenizer turns text into no tokens")
+
+
+def test_a_tokenizer_without_eos_stops_the_run(tmp_path, gpt2_folder, chain_data):
+    def drop_eos(config):
+        return {key: value for key, value in config.items() if key != "eos_token"}
+
+    folder = _tokenizer_variant(tmp_path, gpt2_folder, "no_eos", edit_config=drop_eos)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=folder)
+    assert_fails(tmp_path, [cfg], f"model_id {folder}: the tokenizer has no EOS token")
+
+
+def test_pieces_the_tokenizer_splices_inconsistently_stop_the_run_before_the_model(tmp_path, gpt2_folder, chain_data):
+    """A tokenizer that appends a special token to every text (as BERT's [SEP]) puts it
+    mid-sequence when the pieces are spliced: refused in the pre-flight checks."""
+    def append_eos(tokenizer):
+        eos = {"id": "<|endoftext|>", "type_id": 0}
+        tokenizer["post_processor"] = {
+            "type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": eos}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}],
+            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}}
+        return tokenizer
+
+    folder = _tokenizer_variant(tmp_path, gpt2_folder, "sep", edit_tokenizer=append_eos)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=folder)
+    assert_fails(tmp_path, [cfg], f"{chain_data['train']}: example 0: the tokenizer does not tokenize the pieces")
 
 
 @pytest.mark.parametrize("name", ["./models/nope", "models/nope", "/nowhere/model"])
@@ -418,6 +463,33 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         assert f"pid {os.getpid()} on " in (tmp_path / runlock.LOCK_NAME).read_text()
 
 
+@pytest.mark.slow
+def test_a_killed_holders_forked_workers_do_not_keep_its_lock(tmp_path):
+    """datasets.map forks workers while the run holds its folder; killed alone (OOM, kill
+    -9 of its pid), the run must not leave them holding the lock."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, runlock, sys, time\nwith runlock.hold(sys.argv[1]):\n"
+         "    child = os.fork()\n    if child == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+         "    print(child, flush=True)\n    time.sleep(60)", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(runlock.RunFolderBusy):  # premise: the lock is held
+            with runlock.hold(str(tmp_path)):
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the orphaned worker still lives
+        with runlock.hold(str(tmp_path)):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        if child is not None:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
 # ------------------------------------------------------------------ command-line keys
 def test_command_line_keys_are_checked_like_yaml_keys(tmp_path, gpt2_folder, chain_data):
     cfg = config_file(tmp_path, gpt2_folder, chain_data)
@@ -434,6 +506,7 @@ def test_command_line_keys_are_checked_like_yaml_keys(tmp_path, gpt2_folder, cha
         (["lr=0"], "key 'lr' must be > 0"),
         (["lr=1", "--lr", "2"], "command line: key 'lr' is given twice"),
         (["--lr"], "command line: --lr needs a value"),
+        (["--coconut", "--lr", "1e-4"], "command line: --coconut needs a value"),  # not '--lr' as its value
         (["x"], "command line: expected KEY=VALUE or --KEY VALUE"),
     ]:
         with pytest.raises(ConfigError, match=__import__("re").escape(message)):

@@ -169,6 +169,19 @@ def test_unknown_spacy_model_fails_cleanly(tmp_path, capsys):
     assert "no_such_model_xyz" in capsys.readouterr().err
 
 
+def test_a_file_that_is_not_utf8_text_is_one_line(tmp_path, capsys):
+    compressed = tmp_path / "traces.jsonl.gz"
+    compressed.write_bytes(__import__("gzip").compress(FIXTURE.read_bytes()))
+    assert tc.main(["--input", str(compressed), "--output", str(tmp_path / "o.json"), "--no_progress"]) == 2
+    assert capsys.readouterr().err == f"{compressed}: not UTF-8 text (a compressed file?)\n"
+
+
+def test_without_spacy_installed_it_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "spacy", None)  # `import spacy` then raises ImportError
+    assert tc.main(["--input", str(FIXTURE), "--output", str(tmp_path / "o.json"), "--no_progress"]) == 2
+    assert capsys.readouterr().err == "spaCy is not installed: pip install spacy\n"
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as err:
         tc.main(["--help"])

@@ -71,6 +71,13 @@ def test_unknown_split_and_missing_file(tmp_path, capsys):
     assert "gsm_train.txt" in capsys.readouterr().err
 
 
+def test_a_file_that_is_not_utf8_text_is_one_line(tmp_path, capsys):
+    compressed = tmp_path / "gsm.txt.gz"
+    compressed.write_bytes(__import__("gzip").compress(b"q||<<1*2=2>> #### 2\n"))
+    assert gsm_icot.main(["--input", str(compressed), "--output", str(tmp_path / "o.json")]) == 2
+    assert capsys.readouterr().err == f"{compressed}: not UTF-8 text (a compressed file?)\n"
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as err:
         gsm_icot.main(["--help"])

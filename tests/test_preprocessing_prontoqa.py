@@ -63,6 +63,13 @@ def test_malformed_entry_is_reported(tmp_path, capsys, raw, key):
     assert not (tmp_path / "prontoqa_train.json").exists()
 
 
+def test_a_file_that_is_not_utf8_text_is_one_line(tmp_path, capsys):
+    compressed = tmp_path / "5hop.json.gz"
+    compressed.write_bytes(__import__("gzip").compress(b"{}"))
+    assert prontoqa.main(["--input", str(compressed), "--output_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"{compressed}: not UTF-8 text (a compressed file?)\n"
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as err:
         prontoqa.main(["--help"])

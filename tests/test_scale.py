@@ -189,6 +189,20 @@ def test_a_resumed_optimizer_takes_the_configs_lr_and_weight_decay(tmp_path):
                      "weight_decay = 0.0 (the config's) replaces the restored optimizer's 0.01"]
 
 
+@pytest.mark.parametrize("train_state, said", [
+    ({"epoch": 1, "best_acc": 0.5}, "checkpoint_1 was saved without optimizer state (the reset_optimizer rule it "
+                                    "was trained under started a new AdamW at this epoch): starting a new AdamW"),
+    ({}, "the checkpoint has no optimizer state (published layout): starting a new AdamW")])
+def test_a_resumed_run_without_an_optimizer_state_says_why(train_state, said):
+    """A .state folder saved under a rule that started a new AdamW at that epoch is not
+    the published layout (a weights file alone): each is named as what it is."""
+    model = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    config = run_config("unused", "unused", reset_optimizer=False)  # carries the optimizer over
+    lines = []
+    trainer.new_optimizer(model, config, startup.Start(epoch=1, train_state=train_state), 1, DistEnv(), lines.append)
+    assert lines == [said]
+
+
 # ------------------------------------------------------------------ several processes
 def model_folder(folder):
     """conftest's tiny GPT-2 folder (tied embeddings, a causal-mask buffer) without

@@ -335,6 +335,21 @@ def test_key_written_twice_is_rejected(tmp_path):
         load_config(write(tmp_path, text))
 
 
+def test_a_key_that_is_not_a_plain_value_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="x.yaml: invalid YAML: a key must be a plain value at line 1"):
+        load_config(write(tmp_path, "? [a, b]\n: 1\n" + PROSQA_COCONUT_YAML))
+
+
+@pytest.mark.parametrize("name", ["''", "' '", "/abs/run", "../elsewhere", "runs/../../x"])
+def test_a_name_outside_save_path_is_rejected(tmp_path, name):
+    """save_dir is save_path/name: an empty name would put checkpoints in save_path itself."""
+    assert "key 'name' must name a folder inside save_path" in error_of(tmp_path, name=name)
+
+
+def test_a_nested_name_is_a_folder_inside_save_path(tmp_path):
+    assert load_with(tmp_path, name="prosqa/run1").save_dir.endswith("prosqa/run1")
+
+
 def test_missing_file_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.yaml: file not found$"):
         load_config(str(tmp_path / "nope.yaml"))
