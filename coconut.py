@@ -236,29 +236,68 @@ def _fp32_sum(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor
 
 def logit_transform(config) -> Optional[Callable]:
     """What the model's own causal-LM forward does to its LM head's output, for models
-    that do something (None for the others: GPT-2, Llama, Qwen, ...): Granite divides
-    the logits by `logits_scaling`, Cohere multiplies them by `logit_scale`, Gemma 2
-    and later soft-cap them at `final_logit_softcapping`. Each keeps the logits' order,
-    so greedy decoding needs none of them; the loss and returned logits do."""
-    def unless_neutral(value):  # a factor of 1 changes nothing
+    that do something (None for the others: GPT-2, Llama, Qwen, ...), read in their
+    transformers 5 modeling files: Granite divides the logits by `logits_scaling` and
+    HyperCLOVAX multiplies them by it, Cohere multiplies them by `logit_scale`, Gemma 2
+    and later soft-cap them at `final_logit_softcapping`.
+    Each keeps the logits' order, so greedy decoding needs none of them; the loss and
+    returned logits do. Coconut checks the result against the model's own forward
+    (check_head_matches_model)."""
+    model_type = getattr(config, "model_type", "") or ""
+
+    def factor(name):  # a factor of 1 changes nothing
+        value = getattr(config, name, None)
         return None if value in (None, 1) else value
 
-    scaling = unless_neutral(getattr(config, "logits_scaling", None))
-    scale = unless_neutral(getattr(config, "logit_scale", None)) if "cohere" in getattr(config, "model_type", "") else None
+    divisor = factor("logits_scaling") if not model_type.startswith("hyperclovax") else None
+    multipliers = [value for value in (factor("logits_scaling") if model_type.startswith("hyperclovax") else None,
+                                       factor("logit_scale") if "cohere" in model_type else None) if value is not None]
     softcap = getattr(config, "final_logit_softcapping", None)
-    if scaling is None and scale is None and softcap is None:
+    if divisor is None and not multipliers and softcap is None:
         return None
 
     def transform(logits):  # (..., vocab), in the head's dtype, as the model's forward computes it
-        if scaling is not None:
-            logits = logits / scaling
-        if scale is not None:
-            logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
+        for multiplier in multipliers:
+            logits = logits * multiplier
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
     return transform
+
+
+class HeadMismatchError(ValueError):
+    """The model's forward does to its LM head's output what logit_transform does not."""
+
+
+@torch.no_grad()
+def check_head_matches_model(coconut) -> None:
+    """HeadMismatchError unless the decoder stack, the LM head and logit_transform give the
+    model's own logits, on two tokens in eval mode (skipped on the meta device): the loss
+    would otherwise train another objective than the model's, without a word."""
+    base = coconut.base_causallm
+    weight = coconut.lm_head.weight
+    if weight.is_meta:
+        return
+    was_training = base.training
+    base.eval()
+    try:
+        ids = torch.tensor([[0, 1]], device=weight.device)
+        embeds = coconut.embedding(ids)
+        theirs = base(inputs_embeds=embeds).logits.float()
+        ours = coconut.lm_head(coconut.decoder(inputs_embeds=embeds).last_hidden_state)
+        if coconut.logit_transform is not None:
+            ours = coconut.logit_transform(ours)
+    finally:
+        base.train(was_training)
+    ours = ours.float()
+    if ours.shape != theirs.shape or not bool(((ours - theirs).norm() <= 1e-3 * theirs.norm() + 1e-6).item()):
+        raise HeadMismatchError(
+            f"{type(base).__name__} ({getattr(base.config, 'model_type', '?')}): its forward changes its LM head's "
+            "output in a way Coconut does not reproduce (coconut.logit_transform), so the loss would not be the "
+            "model's own")
 
 
 def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear,
@@ -372,6 +411,7 @@ class Coconut(nn.Module):
         self.sync_passes_across_ranks = False
         # what the model's own forward does to its head's output (Granite, Cohere, Gemma 2, ...)
         self.logit_transform = logit_transform(base_causallm.config)
+        check_head_matches_model(self)
         decoder_args = inspect.signature(base_causallm.base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in decoder_args else "past_key_values"
         # compiling.compile_blocks sets a cache whose update stays outside compiled graphs,

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache
 
 from cli import UserError
-from coconut import Coconut
+from coconut import Coconut, HeadMismatchError
 from distributed import transformer_blocks
 from layout import END, LATENT, START, LatentTokens
 WRAPPER_PREFIX = "base_causallm."
@@ -187,7 +187,10 @@ def place_weights(config, base, tokenizer, tokens, state: Optional[dict], state_
 
 def _wrap(config, base, tokenizer, tokens):
     if config.method.fills_latents:
-        return Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokenizer.eos_token_id)
+        try:
+            return Coconut(base, tokens.latent_id, tokens.start_id, tokens.end_id, tokenizer.eos_token_id)
+        except HeadMismatchError as e:
+            raise ModelLoadError(f"model {config.model_path}: {e}") from None
     return base
 
 

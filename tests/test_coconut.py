@@ -121,12 +121,15 @@ def make_transformed_head(kind):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     name, extra = {"granite": ("Granite", dict(logits_scaling=8.0)), "cohere": ("Cohere", dict(logit_scale=4.0)),
-                   "gemma2": ("Gemma2", dict(head_dim=16, final_logit_softcapping=0.05, attn_logit_softcapping=None))}[kind]
+                   "gemma2": ("Gemma2", dict(head_dim=16, final_logit_softcapping=0.05, attn_logit_softcapping=None)),
+                   "hyperclovax": ("HyperCLOVAX", dict(logits_scaling=0.25))}[kind]  # multiplies, where Granite divides
+    if not hasattr(transformers, f"{name}Config"):
+        pytest.skip(f"this transformers has no {name}")
     config = getattr(transformers, f"{name}Config")(**common, **extra)
     return getattr(transformers, f"{name}ForCausalLM")(config).eval()
 
 
-@pytest.mark.parametrize("kind", ["granite", "cohere", "gemma2"])
+@pytest.mark.parametrize("kind", ["granite", "cohere", "gemma2", "hyperclovax"])
 def test_models_that_transform_their_head_output_keep_it_in_loss_and_logits(kind):
     """The loss, its gradients and the returned logits are the model's own (the naive
     reference calls the model's forward); a plain loss on the bare head would differ."""
@@ -151,6 +154,28 @@ def test_models_that_transform_their_head_output_keep_it_in_loss_and_logits(kind
         bare = Coconut(base, LATENT, START, END, EOS)
         bare.logit_transform = None
         assert abs(bare(**batch).loss.item() - expected.item()) > 10 * TOLERANCE * abs(expected.item())
+
+
+def test_a_model_whose_forward_changes_its_head_output_unknowably_is_refused():
+    """Coconut computes the loss from the decoder stack and the LM head; a model whose
+    own forward does something else to the logits is named at once, not trained on
+    another objective."""
+    from transformers import GPT2LMHeadModel
+
+    from coconut import HeadMismatchError
+
+    class ScaledGPT2(GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    base = make_gpt2(VOCAB)
+    Coconut(base, LATENT, START, END, EOS)  # premise: the plain model passes
+    scaled = ScaledGPT2(base.config)
+    with pytest.raises(HeadMismatchError, match="ScaledGPT2 .gpt2.: its forward changes its LM head's output"):
+        Coconut(scaled, LATENT, START, END, EOS)
+    assert scaled.training  # the check ran in eval mode and put the mode back
 
 
 def test_gradient_flows_through_the_continuous_thoughts():
@@ -431,7 +456,8 @@ def test_latent_passes_skip_hugging_faces_mask_work_where_it_is_plain(monkeypatc
     real = modeling_gpt2.create_causal_mask
 
     def spy(*args, **kwargs):
-        calls.extend([1] if kwargs["attention_mask"].dim() == 2 else [])
+        mask = kwargs["attention_mask"]  # None: Coconut's construction-time head check
+        calls.extend([1] if mask is not None and mask.dim() == 2 else [])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(modeling_gpt2, "create_causal_mask", spy)
