@@ -122,11 +122,15 @@ def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list:
     return [first_col + i for i in range(n_latents)]
 
 
-def align_latents(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_id: int, pad_id: int):
+def align_latents(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_id: int, pad_id: int,
+                  right_align: bool = False):
     """Re-lay out any padded batch the way MyCollator does (DESIGN §3), vectorised.
 
     Real tokens (attention 1) keep their order; rows with latents are shifted right
     so their first latents share a column; the rest is padding with attention 0.
+    right_align: every row ends at the last column instead (left padding only), which
+    shares the first latents' column only when every row with latents has as many
+    real tokens from its first latent on (gapless_groups makes such batches).
     Returns (input_ids, attention_mask, position_ids), each (batch, new_seq).
     """
     batch, seq = input_ids.shape
@@ -142,12 +146,43 @@ def align_latents(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_
     first_latent = torch.where(has_latent, is_latent.float().argmax(1), torch.zeros_like(lengths))
     target = first_latent[has_latent].max() if bool(has_latent.any()) else first_latent.new_tensor(0)
     shift = torch.where(has_latent, target - first_latent, torch.zeros_like(lengths))
+    if right_align:
+        shift = lengths.max() - lengths
     width = int((shift + lengths).max())
     new_cols = torch.where(in_row, cols + shift[:, None], width)  # padding goes to a dropped column
     new_ids = input_ids.new_full((batch, width + 1), pad_id).scatter(1, new_cols, packed)[:, :width]
     new_mask = input_ids.new_zeros((batch, width + 1)).scatter(1, new_cols, in_row.long())[:, :width]
     position_ids = ((new_mask.cumsum(1) - 1).clamp(min=0) * new_mask).long()
     return new_ids, new_mask, position_ids
+
+
+def has_local_attention(config) -> bool:
+    """Whether some layer attends to a window of the last columns (a sliding window,
+    chunked attention, GPT-Neo's local layers): there, a padding column between a
+    prompt and its generated tokens takes the place of a real token in the window."""
+    if getattr(config, "sliding_window", None) is not None or getattr(config, "attention_chunk_size", None) is not None:
+        return True
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return True
+    return any(kind != "global" for kind in getattr(config, "attention_layers", None) or ())
+
+
+def gapless_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_id) -> list:
+    """Row indices of sub-batches that decode without padding inside any row: right-aligned
+    (align_latents' right_align), the rows of one group keep their first latents in one
+    column when they have as many real tokens from the first latent on, so rows are grouped
+    by that count; rows without latents join the first group."""
+    real = attention_mask.bool()
+    is_latent = (input_ids == latent_id) & real if latent_id is not None else torch.zeros_like(real)
+    from_first_latent = (real & (is_latent.long().cumsum(1) > 0)).sum(1)  # (batch,)
+    tails = torch.where(is_latent.any(1), from_first_latent, -1).tolist()
+    groups = {}
+    for row, tail in enumerate(tails):
+        groups.setdefault(tail, []).append(row)
+    plain = groups.pop(-1, [])
+    ordered = [groups[tail] for tail in sorted(groups)] or [[]]
+    ordered[0] = sorted(ordered[0] + plain)
+    return ordered
 
 
 # Rows of the LM head's logits computed at once by the loss: (rows, vocab) fp32 at a time,
@@ -575,8 +610,31 @@ class Coconut(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if has_local_attention(self.base_causallm.config) and input_ids.shape[0] > 1:
+            return self._generate_gapless(input_ids, attention_mask, max_new_tokens, synced_gpus)
+        return self._generate_batch(input_ids, attention_mask, max_new_tokens, synced_gpus)
+
+    def _generate_gapless(self, input_ids, attention_mask, max_new_tokens, synced_gpus):
+        """generate for models with local attention: a window counts columns, so a row
+        must have no padding between its prompt and its new tokens, or its tokens would
+        depend on the other prompts of the batch. Decodes gapless_groups one by one."""
+        groups = gapless_groups(input_ids, attention_mask, self.latent_token_id)
+        n_calls = _all_ranks_max(len(groups), input_ids.device) if synced_gpus else len(groups)
+        outputs = []
+        for i in range(n_calls):  # past its own groups a process decodes one row again: the others need its passes
+            rows = torch.tensor(groups[i] if i < len(groups) else groups[0][:1], device=input_ids.device)
+            outputs.append(self._generate_batch(input_ids[rows], attention_mask[rows], max_new_tokens, synced_gpus,
+                                                right_align=True))
+        width = max(out.shape[1] for out in outputs[:len(groups)])
+        result = input_ids.new_full((input_ids.shape[0], width), self.eos_token_id)
+        for rows, out in zip(groups, outputs):
+            result[torch.tensor(rows, device=input_ids.device), : out.shape[1]] = out
+        return result
+
+    def _generate_batch(self, input_ids, attention_mask, max_new_tokens, synced_gpus, right_align=False):
+        """generate for one batch, laid out by align_latents."""
         input_ids, prompt_mask, position_ids = align_latents(
-            input_ids, attention_mask, self.latent_token_id, self.eos_token_id
+            input_ids, attention_mask, self.latent_token_id, self.eos_token_id, right_align
         )
         decoder = None
         if input_ids.device.type == "cuda" and self.cuda_graphs and not synced_gpus and max_new_tokens > 1:

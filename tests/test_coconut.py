@@ -211,6 +211,45 @@ def test_batched_generation_matches_naive_reference(arch, c_thought):
         assert row == want + [EOS] * (width - len(want))
 
 
+def make_sliding(kind):
+    """Models whose layers attend to a window of the last 4 columns (Gemma 2: every other layer)."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                  sliding_window=4)
+    extra = {"mistral": {}, "gemma2": dict(head_dim=16, attn_logit_softcapping=None)}[kind]
+    name = {"mistral": "Mistral", "gemma2": "Gemma2"}[kind]
+    return getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**common, **extra)).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_batched_generation_with_a_sliding_window_matches_naive_reference(kind):
+    """A window counts columns: padding between a prompt and its new tokens would take
+    real tokens' places in it, so such models decode gapless sub-batches (rows with
+    3, 1, 0, 2 latents and prompts of different lengths here)."""
+    from coconut import gapless_groups, has_local_attention
+
+    base = make_sliding(kind)
+    assert has_local_attention(base.config) and not has_local_attention(make_gpt2(VOCAB).config)
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    rng = random.Random(5)
+    prompts = [make_example(rng, n, rng.randrange(2, 10), 1)[0][:-2] for n in [3, 1, 0, 2, 0, 3]]
+    batch = collate([(p, p) for p in prompts])
+    assert len(gapless_groups(batch["input_ids"], batch["attention_mask"], LATENT)) == 3  # 3, 2 and 1 latents + END
+    with torch.no_grad():
+        got = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
+        expected = [naive_generate(base, p, 12) for p in prompts]
+        one_batch = coconut._generate_batch(batch["input_ids"], batch["attention_mask"], 12, False)
+    width = max(map(len, expected))
+    assert got.shape == (len(prompts), width)
+    for row, want in zip(got.tolist(), expected):
+        assert row == want + [EOS] * (width - len(want))
+    # premise: decoded as one padded batch, some row would differ
+    assert any(row[: len(want)] != want for row, want in zip(one_batch.tolist(), expected))
+
+
 def test_generation_accepts_any_padding():
     """Left-padded or right-padded prompts without the collator's layout give the same rows."""
     base = make_gpt2(VOCAB)
