@@ -7,9 +7,10 @@ The lock is `fcntl.flock` on the open lock file: the kernel releases it when the
 holding process ends, however it ends, so a SIGKILL never leaves a stale lock (the
 file itself stays; only the lock on it counts). A flock belongs to the open file, which
 a forked child shares (datasets.map's worker processes): children drop their copy at
-once, so workers orphaned by a killed run do not keep its folder locked. The holder writes its pid, host and
-start time into the file, and a second run names them in its one-line error. On a
-file system without flock (some network mounts) the run goes on unlocked and says so.
+once, so workers orphaned by a killed run do not keep its folder locked. The holder
+writes its pid, host and start time into the file, and a second run names them in its
+one-line error. On a file system without flock (some network mounts) the run goes on
+unlocked and says so.
 
 Standard library only.
 """

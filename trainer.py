@@ -143,7 +143,8 @@ class TrainingRun:
         accumulation = config.gradient_accumulation_steps
         n_batches = len(train_loader)
         forward_options = loss_only(model)
-        bar = tqdm(total=-(-n_batches // accumulation),  # optimizer steps: the last partial group steps too desc=f"Training Epoch: {epoch + 1}", colour="blue",
+        # one tick per optimizer step: the last partial group steps too
+        bar = tqdm(total=-(-n_batches // accumulation), desc=f"Training Epoch: {epoch + 1}", colour="blue",
                    dynamic_ncols=True, disable=not env.is_main)
         for step, batch in enumerate(train_loader):
             steps_now = (step + 1) % accumulation == 0 or step == n_batches - 1  # the last partial group steps too
