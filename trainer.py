@@ -98,6 +98,8 @@ class TrainingRun:
         self.optimizer = None
         train_state = self.start.train_state
         self.best_acc = train_state["best_acc"] if train_state else 0.0
+        # the newest checkpoint a relaunch would resume from (unusable files in the folder skipped)
+        self.newest_checkpoint = self.start.epoch if train_state is not None else None
 
     def run(self) -> None:
         config = self.config
@@ -123,8 +125,7 @@ class TrainingRun:
                     self.log(f"save_only_improve: not saving checkpoint_{epoch + 1}, its accuracy "
                              f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc})")
                 if self.env.is_main:  # the newest checkpoint is the best: record how far the run got
-                    newest = checkpoint.list_checkpoints(config.save_dir)[-1:] or [None]
-                    checkpoint.write_progress(config.save_dir, epoch + 1, newest[0])
+                    checkpoint.write_progress(config.save_dir, epoch + 1, self.newest_checkpoint)
             self.best_acc = max(self.best_acc, metrics["eval/acc"])
         if self.wandb is not None:
             self.wandb.finish()
@@ -169,6 +170,7 @@ class TrainingRun:
         keep_optimizer = self.config.optimizer_carries_over(epoch_done)
         save_run_state(self.model, self.optimizer if keep_optimizer else None, self.config.save_dir, epoch_done,
                        self.best_acc, self.env)
+        self.newest_checkpoint = epoch_done
         self.log("saving model.")
 
     def evaluate(self, stage: int) -> dict:

@@ -393,6 +393,20 @@ def test_save_only_improve_says_when_it_skips_a_save(tmp_path, gpt2_folder, chai
         "larger num_epochs; to start again: another name"], (out, err[-2000:])
 
 
+def test_the_progress_record_names_the_newest_usable_checkpoint(tmp_path, gpt2_folder, chain_data):
+    """An unusable checkpoint file newer than the rest is skipped when the run resumes, so
+    the progress record must not name it, or a finished run would not be seen as one."""
+    save_dir = tmp_path / "ckpt" / "run"
+    save_dir.mkdir(parents=True)
+    (save_dir / "checkpoint_3").write_bytes(b"half a file")  # e.g. a copy cut short
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=1, save_only_improve=True, max_new_tokens=1)
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0 and "not saving checkpoint_1" in out, err[-2000:]
+    assert checkpoint.read_progress(save_dir, None) == 1
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0 and "This run is finished, nothing to train" in out, (out, err[-2000:])
+
+
 def test_a_save_only_improve_run_past_its_best_epoch_is_finished_or_says_what_it_trains_again(
         tmp_path, gpt2_folder, chain_data):
     """Its newest checkpoint is its best epoch, not its last: the progress record says
