@@ -303,6 +303,14 @@ def logit_transform(config) -> Optional[Callable]:
     return transform
 
 
+def _is_sharded(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
 class HeadMismatchError(ValueError):
     """The model's forward does to its LM head's output what logit_transform does not."""
 
@@ -310,11 +318,12 @@ class HeadMismatchError(ValueError):
 @torch.no_grad()
 def check_head_matches_model(coconut) -> None:
     """HeadMismatchError unless the decoder stack, the LM head and logit_transform give the
-    model's own logits, on two tokens in eval mode (skipped on the meta device): the loss
-    would otherwise train another objective than the model's, without a word."""
+    model's own logits, on two tokens in eval mode: the loss would otherwise train another
+    objective than the model's, without a word. Skipped on the meta device and on
+    sharded (FSDP) parameters: the model is checked where it is built, before sharding."""
     base = coconut.base_causallm
     weight = coconut.lm_head.weight
-    if weight.is_meta:
+    if weight.is_meta or _is_sharded(weight):
         return
     was_training = base.training
     base.eval()

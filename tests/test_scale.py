@@ -263,7 +263,19 @@ def train(config, env, save_at=None):
         if step + 1 == save_at:
             trainer.save_run_state(model, optimizer, config.save_dir, step + 1, 0.0, env)
             result["file_is_the_model"] = model_file_is_the_model(model, config, step + 1, env)
+    result["generated"] = evaluation_tokens(model, built, config, env)
     return result
+
+
+def evaluation_tokens(model, built, config, env):
+    """What the run's evaluation decoder (the model, or a plain view of a sharded base
+    for cot) generates for two fixed prompts, as evaluate.generation_accuracy calls it."""
+    generator = startup.evaluation_decoder(model, built, config, env)
+    prompts = global_batch(built.tokens, 0)["input_ids"][:2, :6]
+    distributed.unwrap(model).eval()
+    with torch.no_grad(), distributed.gathered_root(model):
+        out = generator.generate(prompts, torch.ones_like(prompts), max_new_tokens=3, synced_gpus=env.distributed)
+    return out.tolist()
 
 
 def model_file_is_the_model(model, config, epoch, env):
@@ -374,6 +386,15 @@ def test_two_processes_give_the_one_process_loss_curve(runs):
     assert list(reference) == list(range(STEPS))
     assert len(set(reference.values())) == STEPS  # premise: the model learns, steps differ
     assert_same_curve(runs["two"]["plain"]["losses"], reference, 1e-5)
+
+
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
+def test_evaluation_decoders_generate_alike_on_one_and_two_processes(runs):
+    """A cot run's evaluation decodes through a plain view of its FSDP-sharded base model
+    (built after sharding), a coconut run's through the model itself."""
+    for name in ("plain", "cot_from_pause"):
+        assert runs["two"][name]["generated"] == runs["one"][name]["generated"], name
+        assert len(runs["one"][name]["generated"][0]) == 6 + 3
 
 
 @pytest.mark.slow  # the shared multi-process runs (~40 s)
