@@ -171,9 +171,18 @@ def test_mfu_peaks_by_card_and_a_failed_optional_section_keeps_the_table(monkeyp
     monkeypatch.delenv("COCONUT_PEAK_TFLOPS", raising=False)
     assert [gpu_bench.peak_tflops(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
                                                "NVIDIA H200", "NVIDIA A10")] == [989.0, 756.0, 835.0, 989.0, None]
-    table = gpu_bench.markdown_table({"device": "x", "torch": "t", "transformers": "v", "training": None,
+    def step(ms):
+        return {"s_per_step": ms / 1e3, "mfu": 0.1, "profile": {"gpu_ops": 7, "gpu_busy_ms": 1.0}}
+
+    training = {algo: {"stage_0": step(70), "stage_6": step(140), "stage_6_over_0": 2.0} for algo in ("naive", "ours")}
+    table = gpu_bench.markdown_table({"device": "x", "torch": "t", "transformers": "v", "training": training,
                                       "compile": {"error": "RuntimeError: boom"}, "generation": {"error": "e"}})
-    assert table.splitlines()[0] == "x, torch t, transformers v"
+    lines = table.splitlines()
+    assert lines[0] == "x, torch t, transformers v"
+    # the training rows stay, with "-" where the failed compile section would be
+    assert "| train step, stage 6 (fwd+bwd) | 140 ms (MFU 10.0%) | 140 ms (MFU 10.0%) | - |" in lines
+    assert "| stage 6 / stage 0 | 2.0x | 2.00x | - |" in lines
+    assert not any(line.startswith("| generation") for line in lines)
 
 
 def test_profile_summary_counts_and_ranks_operations():

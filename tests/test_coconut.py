@@ -143,7 +143,8 @@ def test_models_that_transform_their_head_output_keep_it_in_loss_and_logits(kind
     out = coconut(**batch)
     grads = torch.autograd.grad(out.loss, list(base.parameters()), allow_unused=True)
     assert abs(out.loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
-    assert all(relative_difference(g, w) < TOLERANCE for g, w in zip(grads, expected_grads) if w is not None)
+    compared = [relative_difference(g, w) for g, w in zip(grads, expected_grads) if w is not None]
+    assert len(compared) > 10 and max(compared) < TOLERANCE
     with torch.no_grad():  # validation's path
         assert abs(coconut(**batch, return_logits=False).loss.item() - out.loss.item()) < 1e-6 * out.loss.item()
     no_latents = [e for e in examples if LATENT not in e[0].tolist()][:1]

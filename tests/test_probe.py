@@ -65,9 +65,12 @@ def test_probe_table_json_and_plot(tiny, tiny_val, tmp_path, capsys):
     for c in concepts.values():
         token = exported.tokenizer.encode(" " + c["symbol"], add_special_tokens=False)[0]
         assert c["probs"] == pytest.approx(probs[:, token].tolist(), abs=1e-6)
+    assert len(result["masses"]) == 2  # one per thought
     for t, masses in enumerate(result["masses"]):
-        frontier = sum(c["probs"][t] for c in concepts.values() if c["groups"][t] == "frontier")
-        assert masses["frontier"] == pytest.approx(frontier)
+        for group in ("frontier", "reachable", "unreachable"):  # sums of the probabilities computed here
+            members = [probs[t, exported.tokenizer.encode(" " + c["symbol"], add_special_tokens=False)[0]].item()
+                       for c in concepts.values() if c["groups"][t] == group]
+            assert masses[group] == pytest.approx(sum(members), abs=1e-6), group
 
     # the table: one row per concept, the group sums, frontier cells starred
     lines = out.splitlines()
