@@ -19,9 +19,11 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                {"epoch", "best_acc", "optimizer": whole state dict};
                                still resumes. Folders written by the published code have
                                no .state at all; such checkpoints resume without it.
-    progress.json              save_only_improve runs only: {"epochs_done", "newest_checkpoint"},
-                               rewritten every epoch, since their newest checkpoint is their
-                               best epoch, not their last (`write_progress`, `read_progress`).
+    progress.json              {"epochs_done", "newest_checkpoint", "best_acc"}, rewritten
+                               after every epoch's evaluation: a save_only_improve run's
+                               newest checkpoint is its best epoch, not its last, and other
+                               runs save before evaluating (`write_progress`, `read_progress`,
+                               `read_recorded_best`).
 
 What this module fixes in the published code (DESIGN §9):
 - Every file is written to a temporary name in the same folder, fsynced, then renamed
@@ -78,6 +80,7 @@ __all__ = [
     "load_sharded",
     "prune_train_states",
     "read_progress",
+    "read_recorded_best",
     "read_sharded_state",
     "save_checkpoint",
     "state_path",
@@ -524,27 +527,40 @@ def find_resume_point(
     return None
 
 
-def write_progress(save_dir: str | os.PathLike, epochs_done: int, newest_checkpoint: Optional[int]) -> None:
-    """Record, atomically, that the run has trained `epochs_done` epochs while its newest
-    checkpoint is `newest_checkpoint` (None: none yet). For save_only_improve runs, whose
-    newest checkpoint is their best epoch, not their last."""
-    record = {"epochs_done": int(epochs_done), "newest_checkpoint": newest_checkpoint}
+def write_progress(save_dir: str | os.PathLike, epochs_done: int, newest_checkpoint: Optional[int],
+                   best_acc: Optional[float] = None) -> None:
+    """Record, atomically, that the run has trained (and evaluated) `epochs_done` epochs
+    while its newest checkpoint is `newest_checkpoint` (None: none yet), and the best
+    validation accuracy so far. A save_only_improve run's newest checkpoint is its best
+    epoch, not its last; another run's checkpoint is saved before its epoch's
+    evaluation, so its .state's best_acc leaves that epoch out."""
+    record = {"epochs_done": int(epochs_done), "newest_checkpoint": newest_checkpoint, "best_acc": best_acc}
     _atomic_write(os.path.join(os.fspath(save_dir), PROGRESS_FILE), lambda f: f.write(json.dumps(record).encode()))
 
 
-def read_progress(save_dir: str | os.PathLike, newest_checkpoint: Optional[int]) -> int:
-    """Epochs the run has trained by its progress record, or 0 when there is none, it
-    does not read, or the folder changed since (its newest checkpoint is no longer
-    `newest_checkpoint`: a record of another run's folder, or of deleted checkpoints)."""
+def _progress_record(save_dir, newest_checkpoint: Optional[int]) -> dict:
+    """The progress record, {} when there is none, it does not read, or the folder
+    changed since (its newest checkpoint is no longer `newest_checkpoint`: a record of
+    another run's folder, or of deleted checkpoints)."""
     try:
         with open(os.path.join(os.fspath(save_dir), PROGRESS_FILE)) as f:
             record = json.load(f)
-        epochs_done, recorded = record["epochs_done"], record["newest_checkpoint"]
+        matches = record["newest_checkpoint"] == newest_checkpoint
     except (OSError, ValueError, TypeError, KeyError):
-        return 0
-    if recorded != newest_checkpoint or not isinstance(epochs_done, int):
-        return 0
-    return epochs_done
+        return {}
+    return record if matches else {}
+
+
+def read_progress(save_dir: str | os.PathLike, newest_checkpoint: Optional[int]) -> int:
+    """Epochs the run has trained by its progress record (_progress_record), else 0."""
+    epochs_done = _progress_record(save_dir, newest_checkpoint).get("epochs_done")
+    return epochs_done if isinstance(epochs_done, int) and not isinstance(epochs_done, bool) else 0
+
+
+def read_recorded_best(save_dir: str | os.PathLike, newest_checkpoint: Optional[int]) -> Optional[float]:
+    """The best validation accuracy by the progress record (_progress_record), else None."""
+    best = _progress_record(save_dir, newest_checkpoint).get("best_acc")
+    return float(best) if isinstance(best, (int, float)) and not isinstance(best, bool) else None
 
 
 def prune_train_states(save_dir: str | os.PathLike, keep_epochs: Iterable[int]) -> list[str]:

@@ -79,7 +79,8 @@ def _find_start(config, log) -> Start:
             log(f"Loading from previous run epoch_{epoch}!")
             _say_what_is_trained_again(config, epoch, log)
             # {} (not None) for a published-layout checkpoint, which has no .state: it is a resume
-            return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch), train_state or {})
+            return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch),
+                         _with_recorded_best(config, epoch, train_state or {}))
         _say_what_is_trained_again(config, None, log)
     if config.load_model_path is not None:
         log(f"Loading from {config.load_model_path} and skip the first {config.resume} epochs")
@@ -87,6 +88,16 @@ def _find_start(config, log) -> Start:
     if config.resume:
         log(f"Warning: you want to skip the first {config.resume} but you are not loading any existing checkpoint!")
     return Start(config.resume)
+
+
+def _with_recorded_best(config, epoch: int, train_state: dict) -> dict:
+    """train_state with the best accuracy the progress record holds, when it is higher: a
+    checkpoint saved before its epoch's evaluation (save_only_improve off) leaves that
+    epoch's accuracy out of its own best_acc."""
+    recorded = checkpoint.read_recorded_best(config.save_dir, epoch)
+    if recorded is None or recorded <= train_state.get("best_acc", 0.0):
+        return train_state
+    return {**train_state, "best_acc": recorded}
 
 
 def _say_what_is_trained_again(config, newest: Optional[int], log) -> None:

@@ -124,9 +124,9 @@ class TrainingRun:
                 else:  # no silent endings: a run may otherwise end without a single checkpoint
                     self.log(f"save_only_improve: not saving checkpoint_{epoch + 1}, its accuracy "
                              f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc})")
-                if self.env.is_main:  # the newest checkpoint is the best: record how far the run got
-                    checkpoint.write_progress(config.save_dir, epoch + 1, self.newest_checkpoint)
             self.best_acc = max(self.best_acc, metrics["eval/acc"])
+            if self.saving and self.env.is_main:  # how far the run got, and its best (checkpoint.write_progress)
+                checkpoint.write_progress(config.save_dir, epoch + 1, self.newest_checkpoint, self.best_acc)
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -197,7 +197,7 @@ def new_optimizer(model, config, start: Start, epoch: int, env, log):
             distributed.load_optimizer_state(model, optimizer, resumed["optimizer"], env)
             log(f"restored the optimizer state of epoch {epoch}")
             apply_config_hyperparameters(optimizer, config, log)
-        elif resumed:  # its .state holds no optimizer: its own run's rule started a new one here
+        elif "epoch" in resumed:  # its .state holds no optimizer: its own run's rule started a new one here
             log(f"checkpoint_{epoch} was saved without optimizer state (the reset_optimizer rule it was trained "
                 "under started a new AdamW at this epoch): starting a new AdamW")
         else:

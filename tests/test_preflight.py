@@ -407,6 +407,22 @@ def test_the_progress_record_names_the_newest_usable_checkpoint(tmp_path, gpt2_f
     assert rc == 0 and "This run is finished, nothing to train" in out, (out, err[-2000:])
 
 
+def test_a_resumed_run_takes_the_best_accuracy_its_progress_record_holds(tmp_path, gpt2_folder, chain_data):
+    """A checkpoint saved before its epoch's evaluation (save_only_improve off) leaves that
+    epoch's accuracy out of its .state; the progress record, written after evaluating,
+    has it, so save_only_improve turned on later compares against the true best."""
+    import startup
+
+    save_dir = tmp_path / "ckpt" / "run"
+    checkpoint.save_checkpoint(str(save_dir), 2, _state_of(gpt2_folder, coconut=True), {"epoch": 2, "best_acc": 0.25})
+    config = load_config(config_file(tmp_path, gpt2_folder, chain_data, num_epochs=4, save_only_improve=True))
+    assert startup._find_start(config, silent).train_state["best_acc"] == 0.25  # no record
+    checkpoint.write_progress(save_dir, 2, 2, 0.75)
+    assert startup._find_start(config, silent).train_state["best_acc"] == 0.75
+    checkpoint.write_progress(save_dir, 1, 1, 0.9)  # the record of an older checkpoint: not this one's
+    assert startup._find_start(config, silent).train_state["best_acc"] == 0.25
+
+
 def test_a_save_only_improve_run_past_its_best_epoch_is_finished_or_says_what_it_trains_again(
         tmp_path, gpt2_folder, chain_data):
     """Its newest checkpoint is its best epoch, not its last: the progress record says
