@@ -319,22 +319,33 @@ class HeadMismatchError(ValueError):
 def check_head_matches_model(coconut) -> None:
     """HeadMismatchError unless the decoder stack, the LM head and logit_transform give the
     model's own logits, on two tokens in eval mode: the loss would otherwise train another
-    objective than the model's, without a word. Skipped on the meta device and on
-    sharded (FSDP) parameters: the model is checked where it is built, before sharding."""
-    base = coconut.base_causallm
-    weight = coconut.lm_head.weight
-    if weight.is_meta or _is_sharded(weight):
+    objective than the model's, without a word. Both sides run in the precision the
+    model's forward runs in (an autocast wrapper of the run's included: read inside it).
+    Skipped on the meta device and on sharded (FSDP) parameters: the model is checked
+    where it is built, before sharding."""
+    base, head = coconut.base_causallm, coconut.lm_head
+    if head.weight.is_meta or _is_sharded(head.weight):
         return
+    device = head.weight.device
+    precision = []  # (autocast on, its dtype) where the model's forward applies its head
+
+    def read_precision(module, args, output):
+        precision.append((torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)))
+
     was_training = base.training
     base.eval()
+    hook = head.register_forward_hook(read_precision)
     try:
-        ids = torch.tensor([[0, 1]], device=weight.device)
-        embeds = coconut.embedding(ids)
+        embeds = coconut.embedding(torch.tensor([[0, 1]], device=device))
         theirs = base(inputs_embeds=embeds).logits.float()
-        ours = coconut.lm_head(coconut.decoder(inputs_embeds=embeds).last_hidden_state)
-        if coconut.logit_transform is not None:
-            ours = coconut.logit_transform(ours)
+        hook.remove()
+        enabled, dtype = precision[0] if precision else (False, None)
+        with torch.autocast(device.type, dtype=dtype, enabled=enabled):
+            ours = head(coconut.decoder(inputs_embeds=embeds).last_hidden_state)
+            if coconut.logit_transform is not None:
+                ours = coconut.logit_transform(ours)
     finally:
+        hook.remove()
         base.train(was_training)
     ours = ours.float()
     if ours.shape != theirs.shape or not bool(((ours - theirs).norm() <= 1e-3 * theirs.norm() + 1e-6).item()):
