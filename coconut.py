@@ -156,15 +156,26 @@ def align_latents(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_
     return new_ids, new_mask, position_ids
 
 
-def has_local_attention(config) -> bool:
-    """Whether some layer attends to a window of the last columns (a sliding window,
-    chunked attention, GPT-Neo's local layers): there, a padding column between a
-    prompt and its generated tokens takes the place of a real token in the window."""
-    if getattr(config, "sliding_window", None) is not None or getattr(config, "attention_chunk_size", None) is not None:
-        return True
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-        return True
-    return any(kind != "global" for kind in getattr(config, "attention_layers", None) or ())
+def local_attention_window(config) -> Optional[int]:
+    """The fewest last columns a layer attends to (a sliding window, an attention chunk,
+    GPT-Neo's local layers), None when every layer attends to the whole sequence; 0 when
+    some layer is local but the config names no size. Past that many columns, a padding
+    column between a prompt and its generated tokens takes the place of a real token."""
+    def positive(name):
+        value = getattr(config, name, None)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:  # transformers 5 names each layer's kind: the sizes below matter only for local ones
+        local = any(kind != "full_attention" for kind in layer_types)
+    elif getattr(config, "attention_layers", None):  # GPT-Neo
+        local = any(kind != "global" for kind in config.attention_layers)
+    else:
+        local = positive("sliding_window") is not None or positive("attention_chunk_size") is not None
+    if not local:
+        return None
+    sizes = [size for size in map(positive, ("sliding_window", "attention_chunk_size", "window_size")) if size]
+    return min(sizes) if sizes else 0
 
 
 def gapless_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_id) -> list:
@@ -466,7 +477,8 @@ class Coconut(nn.Module):
         self.sync_passes_across_ranks = False
         # what the model's own forward does to its head's output (Granite, Cohere, Gemma 2, ...)
         self.logit_transform = logit_transform(base_causallm.config)
-        check_head_matches_model(self)
+        if latent_token_id is not None:  # a plain decoder computes no loss, and greedy decoding needs no transform
+            check_head_matches_model(self)
         decoder_args = inspect.signature(base_causallm.base_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in decoder_args else "past_key_values"
         # compiling.compile_blocks sets a cache whose update stays outside compiled graphs,
@@ -630,9 +642,22 @@ class Coconut(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if has_local_attention(self.base_causallm.config) and input_ids.shape[0] > 1:
+        if self._needs_gapless_rows(input_ids, attention_mask, max_new_tokens, synced_gpus):
             return self._generate_gapless(input_ids, attention_mask, max_new_tokens, synced_gpus)
         return self._generate_batch(input_ids, attention_mask, max_new_tokens, synced_gpus)
+
+    def _needs_gapless_rows(self, input_ids, attention_mask, max_new_tokens, synced_gpus) -> bool:
+        """Whether a local-attention window could reach past a padding gap of one batch:
+        some row's last new token lies `window` or more columns after the batch's first
+        column. Decided alike on every process under synced_gpus (their passes pair up)."""
+        window = local_attention_window(self.base_causallm.config)
+        if window is None:
+            return False
+        width = align_latents(input_ids, attention_mask, self.latent_token_id, self.eos_token_id)[0].shape[1]
+        needed = input_ids.shape[0] > 1 and width + max_new_tokens > window
+        if synced_gpus:
+            needed = _all_ranks_max(int(needed), input_ids.device) == 1
+        return needed
 
     def _generate_gapless(self, input_ids, attention_mask, max_new_tokens, synced_gpus):
         """generate for models with local attention: a window counts columns, so a row

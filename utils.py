@@ -470,9 +470,9 @@ def _value_problems(config: Config):
         yield ("keys 'bf16' and 'mixed_precision' cannot both be on: bf16: True casts the whole model "
                "(published behaviour), mixed_precision keeps fp32 parameters; choose one")
 
-    parts = config.name.replace("\\", "/").split("/")
-    if not config.name.strip() or os.path.isabs(config.name) or ".." in parts:
-        yield (f"key 'name' must name a folder inside save_path (not empty, not absolute, no '..'), "
+    folder = os.path.normpath(config.name.replace("\\", "/")) if config.name.strip() else "."
+    if folder == "." or os.path.isabs(folder) or folder.split("/")[0] == "..":
+        yield (f"key 'name' must name a folder inside save_path (not empty, not absolute, not '.', no '..'), "
                f"got {config.name!r}")
     if config.local and not config.local_path:
         yield "key 'local_path' is required when local is True"

@@ -177,6 +177,9 @@ def test_a_model_whose_forward_changes_its_head_output_unknowably_is_refused():
     with pytest.raises(HeadMismatchError, match="ScaledGPT2 .gpt2.: its forward changes its LM head's output"):
         Coconut(scaled, LATENT, START, END, EOS)
     assert scaled.training  # the check ran in eval mode and put the mode back
+    # a plain decoder (the evaluation of cot and the other methods) computes no loss, and
+    # a scaled head keeps greedy decoding's choices: not refused
+    Coconut(scaled, None, START, END, EOS)
 
 
 def test_gradient_flows_through_the_continuous_thoughts():
@@ -212,14 +215,14 @@ def test_batched_generation_matches_naive_reference(arch, c_thought):
         assert row == want + [EOS] * (width - len(want))
 
 
-def make_sliding(kind):
-    """Models whose layers attend to a window of the last 4 columns (Gemma 2: every other layer)."""
+def make_sliding(kind, window=4):
+    """Models whose layers attend to a window of the last `window` columns (Gemma 2: every other layer)."""
     import transformers
 
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                  sliding_window=4)
+                  sliding_window=window)
     extra = {"mistral": {}, "gemma2": dict(head_dim=16, attn_logit_softcapping=None)}[kind]
     name = {"mistral": "Mistral", "gemma2": "Gemma2"}[kind]
     return getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**common, **extra)).eval()
@@ -230,10 +233,9 @@ def test_batched_generation_with_a_sliding_window_matches_naive_reference(kind):
     """A window counts columns: padding between a prompt and its new tokens would take
     real tokens' places in it, so such models decode gapless sub-batches (rows with
     3, 1, 0, 2 latents and prompts of different lengths here)."""
-    from coconut import gapless_groups, has_local_attention
+    from coconut import gapless_groups
 
     base = make_sliding(kind)
-    assert has_local_attention(base.config) and not has_local_attention(make_gpt2(VOCAB).config)
     coconut = Coconut(base, LATENT, START, END, EOS)
     rng = random.Random(5)
     prompts = [make_example(rng, n, rng.randrange(2, 10), 1)[0][:-2] for n in [3, 1, 0, 2, 0, 3]]
@@ -249,6 +251,45 @@ def test_batched_generation_with_a_sliding_window_matches_naive_reference(kind):
         assert row == want + [EOS] * (width - len(want))
     # premise: decoded as one padded batch, some row would differ
     assert any(row[: len(want)] != want for row, want in zip(one_batch.tolist(), expected))
+
+
+def test_which_models_count_a_local_attention_window():
+    """Local: Mistral's window, Gemma 2's sliding layers, GPT-Neo's local layers. Not:
+    GPT-2, Llama, a window of 0 (Qwen2-MoE's "off"), a window no layer uses (Qwen2 whose
+    layer types are all full)."""
+    from transformers import GPTNeoConfig, Qwen2Config, Qwen2MoeConfig
+
+    from coconut import local_attention_window
+
+    assert local_attention_window(make_sliding("mistral").config) == 4
+    assert local_attention_window(make_sliding("gemma2", window=8).config) == 8
+    assert local_attention_window(GPTNeoConfig(window_size=256)) == 256
+    assert local_attention_window(make_gpt2(VOCAB).config) is None
+    assert local_attention_window(make_llama(VOCAB).config) is None
+    assert local_attention_window(Qwen2MoeConfig()) is None
+    full_qwen = Qwen2Config(use_sliding_window=True, sliding_window=64, num_hidden_layers=2,
+                            layer_types=["full_attention"] * 2)
+    assert full_qwen.sliding_window == 64 and local_attention_window(full_qwen) is None
+
+
+def test_a_window_wider_than_every_row_decodes_as_one_batch(monkeypatch):
+    """Gapless sub-batches only when a window could reach past a gap: a window wider than
+    the aligned prompts plus the new tokens sees every real token anyway."""
+    base = make_sliding("mistral", window=64)
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    rng = random.Random(5)
+    prompts = [make_example(rng, n, rng.randrange(2, 10), 1)[0][:-2] for n in [3, 1, 0, 2]]
+    batch = collate([(p, p) for p in prompts])
+    calls = []
+    monkeypatch.setattr(coconut, "_generate_gapless", lambda *args: calls.append(args))
+    with torch.no_grad():
+        got = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
+        expected = [naive_generate(base, p, 12) for p in prompts]
+        coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=64)  # 64 columns and more
+    assert len(calls) == 1  # only the second: its last tokens lie 64 columns or more in
+    width = max(map(len, expected))
+    for row, want in zip(got.tolist(), expected):
+        assert row == want + [EOS] * (width - len(want))
 
 
 def test_generation_accepts_any_padding():

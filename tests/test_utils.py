@@ -340,7 +340,7 @@ def test_a_key_that_is_not_a_plain_value_is_one_line(tmp_path):
         load_config(write(tmp_path, "? [a, b]\n: 1\n" + PROSQA_COCONUT_YAML))
 
 
-@pytest.mark.parametrize("name", ["''", "' '", "/abs/run", "../elsewhere", "runs/../../x"])
+@pytest.mark.parametrize("name", ["''", "' '", "/abs/run", "../elsewhere", "runs/../../x", ".", "./", "a/./..", "a/.."])
 def test_a_name_outside_save_path_is_rejected(tmp_path, name):
     """save_dir is save_path/name: an empty name would put checkpoints in save_path itself."""
     assert "key 'name' must name a folder inside save_path" in error_of(tmp_path, name=name)
@@ -348,6 +348,7 @@ def test_a_name_outside_save_path_is_rejected(tmp_path, name):
 
 def test_a_nested_name_is_a_folder_inside_save_path(tmp_path):
     assert load_with(tmp_path, name="prosqa/run1").save_dir.endswith("prosqa/run1")
+    assert load_with(tmp_path, name="runs/../run1").save_dir.endswith("runs/../run1")  # still inside save_path
 
 
 def test_missing_file_is_a_one_line_config_error(tmp_path):
