@@ -295,8 +295,9 @@ def logit_transform(config) -> Optional[Callable]:
         value = getattr(config, name, None)
         return None if value in (None, 1) else value
 
-    divisor = factor("logits_scaling") if not model_type.startswith("hyperclovax") else None
-    multipliers = [value for value in (factor("logits_scaling") if model_type.startswith("hyperclovax") else None,
+    scaling, scaling_multiplies = factor("logits_scaling"), model_type.startswith("hyperclovax")
+    divisor = None if scaling_multiplies else scaling
+    multipliers = [value for value in (scaling if scaling_multiplies else None,
                                        factor("logit_scale") if "cohere" in model_type else None) if value is not None]
     softcap = getattr(config, "final_logit_softcapping", None)
     if divisor is None and not multipliers and softcap is None:
@@ -349,8 +350,7 @@ def check_head_matches_model(coconut) -> None:
     try:
         embeds = coconut.embedding(torch.tensor([[0, 1]], device=device))
         theirs = base(inputs_embeds=embeds).logits.float()
-        hook.remove()
-        enabled, dtype = precision[0] if precision else (False, None)
+        enabled, dtype = precision[0] if precision else (False, None)  # the forward's own call, read first
         with torch.autocast(device.type, dtype=dtype, enabled=enabled):
             ours = head(coconut.decoder(inputs_embeds=embeds).last_hidden_state)
             if coconut.logit_transform is not None:
@@ -642,21 +642,23 @@ class Coconut(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self._needs_gapless_rows(input_ids, attention_mask, max_new_tokens, synced_gpus):
+        aligned = align_latents(input_ids, attention_mask, self.latent_token_id, self.eos_token_id)
+        if self._needs_gapless_rows(aligned[0], max_new_tokens, synced_gpus):
             return self._generate_gapless(input_ids, attention_mask, max_new_tokens, synced_gpus)
-        return self._generate_batch(input_ids, attention_mask, max_new_tokens, synced_gpus)
+        return self._decode_aligned(*aligned, max_new_tokens, synced_gpus)
 
-    def _needs_gapless_rows(self, input_ids, attention_mask, max_new_tokens, synced_gpus) -> bool:
-        """Whether a local-attention window could reach past a padding gap of one batch:
-        some row's last new token lies `window` or more columns after the batch's first
-        column. Decided alike on every process under synced_gpus (their passes pair up)."""
+    def _needs_gapless_rows(self, aligned_ids, max_new_tokens, synced_gpus) -> bool:
+        """Whether a local-attention window could reach past a padding gap of the batch
+        align_latents laid out (aligned_ids): some row's last new token lies `window` or
+        more columns after its first column. Decided alike on every process under
+        synced_gpus (their passes pair up)."""
         window = local_attention_window(self.base_causallm.config)
         if window is None:
             return False
-        width = align_latents(input_ids, attention_mask, self.latent_token_id, self.eos_token_id)[0].shape[1]
-        needed = input_ids.shape[0] > 1 and width + max_new_tokens > window
+        batch, width = aligned_ids.shape
+        needed = batch > 1 and width + max_new_tokens > window
         if synced_gpus:
-            needed = _all_ranks_max(int(needed), input_ids.device) == 1
+            needed = _all_ranks_max(int(needed), aligned_ids.device) == 1
         return needed
 
     def _generate_gapless(self, input_ids, attention_mask, max_new_tokens, synced_gpus):
@@ -668,19 +670,17 @@ class Coconut(nn.Module):
         outputs = []
         for i in range(n_calls):  # past its own groups a process decodes one row again: the others need its passes
             rows = torch.tensor(groups[i] if i < len(groups) else groups[0][:1], device=input_ids.device)
-            outputs.append(self._generate_batch(input_ids[rows], attention_mask[rows], max_new_tokens, synced_gpus,
-                                                right_align=True))
+            aligned = align_latents(input_ids[rows], attention_mask[rows], self.latent_token_id, self.eos_token_id,
+                                    right_align=True)
+            outputs.append(self._decode_aligned(*aligned, max_new_tokens, synced_gpus))
         width = max(out.shape[1] for out in outputs[:len(groups)])
         result = input_ids.new_full((input_ids.shape[0], width), self.eos_token_id)
         for rows, out in zip(groups, outputs):
             result[torch.tensor(rows, device=input_ids.device), : out.shape[1]] = out
         return result
 
-    def _generate_batch(self, input_ids, attention_mask, max_new_tokens, synced_gpus, right_align=False):
-        """generate for one batch, laid out by align_latents."""
-        input_ids, prompt_mask, position_ids = align_latents(
-            input_ids, attention_mask, self.latent_token_id, self.eos_token_id, right_align
-        )
+    def _decode_aligned(self, input_ids, prompt_mask, position_ids, max_new_tokens, synced_gpus):
+        """generate for one batch that align_latents laid out."""
         decoder = None
         if input_ids.device.type == "cuda" and self.cuda_graphs and not synced_gpus and max_new_tokens > 1:
             from compiling import captured_decoder

@@ -244,7 +244,8 @@ def test_batched_generation_with_a_sliding_window_matches_naive_reference(kind):
     with torch.no_grad():
         got = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
         expected = [naive_generate(base, p, 12) for p in prompts]
-        one_batch = coconut._generate_batch(batch["input_ids"], batch["attention_mask"], 12, False)
+        aligned = align_latents(batch["input_ids"], batch["attention_mask"], LATENT, EOS)
+        one_batch = coconut._decode_aligned(*aligned, 12, False)
     width = max(map(len, expected))
     assert got.shape == (len(prompts), width)
     for row, want in zip(got.tolist(), expected):
