@@ -212,17 +212,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, transform=None):
         total, grads = _chunked_cross_entropy(hidden, weight, bias, targets, ctx.needs_input_grad, transform)
-        ctx.save_for_backward(*grads)
+        # kept on ctx, not saved for backward: the backward scales them in place and hands
+        # them over, so the head's fp32 (vocab, hidden) gradient becomes .grad as it is,
+        # with no second buffer of that size for the scaled copy
+        ctx.grads = grads
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("Coconut's loss was already backpropagated: its gradients were computed in the "
+                               "forward and scaled in place by the first backward; run the forward again")
+        (grad_hidden, grad_weight, grad_bias), ctx.grads = ctx.grads, None
         weight_dtype, bias_dtype = ctx.dtypes
 
         def scaled(grad, dtype):
-            return None if grad is None else (grad * grad_total).to(dtype)
+            return None if grad is None else grad.mul_(grad_total).to(dtype)
 
         return (scaled(grad_hidden, None if grad_hidden is None else grad_hidden.dtype),
                 scaled(grad_weight, weight_dtype), scaled(grad_bias, bias_dtype), None, None)

@@ -500,6 +500,37 @@ def test_chunked_loss_matches_plain_cross_entropy_across_chunks(monkeypatch):
     assert unsupervised.isnan() and all(g is not None and not g.any() for g in grads)
 
 
+def test_chunked_loss_hands_its_head_gradient_over_without_a_copy(monkeypatch):
+    """The backward scales the forward's fp32 head gradient in place and autograd keeps
+    it as .grad: no second (vocab, hidden) buffer at the backward's start. A second
+    backward through the same loss is refused with one line, not silently rescaled."""
+    import coconut as coconut_module
+
+    computed = []
+    real = coconut_module._chunked_cross_entropy
+
+    def spy(*args, **kwargs):
+        total, grads = real(*args, **kwargs)
+        # the head's gradient as computed, before any scaling, and where it lies (a reference
+        # held here would make autograd copy it)
+        computed.extend([grads[1].clone(), grads[1].data_ptr()])
+        return total, grads
+
+    monkeypatch.setattr(coconut_module, "_chunked_cross_entropy", spy)
+    torch.manual_seed(2)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 6, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 6))
+    loss = coconut_module.supervised_loss(hidden, labels, head)
+    (4 * loss).backward(retain_graph=True)
+    unscaled, address = computed
+    count = (labels[:, 1:] != -100).sum()
+    assert head.weight.grad.data_ptr() == address
+    assert relative_difference(head.weight.grad, unscaled * 4 / count) < 1e-6
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("arch", MODELS)
 def test_ready_made_pass_masks_equal_hugging_faces(arch):
     """pass_mask gives what create_causal_mask builds for a pass after a cached prefix,
