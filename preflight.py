@@ -26,6 +26,11 @@ Checked, in order:
   tokens as modeling.build_model does, and the checkpoint's keys and shapes are
   compared by modeling's loading rules; the file is memory-mapped, so no tensor data
   is read here;
+- every token id the tokenizer can give indexes a row of the model's input embeddings
+  as the run will have them (that meta-device model's): methods without latent tokens
+  add no rows, so a tokenizer that is not the model's own (a pad token added without
+  resizing, say) would index past them, an IndexError mid-epoch on a CPU and a device
+  assert on a GPU;
 - a run whose folder already holds its last epoch is finished (`Preflight.finished`),
   and so is a save_only_improve run whose progress record (checkpoint.write_progress)
   says it trained every epoch, its newest checkpoint being its best;
@@ -34,6 +39,7 @@ Checked, in order:
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import socket
@@ -98,8 +104,8 @@ def check(config, data: dict, saves: bool) -> Preflight:
         if not os.path.isfile(state_path):
             raise UserError(f"load_model_path {state_path}: no such file")
         state = checkpoint.load_model_state(state_path)  # memory-mapped: no tensor data is read
-    if state is not None:
-        check_checkpoint_fits(config, hf_config, tokenizer, tokens, state, state_path)
+    rows = check_checkpoint_fits(config, hf_config, tokenizer, tokens, state, state_path)
+    check_vocabulary(config, tokenizer, tokens, rows, f"{key} {name}")
     if saves and result.finished is None:
         check_writable(config)
     return result
@@ -376,16 +382,30 @@ def finished_message(config, epoch: Optional[int], train_state: Optional[dict]) 
             f"only_eval=True load_model_path={path} resume={config.num_epochs - 1}; {to_train_on}")
 
 
-def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: dict, path: str) -> None:
-    """The checkpoint's keys and shapes against the model of this run, built on the meta
-    device (DESIGN §5's loading rules, in modeling.build_model's order)."""
+def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[dict], path: Optional[str]) -> int:
+    """The checkpoint's keys and shapes (if the run loads one) against the model of this
+    run, built on the meta device (DESIGN §5's loading rules, in modeling.build_model's
+    order). Returns the rows of that model's input embeddings."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "copying ... to a meta parameter ... is a no-op": that is the point
-        base = AutoModelForCausalLM.from_config(hf_config)
+        base = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))  # resizing sets the config's vocab_size
         place_weights(config, base, tokenizer, tokens, state, path,
                       add_token_rows=lambda b: b.resize_token_embeddings(len(tokenizer), mean_resizing=False))
+    return base.get_input_embeddings().weight.shape[0]
+
+
+def check_vocabulary(config, tokenizer, tokens, rows: int, source: str) -> None:
+    """Every id the run's data can hold (any token of the tokenizer's, its pad and EOS;
+    the three latent tokens only in methods that use them) is below `rows`."""
+    unused = set() if config.method.latent_tokens else {tokens.start_id, tokens.end_id, tokens.latent_id}
+    ids = {token: i for token, i in tokenizer.get_vocab().items() if i not in unused}
+    largest = max(ids, key=ids.get)
+    if ids[largest] >= rows:
+        raise UserError(
+            f"{source}: its tokenizer gives token ids up to {ids[largest]} ({largest!r}) but the model's input "
+            f"embeddings have {rows} rows, and a {config.method} run adds none: is the tokenizer the model's own?")
 
 
 # ------------------------------------------------------------------ the run folder

@@ -214,6 +214,53 @@ def test_pieces_the_tokenizer_splices_inconsistently_stop_the_run_before_the_mod
     assert_fails(tmp_path, [cfg], f"{chain_data['train']}: example 0: the tokenizer does not tokenize the pieces")
 
 
+def _with_unresized_pad_token(tmp_path, gpt2_folder):
+    """gpt2_folder whose embeddings have a row per token of its tokenizer's vocabulary
+    and a pad token added after the last one (as a fine-tune that added one without
+    resizing the embeddings)."""
+    rows = []
+
+    def add_pad(tokenizer):
+        rows.append(len(tokenizer["model"]["vocab"]))
+        tokenizer["added_tokens"].append({"id": rows[0], "content": "<pad>", "single_word": False, "lstrip": False,
+                                          "rstrip": False, "normalized": False, "special": True})
+        return tokenizer
+
+    folder = _tokenizer_variant(tmp_path, gpt2_folder, "pad_past_rows", edit_tokenizer=add_pad,
+                                edit_config=lambda config: {**config, "pad_token": "<pad>"})
+    model_config = json.loads(open(os.path.join(folder, "config.json")).read())
+    write_json(tmp_path / "pad_past_rows" / "config.json", {**model_config, "vocab_size": rows[0]})
+    return folder
+
+
+def test_a_tokenizer_with_ids_past_the_embeddings_stops_a_run_that_adds_no_rows(tmp_path, gpt2_folder, chain_data,
+                                                                                monkeypatch):
+    """A cot run pads with the pad token, past the embeddings' last row: refused before the
+    model is built. The premise: the run fails in training without the check."""
+    folder = _with_unresized_pad_token(tmp_path, gpt2_folder)
+    tokenizer, _ = build_tokenizer(folder)
+    rows = json.loads(open(os.path.join(folder, "config.json")).read())["vocab_size"]
+    assert tokenizer.pad_token_id == rows
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=folder, coconut=False, cot=True)
+    assert_fails(tmp_path, [cfg], f"model_id {folder}: its tokenizer gives token ids up to {rows} ('<pad>')",
+                 f"input embeddings have {rows} rows, and a cot run adds none")
+    monkeypatch.setattr(preflight, "check_vocabulary", lambda *args: None)
+    with pytest.raises(IndexError, match="index out of range"):
+        run_in_process(cfg)
+
+
+def test_a_run_that_adds_rows_takes_a_tokenizer_with_ids_past_the_embeddings(tmp_path, gpt2_folder, chain_data):
+    """coconut resizes the embeddings to the tokenizer: the same tokenizer passes the check."""
+    folder = _with_unresized_pad_token(tmp_path, gpt2_folder)
+    config = Config.from_dict(dict(train_path="t", val_path="v", model_id=folder, coconut=True))
+    tokenizer, tokens = build_tokenizer(folder)
+    hf_config = preflight.resolve_model("model_id", folder)
+    rows = preflight.check_checkpoint_fits(config, hf_config, tokenizer, tokens, None, None)
+    assert rows == len(tokenizer) == hf_config.vocab_size + 4  # <pad> and the three latent tokens
+    preflight.check_vocabulary(config, tokenizer, tokens, rows, "model_id")
+    assert build_model(config, None, None, silent).base_causallm.get_input_embeddings().weight.shape[0] == rows
+
+
 @pytest.mark.parametrize("name", ["./models/nope", "models/nope", "/nowhere/model"])
 def test_model_id_a_path_that_does_not_exist(tmp_path, gpt2_folder, chain_data, name, monkeypatch):
     monkeypatch.chdir(REPO)  # where models/ exists: `models/nope` is a path, not a hub id
