@@ -33,7 +33,8 @@ What this module fixes in the published code (DESIGN §9):
   `.state` (if any) was complete before it.
 - Only files named exactly `checkpoint_{int}` count as checkpoints; anything else in
   the folder (notes, backups, temporary files, directories) is ignored.
-- Loading uses `weights_only=True`; a file that does not load (or a .state folder with
+- Loading uses `weights_only=True`, and DCP folders are read through safe_dcp.py
+  (torch's own reader unpickles them freely); a file that does not load (or a .state folder with
   a missing or short shard file) is reported with one line naming it, and
   `find_resume_point` then falls back to the next older checkpoint.
 
@@ -61,10 +62,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from cli import UserError, first_line
+from safe_dcp import SafeEmptyLoadPlanner, SafeLoadPlanner, SafeReader
 from streamed_save import StreamedModelState, write_streamed
 
 __all__ = [
@@ -455,7 +457,7 @@ def _check_dcp_files(folder: str) -> None:
     """DCP's metadata reads and names files that exist and are long enough (a cheap
     check for a damaged or half-copied folder; the contents are read at load time)."""
     try:
-        metadata = dcp.FileSystemReader(folder).read_metadata()
+        metadata = SafeReader(folder).read_metadata()
     except Exception as e:  # missing or unreadable .metadata
         raise CheckpointError(folder, f"has no readable DCP metadata ({type(e).__name__}: {str(e)[:200]})") from e
     needed: dict[str, int] = {}
@@ -478,9 +480,19 @@ def load_sharded(state: ShardedState, template: Any) -> Any:
     whatever the number of processes that saved it.
     """
     wrapped = {state.key: template}
-    with _lone_process_quiet():
-        dcp.load(wrapped, storage_reader=dcp.FileSystemReader(state.path), no_dist=_no_dist())
+    try:
+        with _lone_process_quiet():
+            dcp.load(wrapped, storage_reader=SafeReader(state.path), planner=SafeLoadPlanner(), no_dist=_no_dist())
+    except (CheckpointException, Exception) as e:  # DCP's own is a BaseException; every process gets one
+        raise CheckpointError(state.path, f"its {state.key} does not load into this run ({_dcp_failure(e)})") from None
     return wrapped[state.key]
+
+
+def _dcp_failure(error: BaseException) -> str:
+    """The first process's exception inside DCP's CheckpointException, in one line."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 @contextlib.contextmanager
@@ -501,8 +513,8 @@ def read_sharded_state(folder: str | os.PathLike) -> dict[str, Any]:
     (for inspection and tests; it holds everything in memory)."""
     result: dict[str, Any] = {}
     # as torch's own dcp_to_torch_save does: an empty planner takes every saved key
-    _load_state_dict(result, storage_reader=dcp.FileSystemReader(os.fspath(folder)),
-                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    _load_state_dict(result, storage_reader=SafeReader(os.fspath(folder)), planner=SafeEmptyLoadPlanner(),
+                     no_dist=True)
     return result
 
 

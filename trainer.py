@@ -194,7 +194,11 @@ def new_optimizer(model, config, start: Start, epoch: int, env, log):
     resumed = start.train_state if epoch == start.epoch else None
     if resumed is not None and config.optimizer_carries_over(epoch):
         if resumed.get("optimizer") is not None:
-            distributed.load_optimizer_state(model, optimizer, resumed["optimizer"], env)
+            try:
+                distributed.load_optimizer_state(model, optimizer, resumed["optimizer"], env)
+            except checkpoint.CheckpointError as e:  # another model's parameters, say: every process gets it
+                log(f"{e}: starting a new AdamW")
+                return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
             log(f"restored the optimizer state of epoch {epoch}")
             apply_config_hyperparameters(optimizer, config, log)
         elif "epoch" in resumed:  # its .state holds no optimizer: its own run's rule started a new one here

@@ -304,6 +304,54 @@ def test_find_resume_point_skips_checkpoint_with_damaged_state(tmp_path, damage)
     one_line_naming(warnings[0], named)
 
 
+class _Payload:
+    """Unpickling it makes a folder: what a crafted checkpoint file could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_a_crafted_dcp_metadata_is_refused_without_running_it(tmp_path):
+    """torch's own reader unpickles .metadata freely (the premise, checked); ours skips the
+    checkpoint with one line and runs nothing."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1), sharded(1))
+    save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2), sharded(2))
+    state, marker = tmp_path / "checkpoint_2.state", tmp_path / "ran"
+    genuine = dcp.FileSystemReader(state).read_metadata()
+    (state / ".metadata").write_bytes(pickle.dumps([_Payload(marker), genuine]))
+    warnings = []
+    epoch, _, _ = find_resume_point(tmp_path, warn=warnings.append)
+    assert epoch == 1 and not marker.exists()
+    assert "posix.mkdir" in one_line_naming(warnings[0], state) and "refused" in warnings[0]
+    with pytest.raises(Exception):
+        dcp.FileSystemReader(state).read_metadata()
+    assert marker.exists()
+
+
+def test_a_crafted_plain_value_in_the_sharded_state_is_refused_without_running_it(tmp_path):
+    """A non-tensor value (the optimizer's param_groups are those) that unpickles into a
+    call: torch's default planner runs it (the premise, checked), ours refuses it."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "ran"
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1), {"extra": {"value": _Payload(marker)}})
+    assert not marker.exists()
+    saved = load_train_state(tmp_path, 1)["extra"]
+    with pytest.raises(CheckpointError) as refused:
+        load_sharded(saved, {"value": None})
+    assert not marker.exists()
+    assert "UnsafeCheckpointError: extra.value is not made of plain values" in one_line_naming(refused.value, saved.path)
+    dcp.load({"extra": {"value": None}}, storage_reader=dcp.FileSystemReader(saved.path), no_dist=True)
+    assert marker.exists()
+
+
 def test_find_resume_point_none_when_all_damaged(tmp_path):
     for epoch in (1, 2):
         (tmp_path / f"checkpoint_{epoch}").write_bytes(b"PK\x03\x04 broken")

@@ -189,6 +189,28 @@ def test_a_resumed_optimizer_takes_the_configs_lr_and_weight_decay(tmp_path):
                      "weight_decay = 0.0 (the config's) replaces the restored optimizer's 0.01"]
 
 
+def test_an_optimizer_state_of_other_parameters_starts_a_new_adamw_with_one_line(tmp_path):
+    """The folder's checkpoint was trained as another model (a cot run relaunched as
+    coconut: three more embedding rows, other names): the run goes on with a new AdamW,
+    as if the optimizer had been reset, and says why, instead of a DCP traceback at
+    every relaunch."""
+    other = make_gpt2(VOCAB - 3)
+    saved = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    other(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    saved.step()
+    checkpoint.save_checkpoint(tmp_path, 1, distributed.full_model_state(other), {"epoch": 1},
+                               {"optimizer": distributed.optimizer_state(other, saved)})
+    model = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    config = run_config("unused", "unused", reset_optimizer=False)
+    resume = startup.Start(epoch=1, train_state=checkpoint.load_train_state(tmp_path, 1))
+    lines = []
+    optimizer = trainer.new_optimizer(model, config, resume, 1, DistEnv(), lines.append)
+    assert not optimizer.state  # a new AdamW: no moments, not even the zero ones DCP's template makes
+    [line] = lines
+    assert line.startswith(f"checkpoint {tmp_path / 'checkpoint_1.state'}: its optimizer does not load into this run (")
+    assert line.endswith("): starting a new AdamW") and "\n" not in line
+
+
 @pytest.mark.parametrize("train_state, said", [
     ({"epoch": 1, "best_acc": 0.5}, "checkpoint_1 was saved without optimizer state (the reset_optimizer rule it "
                                     "was trained under started a new AdamW at this epoch): starting a new AdamW"),
