@@ -35,9 +35,15 @@ def process_rank() -> int:
         return 0
 
 
+def reports_errors() -> bool:
+    """Whether this process prints the run's one-line errors: rank 0, and the first
+    process of every other node (a file missing on one node is met there alone)."""
+    return process_rank() == 0 or os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def fail(error: BaseException) -> int:
-    """Print a user error as one line on stderr (rank 0 only); the exit status for it."""
-    if process_rank() == 0:
+    """Print a user error as one line on stderr (reports_errors); the exit status for it."""
+    if reports_errors():
         line = f"error: {error}"
         print(line, file=sys.stderr)
         _tell_torchrun(line)
@@ -66,7 +72,7 @@ def main_guard(main: Callable[[], int]) -> int:
         return fail(error)
     except KeyboardInterrupt:
         _close_progress_bars()
-        if process_rank() == 0:
+        if reports_errors():
             print("interrupted", file=sys.stderr, flush=True)
         return 130
 

@@ -390,7 +390,13 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "copying ... to a meta parameter ... is a no-op": that is the point
-        base = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))  # resizing sets the config's vocab_size
+        try:
+            base = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))  # resizing sets the config's vocab_size
+        except (ValueError, KeyError) as e:  # a vision-language or encoder-decoder config, say
+            key, name = model_source(config)
+            raise UserError(f"{key} {name}: transformers builds no causal language model from its config "
+                            f"({getattr(hf_config, 'model_type', '?')}): Coconut needs a decoder-only causal LM "
+                            f"({first_line(e)})") from None
         place_weights(config, base, tokenizer, tokens, state, path,
                       add_token_rows=lambda b: b.resize_token_embeddings(len(tokenizer), mean_resizing=False))
     return base.get_input_embeddings().weight.shape[0]

@@ -229,6 +229,8 @@ def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Con
         raise ConfigError(f"{prefix}file not found") from None
     except OSError as e:
         raise ConfigError(f"{prefix}cannot read file: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{prefix}not UTF-8 text (saved as UTF-16 or Latin-1? save it as UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{prefix}invalid YAML: {_one_line_yaml_error(e)}") from None
     if raw is None:
@@ -457,6 +459,9 @@ def _value_problems(config: Config):
         yield (f"key 'seed' must be <= {2**32 - config.num_epochs} with num_epochs {config.num_epochs} "
                f"(epoch e seeds with seed + e, below 2**32), got {config.seed}")
 
+    for unsupported in ("special_token", "grpo"):  # before the method keys: such configs set none of them
+        if getattr(config, unsupported):
+            yield f"key {unsupported!r}: this switch of later published code is not supported; set it to False"
     on = [flag for flag in METHOD_FLAGS if getattr(config, flag)]
     if len(on) != 1:
         yield _method_flags_message(on)
@@ -476,9 +481,6 @@ def _value_problems(config: Config):
                f"got {config.name!r}")
     if config.local and not config.local_path:
         yield "key 'local_path' is required when local is True"
-    for unsupported in ("special_token", "grpo"):
-        if getattr(config, unsupported):
-            yield f"key {unsupported!r}: this switch of later published code is not supported; set it to False"
 
     # Evaluation always reads val_path; only an evaluation-only run may omit train_path.
     if config.val_path is None:
@@ -489,6 +491,10 @@ def _value_problems(config: Config):
 
 def _method_flags_message(on) -> str:
     flags = ", ".join(METHOD_FLAGS)
-    if not on:
-        return f"one of {flags} must be True"
+    if not on:  # what the published run.py then trained: the latent tokens, no wrapper
+        return f"one of {flags} must be True (with all False the published run.py trained pause as thought: " \
+               "set pause_as_thought: True)"
+    if sorted(on) == ["coconut", "no_thoughts"]:  # the published run.py then turned coconut off
+        return f"only one of {flags} may be True (got coconut, no_thoughts: the published run.py trained " \
+               "no_thoughts then; set coconut: False)"
     return f"only one of {flags} may be True (got {', '.join(on)})"

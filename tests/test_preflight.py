@@ -261,6 +261,30 @@ def test_a_run_that_adds_rows_takes_a_tokenizer_with_ids_past_the_embeddings(tmp
     assert build_model(config, None, None, silent).base_causallm.get_input_embeddings().weight.shape[0] == rows
 
 
+def test_a_model_that_is_no_causal_lm_stops_the_run(tmp_path, gpt2_folder, chain_data):
+    """A vision-language (or encoder-decoder) config: transformers has no causal-LM class
+    for it, which the meta-device build meets first."""
+    from transformers import T5Config
+
+    folder = _tokenizer_variant(tmp_path, gpt2_folder, "t5")
+    T5Config(vocab_size=400, d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32).save_pretrained(folder)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=folder)
+    assert_fails(tmp_path, [cfg], f"model_id {folder}: transformers builds no causal language model from its "
+                                  "config (t5): Coconut needs a decoder-only causal LM")
+
+
+@pytest.mark.parametrize("rank, local_rank, reported", [("0", "0", True), ("1", "1", False), ("2", "0", True)])
+def test_the_first_process_of_each_node_reports_a_user_error(monkeypatch, capsys, rank, local_rank, reported):
+    """A file missing on one node is met by that node's processes alone: its first one says so."""
+    from cli import UserError, fail
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    assert fail(UserError("train_path t.json: no such file")) == 2
+    assert capsys.readouterr().err == ("error: train_path t.json: no such file\n" if reported else "")
+
+
 @pytest.mark.parametrize("name", ["./models/nope", "models/nope", "/nowhere/model"])
 def test_model_id_a_path_that_does_not_exist(tmp_path, gpt2_folder, chain_data, name, monkeypatch):
     monkeypatch.chdir(REPO)  # where models/ exists: `models/nope` is a path, not a hub id

@@ -210,8 +210,15 @@ def test_pause_as_thought_counts_as_a_method(tmp_path):
 
 
 def test_no_method_flag_is_rejected(tmp_path):
+    """With all False the published run.py trained pause as thought: the line says which key that is."""
     message = error_of(tmp_path, coconut="False")
     assert "one of coconut, cot, no_cot, no_thoughts, pause_as_thought must be True" in message
+    assert "set pause_as_thought: True" in message
+
+
+def test_coconut_with_no_thoughts_names_what_the_published_code_did(tmp_path):
+    message = error_of(tmp_path, no_thoughts="True")
+    assert "(got coconut, no_thoughts: the published run.py trained no_thoughts then; set coconut: False)" in message
 
 
 @pytest.mark.parametrize("method", ["coconut", "pause_as_thought", "no_thoughts"])
@@ -430,11 +437,20 @@ def test_later_published_keys_load_and_local_path_wins(tmp_path):
     assert load_config(str(path)).model_path == "m"
 
 
+@pytest.mark.parametrize("coconut", ["True", "False"])  # later published configs set coconut: False beside it
 @pytest.mark.parametrize("key", ["special_token", "grpo"])
-def test_unsupported_published_switches_are_refused(tmp_path, key):
+def test_unsupported_published_switches_are_refused(tmp_path, key, coconut):
     path = tmp_path / "legacy.yaml"
-    path.write_text(f"coconut: True\n{key}: True\ntrain_path: t.json\nval_path: v.json\n")
-    with pytest.raises(ConfigError, match=key):
+    path.write_text(f"coconut: {coconut}\n{key}: True\ntrain_path: t.json\nval_path: v.json\n")
+    with pytest.raises(ConfigError, match=f"key '{key}': this switch of later published code is not supported"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, encoding):
+    path = tmp_path / "legacy.yaml"
+    path.write_text("# modèle de test\ncoconut: True\ntrain_path: t.json\nval_path: v.json\n", encoding=encoding)
+    with pytest.raises(ConfigError, match="legacy.yaml.*not UTF-8 text"):
         load_config(str(path))
 
 
