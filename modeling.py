@@ -72,15 +72,18 @@ def has_weights(model_id: str) -> bool:
 
 
 def load_base_model(model_id: str, log, weights_from: Optional[str] = None) -> torch.nn.Module:
-    """weights_from: the checkpoint that will supply the weights, if any (for the log)."""
+    """The model in fp32, whatever dtype its files or config name (transformers 5 would
+    keep a bf16 checkpoint's bf16: parameters and AdamW state below fp32, which the
+    precision settings promise, DESIGN §5); `bf16: True` casts afterwards, as published.
+    weights_from: the checkpoint that will supply the weights, if any (for the log)."""
     if has_weights(model_id):
-        return AutoModelForCausalLM.from_pretrained(model_id)
+        return AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
     model_type = AutoConfig.from_pretrained(model_id).model_type
     if weights_from is None:
         log(f"no weights in {model_id}: training {model_type} from scratch")
     else:
         log(f"no weights in {model_id}: building {model_type} from its config; the weights come from {weights_from}")
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_id))
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_id), dtype=torch.float32)
 
 
 def init_new_token_rows(model, tokenizer, tokens: LatentTokens, log, already_in_tokenizer=False) -> None:

@@ -73,6 +73,31 @@ def test_a_model_that_already_has_the_latent_tokens_keeps_their_trained_rows(gpt
     assert lines == ["the model's tokenizer already holds the latent tokens, and its embeddings their rows: kept as they are"]
 
 
+@pytest.mark.parametrize("with_weights", [True, False])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_model_saved_in_bf16_trains_in_the_precision_the_config_asks(llama_folder, tmp_path, with_weights, bf16):
+    """Hub checkpoints of Llama, Qwen, Mistral, ... are bf16 and their configs say so:
+    transformers 5 would keep that dtype; a run keeps fp32 parameters unless bf16: True."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "bf16_model"
+    shutil.copytree(llama_folder, folder)
+    hf_config = AutoConfig.from_pretrained(folder)
+    hf_config.dtype = torch.bfloat16
+    if with_weights:
+        AutoModelForCausalLM.from_config(hf_config).to(torch.bfloat16).save_pretrained(folder)
+    else:
+        hf_config.save_pretrained(folder)
+    # the premise: transformers alone gives bf16 parameters here
+    plain = (AutoModelForCausalLM.from_pretrained(folder) if with_weights
+             else AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)))
+    assert next(plain.parameters()).dtype == torch.bfloat16
+    built = build_model(config_for(str(folder), coconut=True, bf16=bf16), None, None, silent)
+    assert {p.dtype for p in built.model.parameters()} == {torch.bfloat16 if bf16 else torch.float32}
+
+
 def test_checkpoint_of_another_size_names_the_key(gpt2_folder):
     config = config_for(gpt2_folder, cot=True)
     state = build_model(config, None, None, silent).model.state_dict()
