@@ -56,6 +56,7 @@ from cli import UserError, first_line
 from dataset import check_piecewise
 from layout import PromptLayout
 from modeling import build_tokenizer, place_weights
+from startup import never_evaluated
 
 HUB_PROBE_SECONDS = 2.0
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -94,7 +95,8 @@ def check(config, data: dict, saves: bool) -> Preflight:
     if found is not None:
         epoch, state, train_state = found
         state_path = checkpoint.checkpoint_path(config.save_dir, epoch)
-        if max(epoch, checkpoint.read_progress(config.save_dir, epoch)) >= config.num_epochs:
+        trained = max(epoch, checkpoint.read_progress(config.save_dir, epoch))
+        if trained >= config.num_epochs and not never_evaluated(config, epoch, train_state):
             result.finished = finished_message(config, epoch, train_state)
     elif not (config.only_eval or config.debug) and checkpoint.read_progress(config.save_dir, None) >= config.num_epochs:
         result.finished = finished_message(config, None, None)

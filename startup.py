@@ -30,6 +30,8 @@ class Start:
     model_state: Optional[dict] = None  # None on ranks > 0 of a sharded run
     model_path: Optional[str] = None
     train_state: Optional[dict] = None  # not None: resuming this run's own checkpoint
+    # the checkpoint was saved before its epoch's evaluation, which never finished: the run evaluates it first
+    unevaluated: bool = False
 
 
 def sharded_training(config, env) -> bool:
@@ -67,7 +69,7 @@ def _without_weights(start: Start) -> Start:
     train_state = start.train_state
     if train_state and isinstance(train_state.get("optimizer"), dict):
         train_state = {**train_state, "optimizer": {}}
-    return Start(start.epoch, None, start.model_path, train_state)
+    return Start(start.epoch, None, start.model_path, train_state, start.unevaluated)
 
 
 def _find_start(config, log) -> Start:
@@ -80,7 +82,8 @@ def _find_start(config, log) -> Start:
             _say_what_is_trained_again(config, epoch, log)
             # {} (not None) for a published-layout checkpoint, which has no .state: it is a resume
             return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch),
-                         _with_recorded_best(config, epoch, train_state or {}))
+                         _with_recorded_best(config, epoch, train_state or {}),
+                         unevaluated=never_evaluated(config, epoch, train_state))
         _say_what_is_trained_again(config, None, log)
     if config.load_model_path is not None:
         log(f"Loading from {config.load_model_path} and skip the first {config.resume} epochs")
@@ -88,6 +91,15 @@ def _find_start(config, log) -> Start:
     if config.resume:
         log(f"Warning: you want to skip the first {config.resume} but you are not loading any existing checkpoint!")
     return Start(config.resume)
+
+
+def never_evaluated(config, epoch: int, train_state: Optional[dict]) -> bool:
+    """Whether the run stopped between saving checkpoint_{epoch} and the end of its
+    epoch's evaluation: a run that saves before evaluating (save_only_improve off) wrote
+    the checkpoint's .state, and the progress record stops short of it. Checkpoints
+    without a .state (the published code's) are not judged."""
+    ours = bool(train_state) and "epoch" in train_state
+    return ours and not config.save_only_improve and checkpoint.evaluated_through(config.save_dir) < epoch
 
 
 def _with_recorded_best(config, epoch: int, train_state: dict) -> dict:

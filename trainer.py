@@ -103,6 +103,8 @@ class TrainingRun:
 
     def run(self) -> None:
         config = self.config
+        if self.start.unevaluated:
+            self.evaluate_unfinished(self.start.epoch - 1)
         for epoch in range(self.start.epoch, config.num_epochs):
             stage = config.scheduled_stage(epoch)
             set_seed(config.seed + epoch)  # per-epoch randomness: a resumed epoch repeats exactly
@@ -111,24 +113,41 @@ class TrainingRun:
                 self.train_epoch(stage, epoch)
                 if self.saving and not config.save_only_improve:
                     self.save(epoch + 1)
-                val_loss = validation_loss(self.model, self.stager.validation(stage, epoch), self.collator,
-                                           config.batch_size_training, self.env)
-                self.log_metrics({"eval/loss": val_loss}, f"eval loss {val_loss}")
-            metrics = self.evaluate(stage)
+            metrics = self.validate(stage, epoch)
             if config.only_eval:
                 break
-            if self.saving and config.save_only_improve:
-                if metrics["eval/acc"] > self.best_acc:
-                    self.best_acc = metrics["eval/acc"]
-                    self.save(epoch + 1)
-                else:  # no silent endings: a run may otherwise end without a single checkpoint
-                    self.log(f"save_only_improve: not saving checkpoint_{epoch + 1}, its accuracy "
-                             f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc})")
-            self.best_acc = max(self.best_acc, metrics["eval/acc"])
-            if self.saving and self.env.is_main:  # how far the run got, and its best (checkpoint.write_progress)
-                checkpoint.write_progress(config.save_dir, epoch + 1, self.newest_checkpoint, self.best_acc)
+            self.finish_epoch(epoch, metrics)
         if self.wandb is not None:
             self.wandb.finish()
+
+    def evaluate_unfinished(self, epoch: int) -> None:
+        """The evaluation of an epoch whose checkpoint was saved before the run stopped,
+        as the run would have done it: its lines, its accuracy in the best and the record."""
+        self.log(f"checkpoint_{epoch + 1} was saved but its epoch's evaluation did not finish: evaluating it first")
+        set_seed(self.config.seed + epoch)
+        self.finish_epoch(epoch, self.validate(self.config.scheduled_stage(epoch), epoch))
+
+    def validate(self, stage: int, epoch: int) -> dict:
+        """The validation loss (training runs) and the generation accuracy of `epoch`."""
+        if not self.config.only_eval:
+            val_loss = validation_loss(self.model, self.stager.validation(stage, epoch), self.collator,
+                                       self.config.batch_size_training, self.env)
+            self.log_metrics({"eval/loss": val_loss}, f"eval loss {val_loss}")
+        return self.evaluate(stage)
+
+    def finish_epoch(self, epoch: int, metrics: dict) -> None:
+        """save_only_improve's save, the best accuracy, and the progress record."""
+        config = self.config
+        if self.saving and config.save_only_improve:
+            if metrics["eval/acc"] > self.best_acc:
+                self.best_acc = metrics["eval/acc"]
+                self.save(epoch + 1)
+            else:  # no silent endings: a run may otherwise end without a single checkpoint
+                self.log(f"save_only_improve: not saving checkpoint_{epoch + 1}, its accuracy "
+                         f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc})")
+        self.best_acc = max(self.best_acc, metrics["eval/acc"])
+        if self.saving and self.env.is_main:  # how far the run got, and its best (checkpoint.write_progress)
+            checkpoint.write_progress(config.save_dir, epoch + 1, self.newest_checkpoint, self.best_acc)
 
     # -------------------------------------------------------------- per epoch
     def optimizer_for(self, epoch: int):

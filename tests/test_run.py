@@ -24,7 +24,7 @@ import trainer
 from builders import (ACC_RE, COT_RE, FULL_RE, PREFIX, REPO, RUN_PY, acc_lines, assert_same_tensors,
                       assert_same_values, epochs_started, free_port, keys_for, load, makefile_demo_data_args,
                       makefile_variable, run_in_process, run_sub, sub_env, write_cfg)
-from checkpoint import list_checkpoints, read_sharded_state
+from checkpoint import evaluated_through, list_checkpoints, read_sharded_state
 from layout import END, LATENT, START
 from preprocessing import prosqa
 from utils import load_config
@@ -279,7 +279,7 @@ def reference_run(tmp_path_factory, gpt2_folder, chain_data):
     proc = run_sub([RUN_PY, cfg])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert epochs_started(proc.stderr) == [1, 2]
-    return {"dir": save_dir, "seconds": time.monotonic() - start}
+    return {"dir": save_dir, "seconds": time.monotonic() - start, "out": proc.stdout}
 
 
 def _start(cfg, log_dir, tag):
@@ -287,6 +287,28 @@ def _start(cfg, log_dir, tag):
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, RUN_PY, cfg], cwd=REPO, env=sub_env(), stdout=out, stderr=err)
     return proc, out_path, err_path
+
+
+def test_a_checkpoint_saved_before_a_kill_in_its_evaluation_is_evaluated_on_relaunch(tmp_path, coconut_run):
+    """A run killed during its last epoch's evaluation has every checkpoint but not that
+    epoch's accuracy: the relaunch evaluates it (the lines the uninterrupted run printed),
+    records it, and trains nothing; a second relaunch finds the run finished."""
+    import shutil
+
+    save_dir = tmp_path / "ckpt" / "coconut"
+    shutil.copytree(coconut_run["dir"], save_dir)
+    record = json.loads((save_dir / "progress.json").read_text())
+    assert record["epochs_done"] == record["newest_checkpoint"] == 2
+    (save_dir / "progress.json").write_text(json.dumps({**record, "epochs_done": 1, "newest_checkpoint": 1}))
+    keys = yaml.safe_load(open(coconut_run["cfg"]))
+    cfg = write_cfg(tmp_path / "cfg.yaml", {**keys, "save_path": str(tmp_path / "ckpt")})
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0, err[-3000:]
+    assert "checkpoint_2 was saved but its epoch's evaluation did not finish: evaluating it first" in out
+    assert ACC_RE.findall(out) == ACC_RE.findall(coconut_run["out"])[-1:] and epochs_started(err) == []
+    assert json.loads((save_dir / "progress.json").read_text()) == record
+    rc, out, _ = run_in_process(cfg)
+    assert rc == 0 and "this run is finished" in out and not ACC_RE.findall(out)
 
 
 @pytest.mark.slow
@@ -309,20 +331,27 @@ def test_kill_and_resume_is_exact(when, tmp_path, gpt2_folder, chain_data, refer
     done = max(list_checkpoints(save_dir), default=0)
     if when == "after_checkpoint_1":
         assert done == 1
+    # a checkpoint is saved before its epoch's evaluation: was that evaluation recorded?
+    evaluated = done == 0 or evaluated_through(save_dir) >= done
+    print(f"killed with {done} checkpoints, the last {'evaluated' if evaluated else 'not evaluated'}")
 
     proc, out_path, err_path = _start(cfg, tmp_path, "second")
     assert proc.wait(timeout=300) == 0, err_path.read_text()[-3000:]
     out, err = out_path.read_text(), err_path.read_text()
-    if done == 2:  # killed after its last save (during the last evaluation): nothing left to train
+    if done == 2 and evaluated:  # killed after its last evaluation: nothing left to do
         assert "already holds checkpoint_2 and num_epochs is 2: this run is finished" in out
     elif done:
         assert f"Loading from previous run epoch_{done}!" in out
-        assert f"restored the optimizer state of epoch {done}" in out
+        assert (f"restored the optimizer state of epoch {done}" in out) == (done < 2)
     else:
         assert "resume from that" not in out
-    # no finished epoch is trained again
+    assert (f"checkpoint_{done} was saved but its epoch's evaluation did not finish" in out) == (not evaluated)
+    # no finished epoch is trained again, every evaluation that did not finish runs, as the uninterrupted run did it
     assert epochs_started(err) == list(range(done + 1, 3))
-    assert len(acc_lines(out)) == 2 - done
+    evaluations = 2 - done + (not evaluated)
+    assert len(acc_lines(out)) == evaluations
+    assert ACC_RE.findall(out) == ACC_RE.findall(reference_run["out"])[2 - evaluations:]
+    assert evaluated_through(save_dir) == 2
 
     assert list_checkpoints(save_dir) == [1, 2]
     for epoch in (1, 2):
