@@ -539,6 +539,15 @@ def find_resume_point(
     return None
 
 
+def mark_evaluated(save_dir: str | os.PathLike, epoch: int) -> None:
+    """Set `evaluated: True` in checkpoint_{epoch}'s train state (atomically): a run that
+    saves before evaluating writes False, so a relaunch after a stop in between knows
+    that epoch still wants its evaluation. Nothing for a checkpoint without a .state folder."""
+    path = os.path.join(state_path(save_dir, epoch), PLAIN_STATE_FILE)
+    if os.path.isfile(path):
+        atomic_torch_save({**_torch_load(path), "evaluated": True}, path)
+
+
 def write_progress(save_dir: str | os.PathLike, epochs_done: int, newest_checkpoint: Optional[int],
                    best_acc: Optional[float] = None) -> None:
     """Record, atomically, that the run has trained (and evaluated) `epochs_done` epochs
@@ -550,30 +559,22 @@ def write_progress(save_dir: str | os.PathLike, epochs_done: int, newest_checkpo
     _atomic_write(os.path.join(os.fspath(save_dir), PROGRESS_FILE), lambda f: f.write(json.dumps(record).encode()))
 
 
-def _progress_record(save_dir, newest_checkpoint: Optional[int], any_checkpoint: bool = False) -> dict:
+def _progress_record(save_dir, newest_checkpoint: Optional[int]) -> dict:
     """The progress record, {} when there is none, it does not read, or the folder
     changed since (its newest checkpoint is no longer `newest_checkpoint`: a record of
-    another run's folder, or of deleted checkpoints) unless any_checkpoint."""
+    another run's folder, or of deleted checkpoints)."""
     try:
         with open(os.path.join(os.fspath(save_dir), PROGRESS_FILE)) as f:
             record = json.load(f)
-        matches = any_checkpoint or record["newest_checkpoint"] == newest_checkpoint
+        matches = record["newest_checkpoint"] == newest_checkpoint
     except (OSError, ValueError, TypeError, KeyError):
         return {}
-    return record if matches and isinstance(record, dict) else {}
+    return record if matches else {}
 
 
 def read_progress(save_dir: str | os.PathLike, newest_checkpoint: Optional[int]) -> int:
     """Epochs the run has trained by its progress record (_progress_record), else 0."""
     epochs_done = _progress_record(save_dir, newest_checkpoint).get("epochs_done")
-    return epochs_done if isinstance(epochs_done, int) and not isinstance(epochs_done, bool) else 0
-
-
-def evaluated_through(save_dir: str | os.PathLike) -> int:
-    """The epochs the progress record says were trained and evaluated, whichever its
-    newest checkpoint (0 without a record): a checkpoint saved before its epoch's
-    evaluation (save_only_improve off) that lies past it was never evaluated."""
-    epochs_done = _progress_record(save_dir, None, any_checkpoint=True).get("epochs_done")
     return epochs_done if isinstance(epochs_done, int) and not isinstance(epochs_done, bool) else 0
 
 

@@ -96,7 +96,7 @@ def check(config, data: dict, saves: bool) -> Preflight:
         epoch, state, train_state = found
         state_path = checkpoint.checkpoint_path(config.save_dir, epoch)
         trained = max(epoch, checkpoint.read_progress(config.save_dir, epoch))
-        if trained >= config.num_epochs and not never_evaluated(config, epoch, train_state):
+        if trained >= config.num_epochs and not never_evaluated(train_state):
             result.finished = finished_message(config, epoch, train_state)
     elif not (config.only_eval or config.debug) and checkpoint.read_progress(config.save_dir, None) >= config.num_epochs:
         result.finished = finished_message(config, None, None)

@@ -83,7 +83,7 @@ def _find_start(config, log) -> Start:
             # {} (not None) for a published-layout checkpoint, which has no .state: it is a resume
             return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch),
                          _with_recorded_best(config, epoch, train_state or {}),
-                         unevaluated=never_evaluated(config, epoch, train_state))
+                         unevaluated=never_evaluated(train_state))
         _say_what_is_trained_again(config, None, log)
     if config.load_model_path is not None:
         log(f"Loading from {config.load_model_path} and skip the first {config.resume} epochs")
@@ -93,13 +93,12 @@ def _find_start(config, log) -> Start:
     return Start(config.resume)
 
 
-def never_evaluated(config, epoch: int, train_state: Optional[dict]) -> bool:
-    """Whether the run stopped between saving checkpoint_{epoch} and the end of its
-    epoch's evaluation: a run that saves before evaluating (save_only_improve off) wrote
-    the checkpoint's .state, and the progress record stops short of it. Checkpoints
-    without a .state (the published code's) are not judged."""
-    ours = bool(train_state) and "epoch" in train_state
-    return ours and not config.save_only_improve and checkpoint.evaluated_through(config.save_dir) < epoch
+def never_evaluated(train_state: Optional[dict]) -> bool:
+    """Whether the run stopped between saving this checkpoint and the end of its epoch's
+    evaluation: a run that saves before evaluating writes `evaluated: False` in its train
+    state and sets it once the evaluation is done (checkpoint.mark_evaluated); the
+    published code's checkpoints and earlier versions' have no such key."""
+    return bool(train_state) and train_state.get("evaluated") is False
 
 
 def _with_recorded_best(config, epoch: int, train_state: dict) -> dict:

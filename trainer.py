@@ -147,6 +147,8 @@ class TrainingRun:
                          f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc})")
         self.best_acc = max(self.best_acc, metrics["eval/acc"])
         if self.saving and self.env.is_main:  # how far the run got, and its best (checkpoint.write_progress)
+            if not config.save_only_improve:  # its checkpoint was saved before this evaluation
+                checkpoint.mark_evaluated(config.save_dir, epoch + 1)
             checkpoint.write_progress(config.save_dir, epoch + 1, self.newest_checkpoint, self.best_acc)
 
     # -------------------------------------------------------------- per epoch
@@ -187,8 +189,9 @@ class TrainingRun:
         """checkpoint_{epoch_done} (weights, published layout) and its resume state; rank 0
         writes. The optimizer state is kept only when the next epoch continues with it."""
         keep_optimizer = self.config.optimizer_carries_over(epoch_done)
+        # only save_only_improve saves after the evaluation
         save_run_state(self.model, self.optimizer if keep_optimizer else None, self.config.save_dir, epoch_done,
-                       self.best_acc, self.env)
+                       self.best_acc, self.env, evaluated=self.config.save_only_improve)
         self.newest_checkpoint = epoch_done
         self.log("saving model.")
 
@@ -241,13 +244,16 @@ def apply_config_hyperparameters(optimizer, config, log) -> None:
                 group[key] = wanted
 
 
-def save_run_state(model, optimizer, save_dir: str, epoch_done: int, best_acc: float, env) -> None:
+def save_run_state(model, optimizer, save_dir: str, epoch_done: int, best_acc: float, env,
+                   evaluated: bool = True) -> None:
     """Write checkpoint_{epoch_done} (the weights in the published layout, gathered to rank
     0 one tensor at a time) and its .state (the optimizer sharded, each rank writing its
-    part, when one is given), then drop the .state of all but the STATES_KEPT newest."""
+    part, when one is given), then drop the .state of all but the STATES_KEPT newest.
+    evaluated=False: saved before its epoch's evaluation (checkpoint.mark_evaluated)."""
     sharded = {"optimizer": distributed.optimizer_state(model, optimizer)} if optimizer is not None else None
     model_state = distributed.full_model_state(model)
-    checkpoint.save_checkpoint(save_dir, epoch_done, model_state, {"epoch": epoch_done, "best_acc": best_acc},
+    train_state = {"epoch": epoch_done, "best_acc": best_acc, "evaluated": evaluated}
+    checkpoint.save_checkpoint(save_dir, epoch_done, model_state, train_state,
                                sharded, is_main=env.is_main, barrier=lambda: distributed.barrier(env))
     del model_state
     if env.is_main:

@@ -24,7 +24,7 @@ import trainer
 from builders import (ACC_RE, COT_RE, FULL_RE, PREFIX, REPO, RUN_PY, acc_lines, assert_same_tensors,
                       assert_same_values, epochs_started, free_port, keys_for, load, makefile_demo_data_args,
                       makefile_variable, run_in_process, run_sub, sub_env, write_cfg)
-from checkpoint import evaluated_through, list_checkpoints, read_sharded_state
+from checkpoint import list_checkpoints, load_train_state, read_sharded_state
 from layout import END, LATENT, START
 from preprocessing import prosqa
 from utils import load_config
@@ -289,17 +289,34 @@ def _start(cfg, log_dir, tag):
     return proc, out_path, err_path
 
 
+@pytest.mark.parametrize("train_state, unevaluated", [
+    ({"epoch": 2, "best_acc": 0.5, "evaluated": False}, True), ({"epoch": 2, "best_acc": 0.5, "evaluated": True}, False),
+    ({"epoch": 2, "best_acc": 0.5}, False),  # an earlier version's: not judged
+    ({}, False), (None, False)])  # the published layout (no .state), no resume
+def test_only_a_checkpoint_marked_before_its_evaluation_is_evaluated_again(train_state, unevaluated):
+    from startup import never_evaluated
+
+    assert never_evaluated(train_state) is unevaluated
+
+
 def test_a_checkpoint_saved_before_a_kill_in_its_evaluation_is_evaluated_on_relaunch(tmp_path, coconut_run):
     """A run killed during its last epoch's evaluation has every checkpoint but not that
     epoch's accuracy: the relaunch evaluates it (the lines the uninterrupted run printed),
     records it, and trains nothing; a second relaunch finds the run finished."""
     import shutil
 
+    from checkpoint import PLAIN_STATE_FILE, atomic_torch_save
+
     save_dir = tmp_path / "ckpt" / "coconut"
     shutil.copytree(coconut_run["dir"], save_dir)
     record = json.loads((save_dir / "progress.json").read_text())
     assert record["epochs_done"] == record["newest_checkpoint"] == 2
+    # the folder as the kill left it: checkpoint_2 saved, its evaluation not done, nor recorded
     (save_dir / "progress.json").write_text(json.dumps({**record, "epochs_done": 1, "newest_checkpoint": 1}))
+    plain = save_dir / "checkpoint_2.state" / PLAIN_STATE_FILE
+    saved = torch.load(plain, weights_only=True)
+    assert saved["evaluated"] is True
+    atomic_torch_save({**saved, "evaluated": False}, plain)
     keys = yaml.safe_load(open(coconut_run["cfg"]))
     cfg = write_cfg(tmp_path / "cfg.yaml", {**keys, "save_path": str(tmp_path / "ckpt")})
     rc, out, err = run_in_process(cfg)
@@ -307,6 +324,7 @@ def test_a_checkpoint_saved_before_a_kill_in_its_evaluation_is_evaluated_on_rela
     assert "checkpoint_2 was saved but its epoch's evaluation did not finish: evaluating it first" in out
     assert ACC_RE.findall(out) == ACC_RE.findall(coconut_run["out"])[-1:] and epochs_started(err) == []
     assert json.loads((save_dir / "progress.json").read_text()) == record
+    assert torch.load(plain, weights_only=True) == saved
     rc, out, _ = run_in_process(cfg)
     assert rc == 0 and "this run is finished" in out and not ACC_RE.findall(out)
 
@@ -332,7 +350,7 @@ def test_kill_and_resume_is_exact(when, tmp_path, gpt2_folder, chain_data, refer
     if when == "after_checkpoint_1":
         assert done == 1
     # a checkpoint is saved before its epoch's evaluation: was that evaluation recorded?
-    evaluated = done == 0 or evaluated_through(save_dir) >= done
+    evaluated = done == 0 or load_train_state(save_dir, done)["evaluated"]
     print(f"killed with {done} checkpoints, the last {'evaluated' if evaluated else 'not evaluated'}")
 
     proc, out_path, err_path = _start(cfg, tmp_path, "second")
@@ -351,7 +369,7 @@ def test_kill_and_resume_is_exact(when, tmp_path, gpt2_folder, chain_data, refer
     evaluations = 2 - done + (not evaluated)
     assert len(acc_lines(out)) == evaluations
     assert ACC_RE.findall(out) == ACC_RE.findall(reference_run["out"])[2 - evaluations:]
-    assert evaluated_through(save_dir) == 2
+    assert load_train_state(save_dir, 2)["evaluated"] is True
 
     assert list_checkpoints(save_dir) == [1, 2]
     for epoch in (1, 2):
