@@ -480,12 +480,38 @@ def load_sharded(state: ShardedState, template: Any) -> Any:
     whatever the number of processes that saved it.
     """
     wrapped = {state.key: template}
+    check_sharded_fits(state, template)
     try:
         with _lone_process_quiet():
             dcp.load(wrapped, storage_reader=SafeReader(state.path), planner=SafeLoadPlanner(), no_dist=_no_dist())
     except (CheckpointException, Exception) as e:  # DCP's own is a BaseException; every process gets one
-        raise CheckpointError(state.path, f"its {state.key} does not load into this run ({_dcp_failure(e)})") from None
+        raise CheckpointError(state.path, f"its {state.key} could not be loaded ({_dcp_failure(e)})") from None
     return wrapped[state.key]
+
+
+class StateMismatch(CheckpointError):
+    """A saved sharded state without a key of this run's, or with another shape: the
+    state of another model (or method, or run), not a damaged file."""
+
+
+def check_sharded_fits(state: ShardedState, template: Any) -> None:
+    """StateMismatch naming the first entry of `template` that `state` lacks or holds in
+    another shape (global shapes, whatever the processes that saved it), from DCP's
+    metadata alone. Every process reads the same metadata, so all agree."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    try:
+        saved = SafeReader(state.path).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(state.path, f"has no readable DCP metadata ({type(e).__name__}: {first_line(e)})") from e
+    wanted, _ = flatten_state_dict({state.key: template})
+    for key, value in wanted.items():
+        if key not in saved:
+            raise StateMismatch(state.path, f"it holds no {key}, which this run's {state.key} has")
+        size = getattr(saved[key], "size", None)
+        if isinstance(value, torch.Tensor) and size != value.size():
+            raise StateMismatch(state.path, f"its {key} has shape {tuple(size) if size is not None else None}, "
+                                            f"this run's {tuple(value.size())}")
 
 
 def _dcp_failure(error: BaseException) -> str:

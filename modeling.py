@@ -71,13 +71,17 @@ def has_weights(model_id: str) -> bool:
     return any(glob.glob(os.path.join(model_id, p)) for p in WEIGHT_PATTERNS)
 
 
-def load_base_model(model_id: str, log, weights_from: Optional[str] = None) -> torch.nn.Module:
+def load_base_model(model_id: str, log, weights_from: Optional[str] = None,
+                    weights_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The model in fp32, whatever dtype its files or config name (transformers 5 would
     keep a bf16 checkpoint's bf16: parameters and AdamW state below fp32, which the
     precision settings promise, DESIGN §5); `bf16: True` casts afterwards, as published.
+    weights_dtype: the dtype saved weights are read in (bf16 for `bf16: True` runs: the
+    values that loading in fp32 then casting give, in half the host memory); a model
+    built from its config is initialised in fp32 all the same (the same random values).
     weights_from: the checkpoint that will supply the weights, if any (for the log)."""
     if has_weights(model_id):
-        return AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(model_id, dtype=weights_dtype)
     model_type = AutoConfig.from_pretrained(model_id).model_type
     if weights_from is None:
         log(f"no weights in {model_id}: training {model_type} from scratch")
@@ -108,7 +112,7 @@ def init_new_token_rows(model, tokenizer, tokens: LatentTokens, log, already_in_
     with torch.no_grad():
         for weight in matrices:
             old_rows = weight[: min(new_ids)]
-            row = weight[source[0]].clone() if len(source) == 1 else old_rows.mean(0)
+            row = weight[source[0]].clone() if len(source) == 1 else old_rows.float().mean(0).to(weight.dtype)
             for token_id in new_ids:
                 weight[token_id] = row
 
@@ -155,7 +159,8 @@ def _tied_keys(module) -> set:
 def build_model(config, state: Optional[dict], state_path: Optional[str], log) -> BuiltModel:
     """Tokenizer, base model, new tokens, optional weights, and the wrapper if coconut."""
     tokenizer, tokens, already = load_tokenizer(config.model_path)
-    base = load_base_model(config.model_path, log, state_path if state is not None else None)
+    base = load_base_model(config.model_path, log, state_path if state is not None else None,
+                           torch.bfloat16 if config.bf16 else torch.float32)
     model = place_weights(config, base, tokenizer, tokens, state, state_path,
                           add_token_rows=lambda b: init_new_token_rows(b, tokenizer, tokens, log, already))
     if config.bf16:

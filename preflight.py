@@ -394,21 +394,30 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
         warnings.simplefilter("ignore")  # "copying ... to a meta parameter ... is a no-op": that is the point
         try:
             base = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))  # resizing sets the config's vocab_size
-        except (ValueError, KeyError) as e:  # a vision-language or encoder-decoder config, say
+        except (ValueError, KeyError) as e:
             key, name = model_source(config)
-            raise UserError(f"{key} {name}: transformers builds no causal language model from its config "
-                            f"({getattr(hf_config, 'model_type', '?')}): Coconut needs a decoder-only causal LM "
-                            f"({first_line(e)})") from None
+            model_type = getattr(hf_config, "model_type", "?")
+            if "Unrecognized configuration class" in str(e):  # a vision-language or encoder-decoder config, say
+                raise UserError(f"{key} {name}: transformers builds no causal language model from its config "
+                                f"({model_type}): Coconut needs a decoder-only causal LM") from None
+            raise UserError(f"{key} {name}: transformers cannot build the {model_type} model its config describes "
+                            f"({type(e).__name__}: {first_line(e)})") from None
         place_weights(config, base, tokenizer, tokens, state, path,
                       add_token_rows=lambda b: b.resize_token_embeddings(len(tokenizer), mean_resizing=False))
     return base.get_input_embeddings().weight.shape[0]
 
 
 def check_vocabulary(config, tokenizer, tokens, rows: int, source: str) -> None:
-    """Every id the run's data can hold (any token of the tokenizer's, its pad and EOS;
-    the three latent tokens only in methods that use them) is below `rows`."""
-    unused = set() if config.method.latent_tokens else {tokens.start_id, tokens.end_id, tokens.latent_id}
-    ids = {token: i for token, i in tokenizer.get_vocab().items() if i not in unused}
+    """Every id the run's data can hold is below `rows`: any token text can produce (the
+    vocabulary and added tokens that are not special), the special tokens the data uses
+    (pad, EOS, what the tokenizer adds to a text), and the three latent tokens in
+    methods that use them. Other special tokens (Gemma 3's image tokens, say) never
+    occur in text data and may lie past the embeddings."""
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    used = {tokenizer.pad_token_id, tokenizer.eos_token_id, *tokenizer.encode("", add_special_tokens=True)}
+    if config.method.latent_tokens:
+        used |= {tokens.start_id, tokens.end_id, tokens.latent_id}
+    ids = {token: i for token, i in tokenizer.get_vocab().items() if i not in special or i in used}
     largest = max(ids, key=ids.get)
     if ids[largest] >= rows:
         raise UserError(

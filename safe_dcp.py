@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 import pickle
 import sys
 
@@ -28,7 +29,6 @@ ALLOWED_GLOBALS = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # a layout from its name
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
 }
 
@@ -51,8 +51,11 @@ class _MetadataUnpickler(pickle.Unpickler):
             return True
         if module == "torch":  # dtypes (torch.float32, ...), nothing else of torch's namespace
             return isinstance(getattr(torch, name, None), torch.dtype)
+        found = getattr(sys.modules.get(module), name, None)
         if module in METADATA_MODULES:  # classes only: a module function could do anything
-            return isinstance(getattr(sys.modules.get(module), name, None), type)
+            return isinstance(found, type)
+        if module == "pathlib" or module.startswith("pathlib."):  # the checkpoint id (pathlib._local on Python 3.13)
+            return isinstance(found, type) and issubclass(found, pathlib.PurePath)
         return False
 
 

@@ -218,7 +218,7 @@ def new_optimizer(model, config, start: Start, epoch: int, env, log):
         if resumed.get("optimizer") is not None:
             try:
                 distributed.load_optimizer_state(model, optimizer, resumed["optimizer"], env)
-            except checkpoint.CheckpointError as e:  # another model's parameters, say: every process gets it
+            except checkpoint.StateMismatch as e:  # another model's parameters, say: every process gets it
                 log(f"{e}: starting a new AdamW")
                 return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
             log(f"restored the optimizer state of epoch {epoch}")

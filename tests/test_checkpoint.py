@@ -335,6 +335,22 @@ def test_a_crafted_dcp_metadata_is_refused_without_running_it(tmp_path):
     assert marker.exists()
 
 
+def test_dcp_metadata_may_name_paths_of_any_python_but_nothing_else(monkeypatch):
+    """The checkpoint id in DCP's metadata is a path object: `pathlib.PosixPath` up to
+    Python 3.12, `pathlib._local.PosixPath` on 3.13 (a module faked here on older ones)."""
+    import pathlib
+    import types
+
+    from safe_dcp import _MetadataUnpickler
+
+    monkeypatch.setitem(sys.modules, "pathlib._local", types.SimpleNamespace(PosixPath=pathlib.PosixPath, open=open))
+    allowed = _MetadataUnpickler._allowed
+    assert allowed("pathlib", "PosixPath") and allowed("pathlib._local", "PosixPath")
+    assert allowed("torch.distributed.checkpoint.metadata", "TensorStorageMetadata") and allowed("torch", "bfloat16")
+    assert not allowed("pathlib._local", "open") and not allowed("torch", "load") and not allowed("posix", "system")
+    assert not allowed("torch.distributed.checkpoint.format_utils", "dcp_to_torch_save")
+
+
 def test_a_crafted_plain_value_in_the_sharded_state_is_refused_without_running_it(tmp_path):
     """A non-tensor value (the optimizer's param_groups are those) that unpickles into a
     call: torch's default planner runs it (the premise, checked), ours refuses it."""

@@ -96,6 +96,13 @@ def test_a_model_saved_in_bf16_trains_in_the_precision_the_config_asks(llama_fol
     assert next(plain.parameters()).dtype == torch.bfloat16
     built = build_model(config_for(str(folder), coconut=True, bf16=bf16), None, None, silent)
     assert {p.dtype for p in built.model.parameters()} == {torch.bfloat16 if bf16 else torch.float32}
+    if with_weights:  # read in bf16 or in fp32: the saved values either way
+        saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+        ours = built.base_causallm.state_dict()
+        rows = saved["model.embed_tokens.weight"].shape[0]
+        for key, value in saved.items():
+            assert torch.equal(ours[key][:rows] if "embed" in key or "lm_head" in key else ours[key],
+                               value.to(ours[key].dtype)), key
 
 
 def test_checkpoint_of_another_size_names_the_key(gpt2_folder):

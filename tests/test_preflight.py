@@ -214,23 +214,41 @@ def test_pieces_the_tokenizer_splices_inconsistently_stop_the_run_before_the_mod
     assert_fails(tmp_path, [cfg], f"{chain_data['train']}: example 0: the tokenizer does not tokenize the pieces")
 
 
-def _with_unresized_pad_token(tmp_path, gpt2_folder):
+def _with_unresized_pad_token(tmp_path, gpt2_folder, content="<pad>", special=True, pad=True):
     """gpt2_folder whose embeddings have a row per token of its tokenizer's vocabulary
-    and a pad token added after the last one (as a fine-tune that added one without
-    resizing the embeddings)."""
+    and a token added after the last one: by default a pad token (as a fine-tune that
+    added one without resizing the embeddings)."""
     rows = []
 
-    def add_pad(tokenizer):
+    def add_token(tokenizer):
         rows.append(len(tokenizer["model"]["vocab"]))
-        tokenizer["added_tokens"].append({"id": rows[0], "content": "<pad>", "single_word": False, "lstrip": False,
-                                          "rstrip": False, "normalized": False, "special": True})
+        tokenizer["added_tokens"].append({"id": rows[0], "content": content, "single_word": False, "lstrip": False,
+                                          "rstrip": False, "normalized": False, "special": special})
         return tokenizer
 
-    folder = _tokenizer_variant(tmp_path, gpt2_folder, "pad_past_rows", edit_tokenizer=add_pad,
-                                edit_config=lambda config: {**config, "pad_token": "<pad>"})
+    name = f"past_rows_{special}_{pad}"
+    folder = _tokenizer_variant(tmp_path, gpt2_folder, name, edit_tokenizer=add_token,
+                                edit_config=lambda config: {**config, "pad_token": content} if pad else config)
     model_config = json.loads(open(os.path.join(folder, "config.json")).read())
-    write_json(tmp_path / "pad_past_rows" / "config.json", {**model_config, "vocab_size": rows[0]})
+    write_json(tmp_path / name / "config.json", {**model_config, "vocab_size": rows[0]})
     return folder
+
+
+@pytest.mark.parametrize("special, refused", [(True, False), (False, True)])
+def test_only_tokens_text_can_produce_must_index_the_embeddings(tmp_path, gpt2_folder, chain_data, special, refused):
+    """A special token no data uses (Gemma 3's image token, past its text model's rows) is
+    no reason to refuse a cot run; an ordinary added token, which text can produce, is."""
+    folder = _with_unresized_pad_token(tmp_path, gpt2_folder, content="<image_soft_token>", special=special, pad=False)
+    config = Config.from_dict(dict(train_path="t", val_path="v", model_id=folder, cot=True))
+    tokenizer, tokens = build_tokenizer(folder)
+    rows = preflight.check_checkpoint_fits(config, preflight.resolve_model("model_id", folder), tokenizer, tokens,
+                                           None, None)
+    assert tokenizer.convert_tokens_to_ids("<image_soft_token>") == rows  # the premise: past the last row
+    if refused:
+        with pytest.raises(preflight.UserError, match="ids up to .* \\('<image_soft_token>'\\)"):
+            preflight.check_vocabulary(config, tokenizer, tokens, rows, "model_id")
+    else:
+        preflight.check_vocabulary(config, tokenizer, tokens, rows, "model_id")
 
 
 def test_a_tokenizer_with_ids_past_the_embeddings_stops_a_run_that_adds_no_rows(tmp_path, gpt2_folder, chain_data,
@@ -271,6 +289,19 @@ def test_a_model_that_is_no_causal_lm_stops_the_run(tmp_path, gpt2_folder, chain
     cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=folder)
     assert_fails(tmp_path, [cfg], f"model_id {folder}: transformers builds no causal language model from its "
                                   "config (t5): Coconut needs a decoder-only causal LM")
+
+
+def test_a_causal_lm_config_transformers_cannot_build_is_named_as_such(tmp_path, llama_folder, chain_data):
+    """A rope type this transformers does not know: not "no causal LM", but what failed."""
+    import shutil
+
+    folder = tmp_path / "new_rope"
+    shutil.copytree(llama_folder, folder)
+    model_config = json.loads((folder / "config.json").read_text())
+    write_json(folder / "config.json", {**model_config, "rope_scaling": {"rope_type": "longrope2", "factor": 2.0}})
+    cfg = config_file(tmp_path, llama_folder, chain_data, model_id=str(folder))
+    assert_fails(tmp_path, [cfg], f"model_id {folder}: transformers cannot build the llama model its config "
+                                  "describes (KeyError: 'longrope2')")
 
 
 @pytest.mark.parametrize("rank, local_rank, reported", [("0", "0", True), ("1", "1", False), ("2", "0", True)])

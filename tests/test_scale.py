@@ -207,8 +207,33 @@ def test_an_optimizer_state_of_other_parameters_starts_a_new_adamw_with_one_line
     optimizer = trainer.new_optimizer(model, config, resume, 1, DistEnv(), lines.append)
     assert not optimizer.state  # a new AdamW: no moments, not even the zero ones DCP's template makes
     [line] = lines
-    assert line.startswith(f"checkpoint {tmp_path / 'checkpoint_1.state'}: its optimizer does not load into this run (")
-    assert line.endswith("): starting a new AdamW") and "\n" not in line
+    assert line == (f"checkpoint {tmp_path / 'checkpoint_1.state'}: it holds no optimizer.state.base_causallm.transformer."
+                    "wte.weight.step, which this run's optimizer has: starting a new AdamW")
+
+
+def test_an_optimizer_state_that_cannot_be_read_stops_the_run_with_one_line(tmp_path, monkeypatch):
+    """An I/O error is not a mismatch: the run stops (a relaunch may read it), and the
+    saved moments are not dropped for a new AdamW that later saves would write over."""
+    import torch.distributed.checkpoint as dcp
+
+    model = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    saved = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss_and_grads(model, coconut_batch(2))
+    saved.step()
+    checkpoint.save_checkpoint(tmp_path, 1, distributed.full_model_state(model), {"epoch": 1},
+                               {"optimizer": distributed.optimizer_state(model, saved)})
+
+    def unreadable(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(dcp.FileSystemReader, "read_data", unreadable)
+    resume = startup.Start(epoch=1, train_state=checkpoint.load_train_state(tmp_path, 1))
+    config = run_config("unused", "unused", reset_optimizer=False)
+    with pytest.raises(checkpoint.CheckpointError) as stopped:
+        trainer.new_optimizer(model, config, resume, 1, DistEnv(), print)
+    assert not isinstance(stopped.value, checkpoint.StateMismatch)
+    assert str(stopped.value) == (f"checkpoint {tmp_path / 'checkpoint_1.state'}: its optimizer could not be loaded "
+                                  "(OSError: [Errno 5] Input/output error)")
 
 
 @pytest.mark.parametrize("train_state, said", [
