@@ -164,8 +164,7 @@ def run_one(row: Row, seed: int, data_dir: Path, work: Path, epochs: int, thread
     if len(curve) != epochs:
         raise RuntimeError(f"{log_path}: {len(curve)} validation accuracies, expected {epochs}")
     best = best_epoch(curve)
-    # tested at the stage its validation accuracy was measured at (capped as generate.py caps)
-    stage = min(Config.from_dict(config).scheduled_stage(best), config["max_latent_stage"])
+    stage = test_stage(config, best)
     exported, answers = work / "exported" / name, work / "answers" / f"{name}.json"
     answers.parent.mkdir(parents=True, exist_ok=True)
     _step([sys.executable, "export.py", str(config_path), str(run_dir / f"checkpoint_{best + 1}"), str(exported)],
@@ -178,6 +177,16 @@ def run_one(row: Row, seed: int, data_dir: Path, work: Path, epochs: int, thread
               "train_wall_s": round(train_s, 1), **score_answers(answers)}
     result_path.write_text(json.dumps(result, indent=1))
     return result, False
+
+
+def test_stage(config: dict, best: int) -> int:
+    """The stage to test the best epoch's export at: the one its validation accuracy was
+    measured at, capped as generate.py caps it; 0 for methods without latent tokens,
+    whose export has no latent stages (their prompt is the question at every stage)."""
+    parsed = Config.from_dict(config)
+    if not parsed.method.latent_tokens:
+        return 0
+    return min(parsed.scheduled_stage(best), config["max_latent_stage"])
 
 
 def summarize(results: list) -> list:

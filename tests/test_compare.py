@@ -29,6 +29,23 @@ def test_each_row_is_a_valid_config_of_its_method(tmp_path, row):
     assert all(getattr(loaded, key) == getattr(demo, key) for key in same)  # one budget for every method
 
 
+@pytest.mark.parametrize("row", compare.ROWS, ids=lambda row: row.key)
+def test_every_best_epoch_is_tested_at_a_stage_its_export_has(tmp_path, row):
+    """generate.py refuses a --stage past the exported max_latent_stage (0 for methods
+    without latent tokens): the stage compare.py passes must be one it takes, at the
+    stage the validation accuracy was measured at where the export has it."""
+    from export import exported_settings
+    from inference import resolve_stage
+
+    config = compare.run_config(row, seed=0, data_dir=tmp_path / "data", work=tmp_path, epochs=12)
+    parsed = load_config(str(compare.DEMO_CONFIG)).__class__.from_dict(config)
+    for best in range(12):
+        stage = compare.test_stage(config, best)
+        assert resolve_stage(exported_settings(parsed), stage) == stage
+        if parsed.method.latent_tokens:
+            assert stage == min(parsed.scheduled_stage(best), parsed.max_latent_stage)
+
+
 def test_the_default_data_is_the_demos_plus_a_test_split():
     def options(args):
         pairs = dict(zip(args[::2], args[1::2]))
