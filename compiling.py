@@ -100,9 +100,9 @@ def compile_decoder(model, **compile_kwargs) -> None:
     # compile_blocks unspecialises them, which made compiling the decoder 3.7x slower
     torch._dynamo.config.allow_unspec_int_on_nn_module = False
     base.base_model.compile(**{"dynamic": True, **compile_kwargs})
+    base.coconut_compiled = "decoder"
     if hasattr(model, "compiled_decoder"):  # a Coconut
-        model.compiled_decoder = True
-        model.cache_class = ContiguousCache
+        match_compiled_base(model)
 
 
 def compile_blocks(model, **compile_kwargs) -> int:
@@ -115,10 +115,24 @@ def compile_blocks(model, **compile_kwargs) -> int:
     blocks = transformer_blocks(base)
     for block in blocks:
         block.compile(**{"dynamic": True, **compile_kwargs})
+    base.coconut_compiled = "blocks"
     if hasattr(model, "cache_class"):  # a Coconut
-        model.cache_class = CompileFriendlyCache
-        model.compiled_blocks = True
+        match_compiled_base(model)
     return len(blocks)
+
+
+def match_compiled_base(coconut) -> None:
+    """Give a Coconut the cache and pass settings its base model's compilation needs (a
+    traced cache update for a compiled decoder, one kept outside compiled blocks): also
+    for a Coconut built around an already compiled base, as evaluate.generator_for's plain
+    decoder for the methods without latents."""
+    how = getattr(coconut.base_causallm, "coconut_compiled", None)
+    if how == "decoder":
+        coconut.compiled_decoder = True
+        coconut.cache_class = ContiguousCache
+    elif how == "blocks":
+        coconut.cache_class = CompileFriendlyCache
+        coconut.compiled_blocks = True
 
 
 # ----------------------------------------------------------------------------- decoding

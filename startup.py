@@ -174,6 +174,10 @@ def evaluation_decoder(model, built: BuiltModel, config, env):
     generator = generator_for(model, built.base_causallm, built.tokens, built.tokenizer.eos_token_id)
     if generator is not distributed.unwrap(model):
         autocast_like_the_run(generator, config, env)
+        if config.compile:  # its base is compiled: the caches and passes that compilation needs
+            import compiling
+
+            compiling.match_compiled_base(generator)
     return generator
 
 

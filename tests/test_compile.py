@@ -131,6 +131,37 @@ def test_inductor_compiled_model_matches_eager(whole_decoder):
     check_compiled_matches_eager("inductor", generate=True, whole_decoder=whole_decoder)
 
 
+@pytest.mark.parametrize("blocks", [False, True])
+def test_a_method_without_latents_generates_through_its_compiled_base(gpt2_folder, blocks):
+    """compile: True with cot: the run's model is the compiled base, and the evaluation's
+    plain decoder (evaluate.generator_for) wraps it: it must use the caches that base's
+    compilation needs, and answer as the eager model does. Blocks are compiled under
+    FSDP or activation checkpointing (taken here), the whole decoder otherwise. Inductor:
+    AOT autograd alone traces the plain decoder's buffered cache, which inductor cannot."""
+    import startup
+    from distributed import DistEnv
+    from utils import Config
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 1, 2, 3]])
+    mask = (torch.arange(5) >= torch.tensor([[0], [2]])).long()
+
+    def answers(compile_):
+        config = Config.from_dict({"cot": True, "model_id": gpt2_folder, "train_path": "t", "val_path": "v",
+                                   "compile": compile_, "activation_checkpointing": blocks})
+        torch.manual_seed(0)
+        built, model = startup.build_and_place(config, startup.Start(), DistEnv(), lambda message: None)
+        generator = startup.evaluation_decoder(model, built, config, DistEnv())
+        assert (generator.compiled_blocks, generator.compiled_decoder) == ((blocks, not blocks) if compile_
+                                                                           else (False, False))
+        return generator.generate(ids, mask, max_new_tokens=4)
+
+    torch._dynamo.reset()
+    try:
+        assert torch.equal(answers(True), answers(False))
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compile_under_fsdp2_with_two_processes(tmp_path, gpt2_folder, chain_data):
     """compile: True through run.py under torchrun: compiled blocks sharded by FSDP2, ranks
