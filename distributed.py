@@ -16,6 +16,7 @@ torch.autocast where nothing is sharded.
 """
 
 import contextlib
+import datetime
 import functools
 import logging
 import os
@@ -59,6 +60,10 @@ class DistEnv:
 
 
 _joined_gloo = False  # set by setup(): this process started gloo's worker threads
+# How long a collective waits for the slowest process. Rank 0 alone reads (or downloads)
+# the weights while the others wait in a broadcast (startup.build_and_place): NCCL's
+# default of 10 minutes is shorter than an 8B model takes to come from the hub.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def setup() -> DistEnv:
@@ -74,7 +79,7 @@ def setup() -> DistEnv:
         return_large_blocks_to_the_os()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
         global _joined_gloo
         _joined_gloo = backend == "gloo"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -259,13 +264,26 @@ def gathered_root(model):
         yield
 
 
+def _on_cpu_keeping_ties(state: dict, to_cpu=lambda t: t.detach().cpu()) -> dict:
+    """`state` detached on the CPU, tensors that share a storage (tied embeddings) still
+    sharing one: .cpu() of each from a GPU would write the tied matrix twice. to_cpu: the
+    copy (the tests pass a clone, which copies on a CPU too)."""
+    copies, out = {}, {}
+    for name, value in state.items():
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.stride(), value.dtype)
+        if key not in copies:
+            copies[key] = to_cpu(value)
+        out[name] = copies[key]
+    return out
+
+
 def full_model_state(model):
     """The whole (unsharded) state dict for the checkpoint file. One process: the
     model's own tensors (detached, on CPU). FSDP: a checkpoint.StreamedModelState that
     gathers one tensor at a time to rank 0, which writes it and lets it go."""
     model = unwrap(model)
     if not isinstance(model, FSDPModule):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return _on_cpu_keeping_ties(model.state_dict())
     sharded = model.state_dict()  # name -> DTensor (parameters) or tensor (buffers)
     owner = {}  # id(parameter) -> its first name: tied weights share one storage in the file
     for name, param in model.named_parameters(remove_duplicate=False):

@@ -370,6 +370,38 @@ def spawn(world_size, jobs, tmp):
     return torch.load(out, weights_only=True)
 
 
+def test_a_one_process_checkpoint_keeps_tied_weights_tied_when_copied_off_the_device():
+    """On a GPU each tensor is copied to the CPU: GPT-2's tied embedding must stay one
+    tensor (one matrix in the file), as FSDP's streamed state keeps it (a clone stands in
+    for the device copy here)."""
+    model = make_gpt2(VOCAB)
+    copied = distributed._on_cpu_keeping_ties(model.state_dict(), to_cpu=lambda t: t.detach().clone())
+    wte, head = copied["transformer.wte.weight"], copied["lm_head.weight"]
+    assert wte is head and wte.data_ptr() != model.transformer.wte.weight.data_ptr()
+    assert all(torch.equal(copied[k], v) for k, v in model.state_dict().items())
+    assert len({t.data_ptr() for t in copied.values()}) == len(copied) - 1  # only the tie is shared
+
+
+def _timeout_worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    env = distributed.setup()
+    try:
+        options = torch.distributed.group.WORLD._get_backend(env.device).options
+        if rank == 0:
+            torch.save({"timeout_s": options._timeout.total_seconds()}, out)
+    finally:
+        distributed.teardown()
+
+
+def test_the_process_group_waits_as_long_as_rank_0_may_load_the_model_alone(tmp_path):
+    """Ranks > 0 wait in a broadcast while rank 0 reads the weights: the group's timeout
+    is distributed.PROCESS_GROUP_TIMEOUT (60 min), not NCCL's default 10 (gloo's is 30)."""
+    out = str(tmp_path / "timeout.pt")
+    mp.spawn(_timeout_worker, args=(2, free_port(), out), nprocs=2)
+    assert torch.load(out)["timeout_s"] == distributed.PROCESS_GROUP_TIMEOUT.total_seconds() == 3600
+
+
 def in_process(jobs):
     return {name: train(run_config(**keys), DistEnv(), save_at) for name, (keys, save_at) in jobs.items()}
 
