@@ -31,6 +31,7 @@ import os
 import sys
 
 import checkpoint
+import preflight
 from cli import OneLineParser, main_guard, quiet_transformers
 from coconut import Coconut
 from modeling import build_model
@@ -63,9 +64,9 @@ def export(config_path: str, checkpoint_path: str, out_dir: str, log=_note) -> d
     config = load_config(config_path)
     if not os.path.isfile(checkpoint_path):
         raise checkpoint.CheckpointError(checkpoint_path, "no such file")
+    check_out_dir(out_dir)
+    preflight.resolve_model(*preflight.model_source(config))  # a folder that is not there, an offline hub: one line
     state = checkpoint.load_model_state(checkpoint_path)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"{out_dir}: exists and is not a folder")
     built = build_model(config, state, checkpoint_path, log)
     del state
     model = built.model
@@ -76,6 +77,21 @@ def export(config_path: str, checkpoint_path: str, out_dir: str, log=_note) -> d
     settings = exported_settings(config)
     model.save_pretrained(out_dir, tokenizer=built.tokenizer, **settings)
     return Coconut.read_coconut_config(out_dir)
+
+
+def check_out_dir(out_dir: str) -> None:
+    """ConfigError unless out_dir is a folder, or can be made one, that this process
+    can write (checked before the model is built; nothing is created here)."""
+    path = os.path.abspath(out_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{out_dir}: exists and is not a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{out_dir}: cannot be made, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out_dir}: cannot be written, {existing} is not writable")
 
 
 def main(argv=None) -> int:

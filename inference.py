@@ -19,7 +19,7 @@ import torch
 
 from cli import UserError, first_line
 from coconut import Coconut, align_latents
-from layout import LatentTokens, PromptLayout
+from layout import END, LATENT, START, LatentTokens, PromptLayout
 from modeling import fuse_gelu
 from utils import METHODS, extract_answer
 
@@ -56,13 +56,26 @@ class Exported:
     def load_model(self, device="cpu") -> Coconut:
         """Coconut.from_pretrained(model_dir) on device, in eval mode; UserError if it fails."""
         if self.model is None:
+            device = check_device(device)  # before the slow part
             try:
                 model = Coconut.from_pretrained(self.model_dir)
-            except (OSError, ValueError, RuntimeError, KeyError) as e:
-                raise UserError(f"{self.model_dir}: the model does not load ({first_line(e)})") from None
+            except Exception as e:  # a damaged weights file raises safetensors' own error, too
+                raise UserError(f"{self.model_dir}: the model does not load ({type(e).__name__}: {first_line(e)})") \
+                    from None
             fuse_gelu(model.base_causallm)  # as training ran it (the `fused_gelu` default)
             self.model = model.to(device).eval()
         return self.model
+
+
+def check_device(name) -> torch.device:
+    """The device `name` (--device) names, UserError unless this machine has it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:  # "gpu", "cuda:x", ...
+        raise UserError(f"--device {name}: {first_line(e)}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def open_exported(model_dir: str) -> Exported:
@@ -124,6 +137,10 @@ def prompt_ids(exported: "Exported", question: str, stage: int, n_steps: Optiona
     """The evaluation prompt of a question: question + "\\n" (with special tokens), then
     the latent block of `stage`; n_steps (when known) caps the thoughts unless
     pad_latent_to_max."""
+    marker = next((m for m in (START, END, LATENT) if m in question), None)
+    if marker is not None:  # it would tokenize to a latent token the prompt does not place
+        raise UserError(f"the question {question[:60]!r}... holds {marker}, a token of the prompt's latent block; "
+                        "give the question alone")
     question_ids = exported.tokenizer.encode(question + "\n", add_special_tokens=True)
     return exported.layout.question_prompt(question_ids, stage, n_steps)
 

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import checkpoint
@@ -132,14 +133,25 @@ def test_export_untied_llama_round_trip(llama_folder, chain_data, tmp_path):
 
 
 def test_export_bad_input_is_one_line_exit_2(tiny, tiny_cot, tmp_path, capsys):
+    keys = yaml.safe_load(open(tiny.config))
+    moved_model = str(tmp_path / "moved.yaml")
+    with open(moved_model, "w") as f:
+        yaml.safe_dump({**keys, "model_id": str(tmp_path / "no_such_model")}, f)
     cases = [
         [tiny.config, str(tmp_path / "missing"), str(tmp_path / "o1")],  # no checkpoint
         [str(tmp_path / "missing.yaml"), tiny.checkpoint, str(tmp_path / "o2")],  # no config
         [tiny_cot.config, tiny.checkpoint, str(tmp_path / "o3")],  # coconut weights into a cot run
+        [tiny.config, tiny.checkpoint, str(tmp_path / "afile" / "o4")],  # a folder under a file
+        [moved_model, tiny.checkpoint, str(tmp_path / "o5")],  # model_id a folder that is not there
     ]
+    (tmp_path / "afile").write_text("")
+    said = []
     for argv in cases:
         capsys.readouterr()
         assert export.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
         assert not os.path.exists(argv[2])
+        said.append(err)
+    assert "o4: cannot be made" in said[3] and "afile is a file" in said[3]
+    assert f"model_id {tmp_path / 'no_such_model'}: no such folder" in said[4]

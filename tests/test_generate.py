@@ -144,10 +144,24 @@ def test_cot_model_answers_without_latents(tmp_path_factory, tiny_val, capsys):
     assert code == 2 and "max_latent_stage 0" in err
 
 
-@pytest.mark.parametrize("case", ["missing_folder", "not_coconut", "too_long", "stage", "bad_file", "bad_example"])
+@pytest.mark.parametrize("case", ["missing_folder", "not_coconut", "too_long", "stage", "bad_file", "bad_example",
+                                  "latent_marker", "device", "no_cuda", "damaged_weights"])
 def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
+    import shutil
+
     argv = [tiny.export, "--question", "Is Tom a wumpus?"]
-    if case == "missing_folder":
+    if case == "latent_marker":  # as the training logs print prompts
+        argv[2] = "Tom is a <|latent|> wumpus. Is Tom a wumpus?"
+    elif case == "device":
+        argv += ["--device", "gpu"]
+    elif case == "no_cuda":
+        argv += ["--device", f"cuda:{torch.cuda.device_count()}"]  # one past the last (none on a CPU machine)
+    elif case == "damaged_weights":
+        argv[0] = str(tmp_path / "damaged")
+        shutil.copytree(tiny.export, argv[0])
+        weights = os.path.join(argv[0], "model.safetensors")
+        open(weights, "r+b").truncate(os.path.getsize(weights) // 2)
+    elif case == "missing_folder":
         argv[0] = str(tmp_path / "nope")
     elif case == "not_coconut":
         argv[0] = tiny.model  # a Hugging Face folder, not an export
@@ -166,7 +180,9 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1, err
     expected = {"missing_folder": "no such model folder", "not_coconut": "not an exported Coconut model",
                 "too_long": "context is 256 positions", "stage": "beyond this model's max_latent_stage 2",
-                "bad_file": "not a readable JSON file", "bad_example": "example 1 has no string 'question'"}[case]
+                "bad_file": "not a readable JSON file", "bad_example": "example 1 has no string 'question'",
+                "latent_marker": "holds <|latent|>, a token of the prompt's latent block", "device": "--device gpu: ",
+                "no_cuda": "CUDA devices", "damaged_weights": "damaged: the model does not load ("}[case]
     assert expected in err
 
 
