@@ -97,8 +97,8 @@ def main(argv=None):
         except MalformedLine as err:
             print(err, file=sys.stderr)
             return 2
-        except OSError as err:
-            print(f"{src}: {err.strerror}", file=sys.stderr)
+        except OSError as err:  # reading src or writing dst: the file it names
+            print(f"{err.filename or src}: {err.strerror}", file=sys.stderr)
             return 2
         except UnicodeDecodeError:
             print(f"{src}: not UTF-8 text (a compressed file?)", file=sys.stderr)

@@ -95,12 +95,16 @@ def main(argv=None):
     except (json.JSONDecodeError, MalformedEntry) as err:
         print(f"{args.input}: {err}", file=sys.stderr)
         return 2
-    os.makedirs(args.output_dir, exist_ok=True)
-    for name, part in zip(SPLIT_NAMES, split(examples, args.train_size, args.valid_size)):
-        path = os.path.join(args.output_dir, f"prontoqa_{name}.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(part, f)
-        print(f"wrote {len(part)} examples to {path}")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for name, part in zip(SPLIT_NAMES, split(examples, args.train_size, args.valid_size)):
+            path = os.path.join(args.output_dir, f"prontoqa_{name}.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(part, f)
+            print(f"wrote {len(part)} examples to {path}")
+    except OSError as err:  # --output_dir a file, or not writable
+        print(f"{err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
     if len(examples) < args.train_size + args.valid_size:
         print(f"warning: only {len(examples)} examples, fewer than train + valid sizes", file=sys.stderr)
     return 0

@@ -330,6 +330,8 @@ def build_parser():
 def check_args(parser, args):
     if not args.split and not args.output:
         parser.error("give --output FILE, or --split with --output_dir")
+    if args.num_examples < 0:
+        parser.error("--num_examples must be >= 0")
     if not 4 <= args.num_nodes <= 2 + len(CONCEPTS):
         parser.error(f"--num_nodes must be in 4..{2 + len(CONCEPTS)}")
     if args.min_steps < 1 or (args.max_steps and args.max_steps < args.min_steps):
@@ -366,6 +368,9 @@ def main(argv=None):
             print(f"wrote {args.num_examples} examples to {args.output}")
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an output folder under a file, a file where a folder is wanted, ...
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
     return 0
 

@@ -74,10 +74,14 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: --vocab_size {args.vocab_size} leaves words in pieces: {missing[:5]}", file=sys.stderr)
         return 2
-    os.makedirs(args.output, exist_ok=True)
-    tokenizer.save_pretrained(args.output)
     config = gpt2_config(len(tokenizer), args.n_layer, args.n_embd, args.n_head, args.n_positions)
-    config.save_pretrained(args.output)
+    try:
+        os.makedirs(args.output, exist_ok=True)
+        tokenizer.save_pretrained(args.output)
+        config.save_pretrained(args.output)
+    except OSError as err:  # --output a file, or under one
+        print(f"error: {err.filename or args.output}: {err.strerror}", file=sys.stderr)
+        return 2
     print(json.dumps({"output": args.output, "vocab": len(tokenizer), "n_layer": args.n_layer, "n_embd": args.n_embd}))
     return 0
 

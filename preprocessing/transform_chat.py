@@ -333,11 +333,15 @@ def main(argv=None):
     except UnicodeDecodeError:
         print(f"{args.input}: not UTF-8 text (a compressed file?)", file=sys.stderr)
         return 2
-    folder = os.path.dirname(args.output)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(examples, f, ensure_ascii=False)
+    try:
+        folder = os.path.dirname(args.output)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(examples, f, ensure_ascii=False)
+    except OSError as err:  # a folder under a file, or not writable
+        print(f"{err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
     print(summary(len(examples), skipped, malformed))
     print(f"wrote {args.output}")
     return 0 if examples else 1

@@ -9,6 +9,7 @@ import json
 import re
 import statistics
 from collections import Counter, deque
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +238,35 @@ def test_stats_on_a_file_it_cannot_read_is_one_line(tmp_path, capsys, content, m
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and message in lines[0], captured.err
     assert captured.out == ""
+
+
+OUTPUT_UNDER_A_FILE = {  # script -> its arguments, with OUT a path whose folder is a file
+    "prosqa": ["--split", "--split_sizes", "2,1,1", "--output_dir", "OUT"],
+    "prontoqa": ["--input", "FIXTURES/prontoqa_sample.json", "--output_dir", "OUT"],
+    "gsm_icot": ["--input", "FIXTURES/gsm_sample.txt", "--output", "OUT/gsm.json"],
+    "transform_chat": ["--input", "FIXTURES/chat_sample.jsonl", "--output", "OUT/chat.json", "--no_progress"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(OUTPUT_UNDER_A_FILE))
+def test_an_output_path_that_cannot_be_written_is_one_line(script, tmp_path, capsys):
+    """An output folder under a file: one line naming the path, exit 2, no traceback."""
+    import importlib
+
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "sub"
+    fixtures = Path(__file__).parent / "fixtures" / "preprocessing"
+    argv = [a.replace("OUT", str(out)).replace("FIXTURES", str(fixtures)) for a in OUTPUT_UNDER_A_FILE[script]]
+    if script == "transform_chat":
+        pytest.importorskip("spacy")
+    module = importlib.import_module(f"preprocessing.{script}")
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "afile") in err[0] and "Not a directory" in err[0], err
+
+
+def test_a_negative_example_count_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        prosqa.main(["--output", str(tmp_path / "p.json"), "--num_examples", "-5"])
+    assert stop.value.code == 2 and "--num_examples must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
