@@ -36,14 +36,14 @@ before any answer is generated.
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional
 
 import torch
 
 from cli import OneLineParser, UserError, main_guard, quiet_transformers, read_json_list
-from inference import TOP_K, Result, answer_batch, check_context, open_exported, prompt_ids, resolve_stage
+from inference import (TOP_K, Result, answer_batch, check_context, check_output_file, open_exported, prompt_ids,
+                       resolve_stage)
 from utils import DEFAULT_MAX_NEW_TOKENS, normalize_answer
 
 
@@ -80,25 +80,9 @@ def _n_steps(example: dict) -> Optional[int]:
     return len(steps) if isinstance(steps, list) else None
 
 
-def check_output(path: str, questions: Optional[str] = None) -> None:
-    """--output names a file that can be written, not the questions file: UserError
-    before any work if not."""
-    same = questions is not None and os.path.exists(path) and os.path.exists(questions)
-    if same and os.path.samefile(path, questions):
-        raise UserError(f"--output {path}: is the questions file; name another file for the answers")
-    if path.endswith(("/", os.sep)) or os.path.isdir(path):
-        raise UserError(f"--output {path}: is a folder; name the file to write, e.g. "
-                        f"{os.path.join(path, 'answers.json')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"--output {path}: its folder does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f"--output {path}: cannot be written")
-
-
 def run(args) -> int:
     if args.output:
-        check_output(args.output, args.questions)
+        check_output_file("--output", args.output, args.questions)
     exported = open_exported(args.model_dir)
     stage = resolve_stage(exported.settings, args.stage)
     if args.question is not None:

@@ -12,6 +12,7 @@ with Coconut.generate, and answers are scored as run.py scores them (utils.extra
 Bad input raises cli.UserError with a one-line message.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -143,6 +144,22 @@ def prompt_ids(exported: "Exported", question: str, stage: int, n_steps: Optiona
                         "give the question alone")
     question_ids = exported.tokenizer.encode(question + "\n", add_special_tokens=True)
     return exported.layout.question_prompt(question_ids, stage, n_steps)
+
+
+def check_output_file(flag: str, path: str, protected: Optional[str] = None) -> None:
+    """`flag` (--output, --json, --plot) names a file that can be written, not the input
+    file `protected`: UserError before any work if not."""
+    same = protected is not None and os.path.exists(path) and os.path.exists(protected)
+    if same and os.path.samefile(path, protected):
+        raise UserError(f"{flag} {path}: is the input file {protected}; name another file")
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; name the file to write, e.g. "
+                        f"{os.path.join(path, 'out' + (os.path.splitext(path.rstrip('/' + os.sep))[1] or '.json'))}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: its folder does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: cannot be written")
 
 
 def check_context(prompts: list, context: Optional[int]) -> None:

@@ -45,7 +45,8 @@ if __name__ == "__main__":  # run as a script: the repository root holds our mod
 import torch
 
 from cli import OneLineParser, UserError, main_guard, quiet_transformers, read_json_list
-from inference import answer_batch, check_context, open_exported, pad_batch, prompt_ids, resolve_stage, thought_distributions
+from inference import (answer_batch, check_context, check_output_file, open_exported, pad_batch, prompt_ids,
+                       resolve_stage, thought_distributions)
 from preprocessing.prosqa import bfs_distances
 
 GRAPH_KEYS = ("question", "idx_to_symbol", "edges", "root")
@@ -324,6 +325,9 @@ def main(argv=None) -> int:
 
 
 def report(args) -> int:
+    for flag, path in (("--plot", args.plot), ("--json", args.json)):
+        if path:  # before the work, not after it
+            check_output_file(flag, path, args.data)
     example = load_example(args.data, args.index)
     exported = open_exported(args.model_dir)
     result = probe(exported, example, args.index, args.stage, args.device)

@@ -121,8 +121,22 @@ def main(argv=None):
     return main_guard(lambda: report(args.files))
 
 
+def file_stats(path):
+    """example_stats of every example of `path`; UserError naming the first example whose
+    graph or question is not as prosqa.py writes them (an edge past the nodes, a question
+    without its " Is ... or ...?" choice, ...)."""
+    rows = []
+    for i, ex in enumerate(read_examples(path)):
+        try:
+            rows.append(example_stats(ex))
+        except (ValueError, IndexError, TypeError, KeyError, AttributeError) as e:
+            raise UserError(f"{path}: example {i} is not a ProsQA example as prosqa.py writes them "
+                            f"({type(e).__name__}: {e})") from None
+    return rows
+
+
 def report(files):
-    per_file = [[example_stats(ex) for ex in read_examples(path)] for path in files]
+    per_file = [file_stats(path) for path in files]
     step_values = sorted({r["steps"] for rows in per_file for r in rows})
     people_values = sorted({r["people"] for rows in per_file for r in rows})
     columns = [summarise(rows, step_values, people_values) for rows in per_file]

@@ -201,6 +201,6 @@ def test_output_is_checked_before_generating(tiny, tiny_val, capsys, tmp_path, k
     assert code == 2 and out == ""  # not one answer generated
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --output {output}: "), err
-    assert {"missing_folder": "its folder does not exist", "questions_file": "is the questions file"}.get(
+    assert {"missing_folder": "its folder does not exist", "questions_file": "is the input file"}.get(
         kind, "is a folder") in lines[0]
     assert os.listdir(tmp_path) == ["questions.json"] and json.loads(questions.read_text()) == tiny_val[:2]

@@ -229,6 +229,11 @@ def test_impossible_options_fail_cleanly(tmp_path, capsys, monkeypatch):
     ("[]", "must be a non-empty JSON list of ProsQA examples"),  # make demo's empty test split
     ('[{"question": "q", "steps": [], "answer": "a"}]', "example 0 is not a ProsQA example as prosqa.py writes them (no 'idx_to_symbol')"),
     ("[{", "not a readable JSON file"),
+    # the keys, but not the contents, of a ProsQA example
+    (json.dumps([{"question": "Tom is a wumpus.", "steps": [], "idx_to_symbol": ["Tom", "wumpus"], "edges": [[0, 1]],
+                  "root": 0, "target": 1, "neg_target": 0}]), "example 0 is not a ProsQA example"),
+    (json.dumps([{"question": "q. Is Tom a a or b?", "steps": [], "idx_to_symbol": ["Tom"], "edges": [[0, 5]],
+                  "root": 0, "target": 0, "neg_target": 0}]), "example 0 is not a ProsQA example as prosqa.py writes them (IndexError"),
 ])
 def test_stats_on_a_file_it_cannot_read_is_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "prosqa_test.json"

@@ -83,7 +83,7 @@ def test_probe_table_json_and_plot(tiny, tiny_val, tmp_path, capsys):
         assert any(ln.startswith(label) for ln in lines), label
 
 
-@pytest.mark.parametrize("case", ["index", "no_graph", "stage0", "cot", "not_coconut"])
+@pytest.mark.parametrize("case", ["index", "no_graph", "stage0", "cot", "not_coconut", "json_folder", "plot_nowhere"])
 def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path_factory, tmp_path, capsys):
     argv = [tiny.export, tiny.val, "--index", "0"]
     if case == "index":
@@ -97,11 +97,16 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path_factory, tmp_path, ca
         argv[0] = tiny_cot_model(tmp_path_factory).export
     elif case == "not_coconut":
         argv[0] = tiny.model
+    elif case == "json_folder":  # refused before the work, not after it
+        argv += ["--json", str(tmp_path)]
+    elif case == "plot_nowhere":
+        argv += ["--plot", str(tmp_path / "nowhere" / "p.png")]
     code, out, err = _run(capsys, argv)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1, err
     expected = {"index": "out of range", "no_graph": "has no idx_to_symbol, edges, root",
-                "stage0": "no continuous thoughts", "cot": "trained with cot", "not_coconut": "not an exported Coconut"}[case]
+                "stage0": "no continuous thoughts", "cot": "trained with cot", "not_coconut": "not an exported Coconut",
+                "json_folder": f"--json {tmp_path}: is a folder", "plot_nowhere": "its folder does not exist"}[case]
     assert expected in err
 
 
