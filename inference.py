@@ -140,7 +140,8 @@ def prompt_ids(exported: "Exported", question: str, stage: int, n_steps: Optiona
     pad_latent_to_max."""
     marker = next((m for m in (START, END, LATENT) if m in question), None)
     if marker is not None:  # it would tokenize to a latent token the prompt does not place
-        raise UserError(f"the question {question[:60]!r}... holds {marker}, a token of the prompt's latent block; "
+        shown = question if len(question) <= 60 else question[:57] + "..."
+        raise UserError(f"the question {shown!r} holds {marker}, a token of the prompt's latent block; "
                         "give the question alone")
     question_ids = exported.tokenizer.encode(question + "\n", add_special_tokens=True)
     return exported.layout.question_prompt(question_ids, stage, n_steps)
@@ -153,8 +154,8 @@ def check_output_file(flag: str, path: str, protected: Optional[str] = None) -> 
     if same and os.path.samefile(path, protected):
         raise UserError(f"{flag} {path}: is the input file {protected}; name another file")
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
-        raise UserError(f"{flag} {path}: is a folder; name the file to write, e.g. "
-                        f"{os.path.join(path, 'out' + (os.path.splitext(path.rstrip('/' + os.sep))[1] or '.json'))}")
+        example = {"--plot": "probe.png", "--json": "probe.json"}.get(flag, "answers.json")
+        raise UserError(f"{flag} {path}: is a folder; name the file to write, e.g. {os.path.join(path, example)}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: its folder does not exist")
