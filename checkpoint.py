@@ -102,8 +102,9 @@ _EPOCH_KEY = "checkpoint_epoch"
 
 _CHECKPOINT_RE = re.compile(r"checkpoint_(0|[1-9][0-9]*)")
 # Temporary files of atomic_torch_save for checkpoint files: `.checkpoint_3.tmp-...`,
-# `.checkpoint_3.state.tmp-...` (also the .state folders being written or deleted).
-_TEMP_RE = re.compile(r"\.checkpoint_[0-9]+(\.state)?\.tmp-.*", re.DOTALL)
+# `.checkpoint_3.state.tmp-...` (also the .state folders being written or deleted), and
+# of the progress record, `.progress.json.tmp-...`.
+_TEMP_RE = re.compile(r"\.(checkpoint_[0-9]+(\.state)?|progress\.json)\.tmp-.*", re.DOTALL)
 
 
 class CheckpointError(UserError):

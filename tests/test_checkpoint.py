@@ -540,7 +540,7 @@ def test_crash_while_writing_the_sharded_state(tmp_path, monkeypatch):
 
 
 def test_save_removes_leftover_temp_files(tmp_path):
-    leftovers = [".checkpoint_3.tmp-123-abcd", ".checkpoint_3.state.tmp-123-beef"]
+    leftovers = [".checkpoint_3.tmp-123-abcd", ".checkpoint_3.state.tmp-123-beef", ".progress.json.tmp-123-cafe"]
     for name in leftovers:
         (tmp_path / name).write_bytes(b"x" * 100)
     (tmp_path / ".checkpoint_3.state.tmp-saving").mkdir()
