@@ -227,7 +227,8 @@ def new_optimizer(model, config, start: Start, epoch: int, env, log):
             log(f"checkpoint_{epoch} was saved without optimizer state (the reset_optimizer rule it was trained "
                 "under started a new AdamW at this epoch): starting a new AdamW")
         else:
-            log("the checkpoint has no optimizer state (published layout): starting a new AdamW")
+            log("the checkpoint has no optimizer state (no .state beside it: the published layout, or pruned): "
+                "starting a new AdamW")
     return optimizer
 
 

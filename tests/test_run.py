@@ -473,7 +473,7 @@ def test_resume_from_published_layout_folder(tmp_path, coconut_run):
     rc, out, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
     assert rc == 0, err[-3000:]
     assert "Loading from previous run epoch_2!" in out
-    assert "no optimizer state (published layout): starting a new AdamW" in out
+    assert "no optimizer state (no .state beside it: the published layout, or pruned): starting a new AdamW" in out
     assert epochs_started(err) == [3] and len(acc_lines(out)) == 1
     assert list_checkpoints(save_dir) == [1, 2, 3]
     assert (save_dir / "notes.txt").read_text() == "my notes\n"

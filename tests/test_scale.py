@@ -239,7 +239,8 @@ def test_an_optimizer_state_that_cannot_be_read_stops_the_run_with_one_line(tmp_
 @pytest.mark.parametrize("train_state, said", [
     ({"epoch": 1, "best_acc": 0.5}, "checkpoint_1 was saved without optimizer state (the reset_optimizer rule it "
                                     "was trained under started a new AdamW at this epoch): starting a new AdamW"),
-    ({}, "the checkpoint has no optimizer state (published layout): starting a new AdamW")])
+    ({}, "the checkpoint has no optimizer state (no .state beside it: the published layout, or pruned): "
+         "starting a new AdamW")])
 def test_a_resumed_run_without_an_optimizer_state_says_why(train_state, said):
     """A .state folder saved under a rule that started a new AdamW at that epoch is not
     the published layout (a weights file alone): each is named as what it is."""
