@@ -482,6 +482,36 @@ def test_reset_optimizer_takes_only_its_values(tmp_path, value):
         Config.from_dict(dict(coconut=True, train_path="t", val_path="v", reset_optimizer=value))
 
 
+# SPEC §6: (method, c_thought, epochs_per_stage, max_latent_stage, num_epochs, other keys)
+PUBLISHED_TABLE = {
+    "gsm_cot": ("cot", 0, 1, 0, 25, dict(save_only_improve=True, val_path="data/gsm_valid.json")),
+    "gsm_coconut": ("coconut", 2, 3, 3, 25, dict(resume=3, val_path="data/gsm_valid.json")),
+    "gsm_coconut_eval": ("coconut", 2, 3, 3, 25, dict(only_eval=True, val_path="data/gsm_test.json")),
+    "prontoqa_coconut": ("coconut", 1, 5, 6, 50, dict(val_path="data/prontoqa_valid.json")),
+    "prontoqa_coconut_eval": ("coconut", 1, 5, 6, 50, dict(only_eval=True, val_path="data/prontoqa_test.json")),
+    "prosqa_coconut": ("coconut", 1, 5, 6, 50, dict(val_path="data/prosqa_valid.json")),
+    "prosqa_coconut_eval": ("coconut", 1, 5, 6, 50, dict(only_eval=True, val_path="data/prosqa_test.json")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TABLE))
+def test_the_published_configs_hold_spec_6s_values(name):
+    """Every value of SPEC §6's table and its "All" line (the reset rule: the test below)."""
+    method, c_thought, epochs_per_stage, max_latent_stage, num_epochs, other = PUBLISHED_TABLE[name]
+    config = load_config(str(ROOT / "args" / f"{name}.yaml"))
+    assert (config.method.name, config.c_thought, config.epochs_per_stage, config.max_latent_stage,
+            config.num_epochs) == (method, c_thought, epochs_per_stage, max_latent_stage, num_epochs)
+    assert {key: getattr(config, key) for key in other} == other
+    assert config.only_eval == other.get("only_eval", False) and config.resume == other.get("resume", config.resume)
+    assert config.save_only_improve == other.get("save_only_improve", False)
+    assert (config.model_id, config.lr, config.weight_decay, config.batch_size_training, config.seed) == (
+        "openai-community/gpt2", 1e-4, 0.01, 32, 0)
+    assert (config.pad_latent_to_max, config.uniform_prob, config.bf16) == (True, 0.0, False)
+    if name == "gsm_coconut":  # it starts from a CoT checkpoint
+        assert config.load_model_path is not None
+    assert sorted(PUBLISHED_TABLE) == sorted(p.stem for p in (ROOT / "args").glob("*.yaml") if p.stem != "demo")
+
+
 def test_published_configs_reset_the_optimizer_as_the_published_run_did():
     """The published run.py built a new AdamW every epoch; its CoT config never did."""
     for path in sorted((ROOT / "args").glob("*.yaml")):
