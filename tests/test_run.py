@@ -299,6 +299,29 @@ def test_gradient_accumulation_steps_as_one_batch_of_all_its_micro_batches(tmp_p
     assert largest_difference(alone) > 1e-2
 
 
+@pytest.mark.parametrize("reset", [False, "stage", "epoch"])
+def test_the_training_loop_builds_a_new_adamw_where_the_reset_rule_says(tmp_path, gpt2_folder, chain_data, reset,
+                                                                       monkeypatch):
+    """TrainingRun, not only the rule: the epochs at which a new AdamW is built over 4
+    epochs of 2 per stage equal the naive loop's (test_utils), and the optimizer that
+    trains every other epoch is the one before (its moments carried over)."""
+    from test_utils import new_optimizer_epochs_naive
+
+    built, real = [], trainer.new_optimizer
+
+    def spy(model, config, start, epoch, env, log):
+        built.append(epoch)
+        return real(model, config, start, epoch, env, log)
+
+    monkeypatch.setattr(trainer, "new_optimizer", spy)
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", f"reset_{reset}", coconut=True, num_epochs=4,
+                    epochs_per_stage=2, max_new_tokens=2, reset_optimizer=reset)
+    rc, _, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
+    assert rc == 0, err[-3000:]
+    assert built == new_optimizer_epochs_naive(reset, 2, 4)
+    assert built == {False: [0], "stage": [0, 2], "epoch": [0, 1, 2, 3]}[reset]  # the premise: they differ
+
+
 # ------------------------------------------------------------------ 4. kill and resume
 def _kill_config(tmp_path, gpt2_folder, chain_data, name):
     keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", name, coconut=True, uniform_prob=0.3)
