@@ -303,8 +303,8 @@ def test_gradient_accumulation_steps_as_one_batch_of_all_its_micro_batches(tmp_p
 def test_the_training_loop_builds_a_new_adamw_where_the_reset_rule_says(tmp_path, gpt2_folder, chain_data, reset,
                                                                        monkeypatch):
     """TrainingRun, not only the rule: the epochs at which a new AdamW is built over 4
-    epochs of 2 per stage equal the naive loop's (test_utils), and the optimizer that
-    trains every other epoch is the one before (its moments carried over)."""
+    epochs of 2 per stage equal the naive loop's (test_utils); the others keep training
+    with the one before."""
     from test_utils import new_optimizer_epochs_naive
 
     built, real = [], trainer.new_optimizer
