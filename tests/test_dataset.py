@@ -372,6 +372,26 @@ def test_uniform_prob_draws_in_range_deterministic_and_varying():
     assert drawn_stages(D.get_cot_latent_dataset(0, base_ds.select(range(30, 60)), c, S, L, E, epoch=0)) == epoch0[30:]
 
 
+def test_a_fractional_uniform_prob_draws_each_samples_stage_as_the_naive_redraw_says():
+    """uniform_prob 0.5 at scheduled stage 1: each sample's stage, redrawn here from its
+    own generator (SPEC §2: with probability p, uniform over 0..len(steps)), is the
+    layout it gets; about half of them draw."""
+    from dataset import sample_rng
+
+    base_ds = uniform_base(200)
+    c = cfg(uniform_prob=0.5, max_latent_stage=10, seed=3)
+    got = drawn_stages(D.get_cot_latent_dataset(1, base_ds, c, S, L, E, epoch=2))
+    expected, drew = [], 0
+    for idx in range(200):
+        rng = sample_rng(3, 2, idx)
+        if rng.random() < 0.5:
+            drew += 1
+            expected.append(rng.randint(0, 3))
+        else:
+            expected.append(1)
+    assert got == expected and 70 <= drew <= 130
+
+
 def test_uniform_prob_beyond_max_stage_follows_table():
     """A drawn stage above max_latent_stage is treated like a scheduled one (SPEC §2):
     all steps dropped, min(len(steps), max_latent_stage) thought groups."""
