@@ -322,6 +322,25 @@ def test_the_training_loop_builds_a_new_adamw_where_the_reset_rule_says(tmp_path
     assert built == {False: [0], "stage": [0, 2], "epoch": [0, 1, 2, 3]}[reset]  # the premise: they differ
 
 
+def test_a_debug_run_evaluates_32_questions_and_writes_nothing(tmp_path, gpt2_folder, chain_data):
+    """debug: True (SPEC §5): the first 32 validation examples, no checkpoint, no lock, no
+    progress record, and no resume even from a folder that holds a checkpoint."""
+    from builders import write_examples
+
+    keys = keys_for(gpt2_folder, {"train": chain_data["train"], "val": write_examples(tmp_path / "val.json", 40)},
+                    tmp_path / "ckpt", "debugged", coconut=True, num_epochs=2, max_new_tokens=2)
+    rc, _, err = run_in_process(write_cfg(tmp_path / "first.yaml", {**keys, "num_epochs": 1}))
+    assert rc == 0, err[-3000:]
+    folder = tmp_path / "ckpt" / "debugged"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert "checkpoint_1" in before  # the premise: a checkpoint a run would resume from
+    rc, out, err = run_in_process(write_cfg(tmp_path / "debug.yaml", {**keys, "debug": True}))
+    assert rc == 0, err[-3000:]
+    assert "resume from that" not in out and epochs_started(err) == [1, 2]
+    assert [total for _, total, _ in ACC_RE.findall(out)] == ["32", "32"]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # nothing written, no lock taken
+
+
 # ------------------------------------------------------------------ 4. kill and resume
 def _kill_config(tmp_path, gpt2_folder, chain_data, name):
     keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", name, coconut=True, uniform_prob=0.3)
