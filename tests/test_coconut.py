@@ -471,6 +471,31 @@ def test_validation_loss_is_the_mean_batch_loss_without_full_logits(monkeypatch)
     assert abs(got - want) < 1e-6 * want and asked == [False] * 3
 
 
+@pytest.mark.parametrize("other_ranks_passes", [6, 40])
+def test_passes_matched_to_other_ranks_keep_the_naive_loss_and_gradients(monkeypatch, other_ranks_passes):
+    """Under FSDP every process runs as many decoder passes as the one that needs most
+    (_all_ranks_max stands for that process here): this batch needs 3, so its tail is
+    cut into one-column passes and, past its width (40), empty passes run tied into the
+    loss with weight 0. Loss and gradients stay the naive reference's; the passes ran."""
+    import coconut as coconut_module
+
+    monkeypatch.setattr(coconut_module, "_all_ranks_max", lambda value, device: max(value, other_ranks_passes))
+    base = make_gpt2(VOCAB)
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    coconut.sync_passes_across_ranks = True
+    rng = random.Random(5)
+    examples = [make_example(rng, 2, 4, 3), make_example(rng, 2, 5, 2)]  # 3 passes, 14 columns
+    calls = []
+    base.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    out = coconut(**collate(examples))
+    assert len(calls) == other_ranks_passes
+    grads = torch.autograd.grad(out.loss, list(base.parameters()))
+    expected = naive_loss(base, examples)
+    expected_grads = torch.autograd.grad(expected, list(base.parameters()))
+    assert abs(out.loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
+    assert all(relative_difference(got, want) < TOLERANCE for got, want in zip(grads, expected_grads))
+
+
 def test_chunked_loss_matches_plain_cross_entropy_across_chunks(monkeypatch):
     """Several chunks, a bias, and a scaled backward give plain autograd's numbers."""
     import coconut as coconut_module
