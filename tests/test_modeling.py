@@ -53,6 +53,22 @@ def test_cot_checkpoint_feeds_a_coconut_run_with_new_rows_from_the_marker(gpt2_f
         assert torch.equal(embedding[token_id], state["transformer.wte.weight"][marker])
 
 
+def test_an_untied_head_starts_its_new_rows_from_the_markers_row_too(llama_folder):
+    """Llama's LM head is its own matrix: its three new rows copy the row of `<<` as the
+    input embedding's do (SPEC §1), on the weights of a CoT checkpoint."""
+    cot = build_model(config_for(llama_folder, cot=True), None, None, silent)
+    state = trained_state(cot.model)
+    coconut = build_model(config_for(llama_folder, coconut=True), state, "ckpt", silent)
+    marker = coconut.tokenizer.encode("<<", add_special_tokens=False)
+    assert len(marker) == 1  # the premise: the copied row, not the mean
+    head = coconut.base_causallm.get_output_embeddings().weight
+    embedding = coconut.base_causallm.get_input_embeddings().weight
+    assert head.data_ptr() != embedding.data_ptr()
+    for token_id in (coconut.tokens.start_id, coconut.tokens.end_id, coconut.tokens.latent_id):
+        assert torch.equal(head[token_id], state["lm_head.weight"][marker[0]])
+        assert torch.equal(embedding[token_id], state["model.embed_tokens.weight"][marker[0]])
+
+
 def test_a_model_that_already_has_the_latent_tokens_keeps_their_trained_rows(gpt2_folder, tmp_path):
     """model_id a folder export.py wrote (its tokenizer and embeddings hold the three
     tokens): their rows are trained values, not reset to `<<`'s; a fresh model's are."""
