@@ -341,6 +341,28 @@ def test_a_debug_run_evaluates_32_questions_and_writes_nothing(tmp_path, gpt2_fo
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # nothing written, no lock taken
 
 
+def test_save_only_improve_saves_the_epochs_that_beat_the_best_so_far(tmp_path, gpt2_folder, chain_data, monkeypatch):
+    """Accuracies 0.5, 0.5, 0.75, 0.25 (set here: an untrained model answers nothing right):
+    checkpoints 1 and 3 only (an equal accuracy is no improvement), best 0.75 recorded."""
+    accuracies = iter([0.5, 0.5, 0.75, 0.25])
+
+    def evaluate(self, stage):
+        return {"eval/acc": next(accuracies), "eval/cot_em": 0.0}
+
+    monkeypatch.setattr(trainer.TrainingRun, "evaluate", evaluate)
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "improving", coconut=True, num_epochs=4,
+                    save_only_improve=True, max_new_tokens=2)
+    rc, out, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
+    assert rc == 0, err[-3000:]
+    folder = tmp_path / "ckpt" / "improving"
+    assert list_checkpoints(folder) == [1, 3]
+    assert "not saving checkpoint_2, its accuracy 0.5 does not beat the best so far (0.5)" in out
+    assert "not saving checkpoint_4, its accuracy 0.25 does not beat the best so far (0.75)" in out
+    assert load_train_state(folder, 3)["best_acc"] == 0.75
+    assert json.loads((folder / "progress.json").read_text()) == {"epochs_done": 4, "newest_checkpoint": 3,
+                                                                   "best_acc": 0.75}
+
+
 # ------------------------------------------------------------------ 4. kill and resume
 def _kill_config(tmp_path, gpt2_folder, chain_data, name):
     keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", name, coconut=True, uniform_prob=0.3)
