@@ -11,7 +11,6 @@ from builders import ROOT, tiny_cot_model
 
 import inference
 from analysis import probe_prosqa
-from preprocessing import prosqa
 
 
 def _run(capsys, argv):
@@ -39,12 +38,10 @@ def test_probe_table_json_and_plot(tiny, tiny_val, tmp_path, capsys):
     result = json.loads(numbers.read_text())
     example = tiny_val[index]
 
-    # groups follow the graph: BFS depths computed by the generator's own code
-    graph = prosqa.Graph([[] for _ in example["idx_to_symbol"]], [0] * len(example["idx_to_symbol"]))
-    for u, v in example["edges"]:
-        graph.parents[v].append(u)
-        graph.children[u].append(v)
-    depth = prosqa.bfs_distances(graph.children, example["root"])
+    # groups follow the graph: BFS depths by the tests' own reference (not the probe's)
+    from test_preprocessing_prosqa import distances
+
+    depth = distances(example["edges"], example["root"])
     concepts = {c["node"]: c for c in result["concepts"]}
     assert set(concepts) == {v for _, v in example["edges"]}  # every concept, no person
     assert result["frontier_depths"] == [1, 2]
