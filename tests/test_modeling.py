@@ -69,6 +69,30 @@ def test_an_untied_head_starts_its_new_rows_from_the_markers_row_too(llama_folde
         assert torch.equal(embedding[token_id], state["model.embed_tokens.weight"][marker[0]])
 
 
+def test_new_rows_start_as_the_mean_row_where_the_marker_is_not_one_token(llama_folder):
+    """A tokenizer that splits `<<` in two: each matrix's new rows start as the mean of its
+    old rows (a naive fp64 mean here), said in one log line."""
+    from modeling import build_tokenizer, init_new_token_rows
+
+    tokenizer, tokens = build_tokenizer(llama_folder)
+    real_encode = tokenizer.encode
+
+    def encode(text, **kwargs):  # `<<` as two pieces, as some vocabularies have it
+        return [5, 6] if text == "<<" else real_encode(text, **kwargs)
+
+    tokenizer.encode = encode
+    cot = build_model(config_for(llama_folder, cot=True), None, None, silent).model
+    old = {name: weight.detach().double().clone() for name, weight in
+           (("embedding", cot.get_input_embeddings().weight), ("head", cot.get_output_embeddings().weight))}
+    said = []
+    init_new_token_rows(cot, tokenizer, tokens, said.append)
+    assert said == ["'<<' is not one token of this tokenizer: new token rows start as the mean embedding"]
+    for name, weight in (("embedding", cot.get_input_embeddings().weight), ("head", cot.get_output_embeddings().weight)):
+        mean = old[name].mean(0)
+        for token_id in (tokens.start_id, tokens.end_id, tokens.latent_id):
+            assert torch.allclose(weight[token_id].double(), mean, atol=1e-6), name
+
+
 def test_a_model_that_already_has_the_latent_tokens_keeps_their_trained_rows(gpt2_folder, tmp_path):
     """model_id a folder export.py wrote (its tokenizer and embeddings hold the three
     tokens): their rows are trained values, not reset to `<<`'s; a fresh model's are."""
