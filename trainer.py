@@ -212,7 +212,10 @@ class TrainingRun:
 def new_optimizer(model, config, start: Start, epoch: int, env, log):
     """A new AdamW for `epoch`, holding the saved optimizer state when the run resumes at
     `epoch` and the reset rule carries the optimizer over."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    def fresh():
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    optimizer = fresh()
     resumed = start.train_state if epoch == start.epoch else None
     if resumed is not None and config.optimizer_carries_over(epoch):
         if resumed.get("optimizer") is not None:
@@ -220,7 +223,7 @@ def new_optimizer(model, config, start: Start, epoch: int, env, log):
                 distributed.load_optimizer_state(model, optimizer, resumed["optimizer"], env)
             except checkpoint.StateMismatch as e:  # another model's parameters, say: every process gets it
                 log(f"{e}: starting a new AdamW")
-                return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+                return fresh()  # not the one the failed restore gave DCP's zero moments
             log(f"restored the optimizer state of epoch {epoch}")
             apply_config_hyperparameters(optimizer, config, log)
         elif "epoch" in resumed:  # its .state holds no optimizer: its own run's rule started a new one here
