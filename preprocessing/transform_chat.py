@@ -6,7 +6,8 @@
 
 Each input line is ``{"messages": [{"role": ..., "content": ...}, ...]}``:
 
-* question = the first user message;
+* question = the user message (a record with more than one is skipped: a
+  follow-up's answer does not answer the first question);
 * trace = the last assistant message up to its summary marker ``In summary:``
   or ``In summary,`` (the last marker that is not inside a tag span);
   answer = what follows the marker, stripped;
@@ -26,8 +27,8 @@ Each input line is ``{"messages": [{"role": ..., "content": ...}, ...]}``:
   - runs of whitespace outside tag spans become one space.
 
 Examples with no summary marker, an empty answer, fewer than ``--min_steps``
-(2) steps, or a malformed line (bad JSON, no user or assistant message) are
-skipped; a summary of kept and skipped examples, with reasons and line
+(2) steps, more than one user message, or a malformed line (bad JSON, no user
+or assistant message) are skipped; a summary of kept and skipped examples, with reasons and line
 numbers of malformed lines, is printed at the end.
 """
 
@@ -245,6 +246,8 @@ def convert_line(line, nlp, min_steps=MIN_STEPS):
     assistants = [m for m in messages if m.get("role") == "assistant"]
     if not users or not assistants:
         raise Skip("malformed")
+    if len(users) > 1:  # the last assistant message answers the last question, not the first
+        raise Skip("more than one user message")
     question = content_text(users[0].get("content")).strip()
     trace, answer = split_summary(content_text(assistants[-1].get("content")))
     if not question:

@@ -118,14 +118,16 @@ def test_convert_fixture_file(tmp_path, capsys):
          "steps": ["<reasoning>Multiply 2.5 by 4. That is 10.0 exactly.</reasoning> The product is 10.0.",
                    "No rounding is needed."],
          "answer": "10"},
-        {"question": "First question, the one that counts.",
+        {"question": "How much did Mr. Smith pay?",
          "steps": ["Mr. Smith paid $3.50 at 9 a.m. on Jan. 5.",
                    "He then paid $1.25 more, i.e. $4.75 in all.",
                    "That settles it <citation>Receipt No. 7.</citation>."],
          "answer": "$4.75"},
     ]
     report = capsys.readouterr().out
-    assert "kept 3 examples, skipped 4" in report
+    assert "kept 3 examples, skipped 5" in report
+    # line 8: a follow-up question; the last assistant message answers it, not the first
+    assert "more than one user message: 1" in report
     assert "no summary marker: 1" in report
     assert "fewer than 2 steps: 1" in report
     assert "malformed: 2 (lines 5, 6)" in report
