@@ -61,7 +61,7 @@ def _check_example(path, i, item):
     steps = item["steps"]
     if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
         raise DataError(f"{where}: 'steps' must be a list of strings")
-    for key, text in [("question", item["question"]), ("answer", item["answer"])] + [("steps", s) for s in steps]:
+    for key, text in _texts(item):
         _check_text(where, key, text)
 
 
@@ -79,6 +79,35 @@ def _check_text(where: str, key: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise DataError(f"{where}: '{key}' is not valid text (a lone UTF-16 surrogate, e.g. half an emoji)") from None
+
+
+def _texts(example: dict) -> list:
+    """(key, text) of every text of a validated example, as DataError messages name them."""
+    return [("question", example["question"]), ("answer", example["answer"])] + [("steps", s) for s in example["steps"]]
+
+
+def check_special_text(path, examples: list, tokenizer) -> None:
+    """DataError naming the first example whose text spells one of the tokenizer's special
+    tokens (`<|endoftext|>`, `<|eot_id|>`, `<s>`, ...): the tokenizer reads it as that
+    token, not as text, so a step holding the EOS string trains the model to stop there
+    (and a token past the embeddings, such as an image token, crashes mid-epoch).
+    One substring search per special token over the whole file's text, only for those
+    whose first two characters occur in it: a second or two for GSM8k's 385k examples."""
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    specials.discard("")
+    joined = "\0".join(text for example in examples for _, text in _texts(example))
+    present = {prefix for prefix in {token[:2] for token in specials} if prefix in joined}
+    found = [token for token in specials if token[:2] in present and token in joined]
+    if not found:
+        return
+    for i, example in enumerate(examples):
+        for key, text in _texts(example):
+            first = min(((text.index(token), -len(token), token) for token in found if token in text), default=None)
+            if first is not None:  # the first one the text spells
+                token = first[2]
+                raise DataError(f"{path}: example {i}: '{key}' contains {token}, one of the tokenizer's special "
+                                "tokens: it would be read as that token, not as text")
 
 
 def unscorable_warnings(path, examples: list) -> list:
@@ -158,7 +187,10 @@ def get_dataset(path, tokenizer, max_size=1000000000, examples=None) -> Dataset:
     data before loading the model), so it is not parsed twice; path then only names it.
     Columns: question_tokenized, steps_tokenized, answer_tokenized, idx (position in file).
     """
-    data = (load_data_file(path) if examples is None else examples)[:max_size]
+    if examples is None:
+        examples = load_data_file(path)
+        check_special_text(path, examples, tokenizer)
+    data = examples[:max_size]
     raw = Dataset.from_dict(
         {
             "question": [d["question"] for d in data],

@@ -14,7 +14,8 @@ Checked, in order:
   fails at once when the hub is offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set,
   or the hub unreachable within 2 s) instead of retrying for a minute;
 - the tokenizer loads, has an EOS token and a vocabulary, and tokenizes each file's
-  first example in pieces as it tokenizes the whole text (DESIGN §1);
+  first example in pieces as it tokenizes the whole text (DESIGN §1); no example's
+  text spells one of its special tokens (it would be read as that token);
 - every example fits the model's context (max_position_embeddings or n_positions):
   the longest training sequence the run's stages give it (question, latent tokens and
   markers, kept steps, answer, EOS), and for validation examples also the evaluation
@@ -53,7 +54,7 @@ import torch
 
 import checkpoint
 from cli import UserError, first_line
-from dataset import check_piecewise
+from dataset import check_piecewise, check_special_text
 from layout import PromptLayout
 from modeling import build_tokenizer, place_weights
 from startup import never_evaluated
@@ -220,7 +221,8 @@ def check_tokenizer(config, data: dict, tokenizer, source: str) -> None:
     """The tokenizer can tokenize the data as dataset.tokenize_sample does: it has an EOS
     (every answer ends with it), it has a vocabulary (a model folder without tokenizer
     files loads as an empty tokenizer that turns every text into no tokens), and it
-    tokenizes each file's first example in pieces as it tokenizes the whole."""
+    tokenizes each file's first example in pieces as it tokenizes the whole; no text
+    spells one of its special tokens (check_special_text)."""
     if tokenizer.eos_token_id is None:
         raise UserError(f"{source}: the tokenizer has no EOS token (every answer ends with it; set eos_token)")
     if not tokenizer.encode("### ", add_special_tokens=False):
@@ -228,6 +230,7 @@ def check_tokenizer(config, data: dict, tokenizer, source: str) -> None:
     for key, part in [("train_path", "train"), ("val_path", "val")]:
         if part in data:  # check_data_present: each file holds an example
             check_piecewise(getattr(config, key), {**data[part][0], "idx": 0}, tokenizer)
+            check_special_text(getattr(config, key), data[part], tokenizer)
 
 
 # ------------------------------------------------------------------ the data fits the context

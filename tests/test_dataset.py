@@ -219,6 +219,40 @@ def test_text_near_the_markers_and_non_ascii_text_are_data(tmp_path, tok):
     assert D.load_data_file(str(path)) == ok
 
 
+@pytest.mark.parametrize("text", ["plain words", "ends <|endoftext|> here", "<|endoftext", "<|end of text|>",
+                                  "<|endoftext|>", "a<|latent|>b", "<", "x <|start-latent|><|end-latent|> y"])
+def test_text_is_refused_exactly_where_the_tokenizer_reads_a_special_token_in_it(text, tok, tmp_path):
+    """check_special_text against the naive oracle: the tokenizer's own ids for the text
+    hold a special token's id."""
+    from modeling import build_tokenizer
+
+    tok.save_pretrained(tmp_path / "tok")
+    tokenizer, _ = build_tokenizer(str(tmp_path / "tok"))  # with the three latent markers, as runs have it
+    special_ids = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    reads_a_special = bool(special_ids & set(tokenizer.encode(text, add_special_tokens=False)))
+    examples = [{"question": "q", "answer": "a", "steps": ["s"]}, {"question": "q", "answer": "a", "steps": ["s", text]}]
+    if not reads_a_special:
+        D.check_special_text("v.json", examples, tokenizer)
+        return
+    with pytest.raises(D.DataError) as err:
+        D.check_special_text("v.json", examples, tokenizer)
+    token = tokenizer.convert_ids_to_tokens([i for i in tokenizer.encode(text, add_special_tokens=False)
+                                             if i in special_ids][0])
+    assert str(err.value) == (f"v.json: example 1: 'steps' contains {token}, one of the tokenizer's special tokens: "
+                              "it would be read as that token, not as text")
+
+
+def test_special_token_text_names_the_first_example_and_key_and_stops_get_dataset(tmp_path, tok):
+    examples = [{"question": "q", "answer": "a", "steps": ["s"]},
+                {"question": "Why <|endoftext|>?", "answer": "a", "steps": ["s"]},
+                {"question": "q", "answer": "<|endoftext|>", "steps": []}]
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps(examples))
+    with pytest.raises(D.DataError, match=r"v.json: example 1: 'question' contains <\|endoftext\|>"):
+        D.get_dataset(str(path), tok)
+    D.get_dataset(str(path), tok, examples=examples[:1])  # read and checked by run.py: not checked again
+
+
 def test_a_data_path_that_cannot_be_read_is_one_line(tmp_path):
     with pytest.raises(D.DataError, match="cannot be read") as err:
         D.load_data_file(str(tmp_path))  # a folder
@@ -236,6 +270,8 @@ class CharTokenizer:
     """Fake tokenizer: one id per character; optional BOS prefix and SEP suffix specials."""
 
     eos_token_id = 0
+    all_special_tokens = ["<eos>"]
+    added_tokens_decoder = {}
 
     def __init__(self, bos=False, sep=False):
         self.bos, self.sep = bos, sep

@@ -81,6 +81,16 @@ def test_an_example_longer_than_the_context_is_named(tmp_path, gpt2_folder, chai
     assert gpt2_folder in line
 
 
+@pytest.mark.parametrize("part", ["train", "val"])
+def test_text_spelling_a_special_token_stops_the_run_before_the_model(tmp_path, gpt2_folder, chain_data, part):
+    """'<|endoftext|>' in a step is GPT-2's EOS to its tokenizer: the model would learn to stop there."""
+    examples = load_data_file(chain_data[part])
+    examples[2]["steps"][1] += " <|endoftext|>"
+    path = write_json(tmp_path / f"{part}_eos.json", examples)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, **{f"{part}_path": path})
+    assert_fails(tmp_path, [cfg], f"{path}: example 2: 'steps' contains <|endoftext|>, one of the tokenizer's")
+
+
 def test_an_evaluation_prompt_needs_room_for_max_new_tokens(tmp_path, gpt2_folder, chain_data):
     tokenizer, _ = build_tokenizer(gpt2_folder)
     question = "Tom is a wumpus."
