@@ -147,9 +147,11 @@ class TrainingRun:
                          f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc})")
         self.best_acc = max(self.best_acc, metrics["eval/acc"])
         if self.saving and self.env.is_main:  # how far the run got, and its best (checkpoint.write_progress)
+            # the record first: a stop between the two evaluates this epoch again, the other
+            # order would resume with a best accuracy that leaves this epoch's out
+            checkpoint.write_progress(config.save_dir, epoch + 1, self.newest_checkpoint, self.best_acc)
             if not config.save_only_improve:  # its checkpoint was saved before this evaluation
                 checkpoint.mark_evaluated(config.save_dir, epoch + 1)
-            checkpoint.write_progress(config.save_dir, epoch + 1, self.newest_checkpoint, self.best_acc)
 
     # -------------------------------------------------------------- per epoch
     def optimizer_for(self, epoch: int):

@@ -363,6 +363,46 @@ def test_save_only_improve_saves_the_epochs_that_beat_the_best_so_far(tmp_path, 
                                                                    "best_acc": 0.75}
 
 
+def test_a_stop_between_recording_an_epoch_and_marking_it_evaluated_loses_no_accuracy(
+        tmp_path, gpt2_folder, chain_data, monkeypatch):
+    """The progress record (with the epoch's accuracy) is written before the checkpoint is
+    marked evaluated: a stop in between leaves the record whole and the epoch unmarked, so
+    the relaunch evaluates it again. The other order lost that accuracy from the best."""
+    import checkpoint
+
+    accuracies = iter([0.25, 0.75, 0.75])  # epochs 1 and 2, then epoch 2 again on the relaunch
+
+    class Stopped(Exception):
+        pass
+
+    def evaluate(self, stage):
+        return {"eval/acc": next(accuracies), "eval/cot_em": 0.0}
+
+    mark_evaluated = checkpoint.mark_evaluated
+
+    def stop_at_epoch_2(save_dir, epoch):
+        if epoch == 2:
+            raise Stopped
+        mark_evaluated(save_dir, epoch)
+
+    monkeypatch.setattr(trainer.TrainingRun, "evaluate", evaluate)
+    monkeypatch.setattr(checkpoint, "mark_evaluated", stop_at_epoch_2)
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "stopped", coconut=True, max_new_tokens=2)
+    cfg = write_cfg(tmp_path / "cfg.yaml", keys)
+    with pytest.raises(Stopped):
+        run_in_process(cfg)
+    folder = tmp_path / "ckpt" / "stopped"
+    record = {"epochs_done": 2, "newest_checkpoint": 2, "best_acc": 0.75}
+    assert json.loads((folder / "progress.json").read_text()) == record
+    assert load_train_state(folder, 2)["evaluated"] is False
+    monkeypatch.setattr(checkpoint, "mark_evaluated", mark_evaluated)
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0, err[-3000:]
+    assert "evaluating it first" in out and epochs_started(err) == []
+    assert json.loads((folder / "progress.json").read_text()) == record
+    assert load_train_state(folder, 2)["evaluated"] is True
+
+
 # ------------------------------------------------------------------ 4. kill and resume
 def _kill_config(tmp_path, gpt2_folder, chain_data, name):
     keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", name, coconut=True, uniform_prob=0.3)
