@@ -24,6 +24,8 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                newest checkpoint is its best epoch, not its last, and other
                                runs save before evaluating (`write_progress`, `read_progress`,
                                `read_recorded_best`).
+    wandb_run_id               the run's wandb id, written at its first launch: every
+                               relaunch logs to the same wandb run (`wandb_run_id`).
 
 What this module fixes in the published code (DESIGN §9):
 - Every file is written to a temporary name in the same folder, fsynced, then renamed
@@ -86,12 +88,14 @@ __all__ = [
     "read_sharded_state",
     "save_checkpoint",
     "state_path",
+    "wandb_run_id",
     "write_progress",
 ]
 
 STATE_SUFFIX = ".state"
 # save_only_improve runs: how many epochs are trained (their newest checkpoint is their best)
 PROGRESS_FILE = "progress.json"
+WANDB_ID_FILE = "wandb_run_id"
 # the plain part of a .state folder; the sharded part is DCP's own files beside it
 PLAIN_STATE_FILE = "train_state.pt"
 # Written into train_state.pt: the top-level keys whose values are in the DCP part.
@@ -573,6 +577,22 @@ def mark_evaluated(save_dir: str | os.PathLike, epoch: int) -> None:
     path = os.path.join(state_path(save_dir, epoch), PLAIN_STATE_FILE)
     if os.path.isfile(path):
         atomic_torch_save({**_torch_load(path), "evaluated": True}, path)
+
+
+def wandb_run_id(save_dir: str | os.PathLike) -> str:
+    """The wandb run id of this run folder (WANDB_ID_FILE), made and written (atomically)
+    at its first launch: every relaunch logs to the same wandb run."""
+    path = os.path.join(os.fspath(save_dir), WANDB_ID_FILE)
+    try:
+        with open(path) as f:
+            run_id = f.read().strip()
+        if run_id.isalnum() and len(run_id) <= 64:
+            return run_id
+    except (OSError, UnicodeDecodeError):
+        pass
+    run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], as wandb makes its ids
+    _atomic_write(path, lambda f: f.write(run_id.encode()))
+    return run_id
 
 
 def write_progress(save_dir: str | os.PathLike, epochs_done: int, newest_checkpoint: Optional[int],

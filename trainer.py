@@ -47,12 +47,28 @@ def init_wandb(config, env, log):
     if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"
         log("wandb: not logged in and WANDB_MODE unset, logging offline (run `wandb login` or set WANDB_MODE)")
-    return wandb.init(project=config.project, name=config.name, config=config.to_dict())
+    # one wandb run per run folder: a relaunch continues its curves instead of starting another run
+    return wandb.init(project=config.project, name=config.name, config=config.to_dict(),
+                      id=checkpoint.wandb_run_id(config.save_dir), resume="allow")
 
 
 def _wandb_logged_in() -> bool:
-    netrc = os.path.expanduser("~/.netrc")
-    return bool(os.environ.get("WANDB_API_KEY")) or (os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read())
+    """Whether wandb finds credentials without a prompt: WANDB_API_KEY, an identity token
+    file, or a netrc entry (NETRC, else ~/.netrc or ~/_netrc) for the W&B host
+    (WANDB_BASE_URL's, a self-hosted server's, else api.wandb.ai)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    for path in (os.environ.get("NETRC"), "~/.netrc", "~/_netrc"):
+        try:
+            if path and netrc.netrc(os.path.expanduser(path)).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
 
 
 # ------------------------------------------------------------------ data per stage

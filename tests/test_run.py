@@ -702,3 +702,56 @@ def test_wandb_without_login_logs_offline(tmp_path, gpt2_folder, chain_data):
     assert len(offline) == 1 and offline[0].startswith("wandb:"), proc.stdout
     assert len(acc_lines(proc.stdout)) == 1
     assert (tmp_path / "wandb").is_dir()  # the offline run's files, for `wandb sync`
+
+
+@pytest.mark.parametrize("case, logged_in", [
+    ("nothing", False), ("api key", True), ("netrc for wandb.ai", True), ("netrc for another host", False),
+    ("self-hosted netrc", True), ("NETRC file", True), ("unreadable netrc", False)])
+def test_wandb_credentials_are_found_where_wandb_looks_for_them(tmp_path, monkeypatch, case, logged_in):
+    """Not logged in means offline logging: a self-hosted server's netrc entry, or a netrc
+    file named by NETRC, is a login."""
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def entry(path, host):
+        path.write_text(f"machine {host}\n  login user\n  password {'k' * 40}\n")
+        path.chmod(0o600)
+
+    if case == "api key":
+        monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    elif case == "netrc for wandb.ai":
+        entry(tmp_path / ".netrc", "api.wandb.ai")
+    elif case == "netrc for another host":
+        entry(tmp_path / ".netrc", "wandb.corp.example")
+    elif case == "self-hosted netrc":
+        entry(tmp_path / ".netrc", "wandb.corp.example")
+        monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.corp.example")
+    elif case == "NETRC file":
+        entry(tmp_path / "elsewhere", "api.wandb.ai")
+        monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))
+    elif case == "unreadable netrc":
+        (tmp_path / ".netrc").mkdir()
+    assert trainer._wandb_logged_in() is logged_in
+
+
+def test_a_relaunched_run_logs_to_the_same_wandb_run(tmp_path, gpt2_folder, chain_data, monkeypatch):
+    """wandb.init gets the run folder's id, made at the first launch, and resume="allow";
+    another folder gets another id."""
+    wandb = pytest.importorskip("wandb")
+    calls, real_init = [], wandb.init
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        return real_init(**kwargs)  # WANDB_MODE=disabled (run_in_process)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(trainer.TrainingRun, "evaluate", lambda self, stage: {"eval/acc": 0.0, "eval/cot_em": 0.0})
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "first", coconut=True, num_epochs=1)
+    for cfg in (write_cfg(tmp_path / "a.yaml", keys), write_cfg(tmp_path / "b.yaml", {**keys, "num_epochs": 2}),
+                write_cfg(tmp_path / "c.yaml", {**keys, "name": "second"})):
+        rc, _, err = run_in_process(cfg)
+        assert rc == 0, err[-3000:]
+    assert [call["resume"] for call in calls] == ["allow"] * 3
+    ids = [call["id"] for call in calls]
+    assert ids[0] == ids[1] != ids[2] and ids[0] == (tmp_path / "ckpt" / "first" / "wandb_run_id").read_text()
