@@ -26,6 +26,8 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                `read_recorded_best`).
     wandb_run_id               the run's wandb id, written at its first launch: every
                                relaunch logs to the same wandb run (`wandb_run_id`).
+    config.yaml                the config of the run's latest launch: a relaunch says
+                               which keys it changes (`write_launch_config`).
 
 What this module fixes in the published code (DESIGN §9):
 - Every file is written to a temporary name in the same folder, fsynced, then renamed
@@ -64,6 +66,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -88,7 +91,9 @@ __all__ = [
     "read_sharded_state",
     "save_checkpoint",
     "state_path",
+    "read_launch_config",
     "wandb_run_id",
+    "write_launch_config",
     "write_progress",
 ]
 
@@ -96,6 +101,7 @@ STATE_SUFFIX = ".state"
 # save_only_improve runs: how many epochs are trained (their newest checkpoint is their best)
 PROGRESS_FILE = "progress.json"
 WANDB_ID_FILE = "wandb_run_id"
+LAUNCH_CONFIG_FILE = "config.yaml"
 # the plain part of a .state folder; the sharded part is DCP's own files beside it
 PLAIN_STATE_FILE = "train_state.pt"
 # Written into train_state.pt: the top-level keys whose values are in the DCP part.
@@ -577,6 +583,23 @@ def mark_evaluated(save_dir: str | os.PathLike, epoch: int) -> None:
     path = os.path.join(state_path(save_dir, epoch), PLAIN_STATE_FILE)
     if os.path.isfile(path):
         atomic_torch_save({**_torch_load(path), "evaluated": True}, path)
+
+
+def write_launch_config(save_dir: str | os.PathLike, config: dict) -> None:
+    """Write (atomically) the config of this launch as YAML: LAUNCH_CONFIG_FILE."""
+    text = yaml.safe_dump(config, sort_keys=False)
+    _atomic_write(os.path.join(os.fspath(save_dir), LAUNCH_CONFIG_FILE), lambda f: f.write(text.encode()))
+
+
+def read_launch_config(save_dir: str | os.PathLike) -> dict:
+    """The config the run folder's previous launch recorded, {} when there is none or it
+    does not read (a folder of the published code or of an earlier version)."""
+    try:
+        with open(os.path.join(os.fspath(save_dir), LAUNCH_CONFIG_FILE), encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def wandb_run_id(save_dir: str | os.PathLike) -> str:

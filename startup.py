@@ -73,12 +73,16 @@ def _without_weights(start: Start) -> Start:
 
 
 def _find_start(config, log) -> Start:
-    if not config.only_eval and not config.debug:
+    if not config.only_eval and not config.debug:  # rank 0 only, under sharded training
         found = checkpoint.find_resume_point(config.save_dir, warn=log)
+        record_launch_config(config, None if found is None else found[0], log)
         if found is not None:
             epoch, state, train_state = found
             log("Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
             log(f"Loading from previous run epoch_{epoch}!")
+            if config.load_model_path is not None:
+                log(f"load_model_path {config.load_model_path} is not loaded either: the run goes on from its own "
+                    f"checkpoint_{epoch}")
             _say_what_is_trained_again(config, epoch, log)
             # {} (not None) for a published-layout checkpoint, which has no .state: it is a resume
             return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch),
@@ -91,6 +95,26 @@ def _find_start(config, log) -> Start:
     if config.resume:
         log(f"Warning: you want to skip the first {config.resume} but you are not loading any existing checkpoint!")
     return Start(config.resume)
+
+
+# keys a resume ignores (said on their own): a change there changes nothing
+_IGNORED_ON_RESUME = ("resume", "load_model_path")
+
+
+def record_launch_config(config, resumed_epoch: Optional[int], log) -> None:
+    """Keep this launch's config in the run folder (checkpoint.write_launch_config); when the
+    run resumes from checkpoint_{resumed_epoch}, say in one line which keys differ from the
+    previous launch's: a relaunch after an edit of the YAML trains its remaining epochs
+    under the new values, which the run folder's checkpoints do not show."""
+    current = config.to_dict()
+    previous = checkpoint.read_launch_config(config.save_dir)
+    if resumed_epoch is not None and previous:
+        changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in current.items()
+                   if key not in _IGNORED_ON_RESUME and key in previous and previous[key] != value]
+        if changed:
+            log(f"the config differs from this run folder's previous launch ({', '.join(changed)}): from epoch "
+                f"{resumed_epoch + 1} on, the run trains with the new values")
+    checkpoint.write_launch_config(config.save_dir, current)
 
 
 def never_evaluated(train_state: Optional[dict]) -> bool:

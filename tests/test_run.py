@@ -755,3 +755,30 @@ def test_a_relaunched_run_logs_to_the_same_wandb_run(tmp_path, gpt2_folder, chai
     assert [call["resume"] for call in calls] == ["allow"] * 3
     ids = [call["id"] for call in calls]
     assert ids[0] == ids[1] != ids[2] and ids[0] == (tmp_path / "ckpt" / "first" / "wandb_run_id").read_text()
+
+
+def test_a_relaunch_says_which_config_keys_changed_since_the_previous_launch(
+        tmp_path, gpt2_folder, chain_data, monkeypatch):
+    """The run folder keeps its latest launch's config (config.yaml); a resume names every
+    key that differs, not resume or load_model_path, which a resume ignores (the latter
+    said in a line of its own); an unchanged relaunch says nothing of it."""
+    from utils import load_config
+
+    monkeypatch.setattr(trainer.TrainingRun, "evaluate", lambda self, stage: {"eval/acc": 0.0, "eval/cot_em": 0.0})
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "drift", coconut=True, num_epochs=1)
+    first = write_cfg(tmp_path / "a.yaml", keys)
+    rc, out, err = run_in_process(first)
+    assert rc == 0, err[-3000:]
+    assert "differs" not in out
+    edited = write_cfg(tmp_path / "b.yaml", {**keys, "num_epochs": 2, "lr": 2e-3, "seed": 7, "resume": 1,
+                                             "load_model_path": str(tmp_path / "elsewhere")})
+    rc, out, err = run_in_process(edited)
+    assert rc == 0, err[-3000:]
+    assert [line for line in out.splitlines() if "differs" in line] == [
+        "the config differs from this run folder's previous launch (seed 0 -> 7, num_epochs 1 -> 2, lr 0.001 -> 0.002): "
+        "from epoch 2 on, the run trains with the new values"]
+    assert f"load_model_path {tmp_path / 'elsewhere'} is not loaded either: the run goes on from its own checkpoint_1" in out
+    recorded = yaml.safe_load((tmp_path / "ckpt" / "drift" / "config.yaml").read_text())
+    assert recorded == load_config(edited).to_dict()
+    rc, out, err = run_in_process(write_cfg(tmp_path / "c.yaml", {**keys, "num_epochs": 2, "lr": 2e-3, "seed": 7}))
+    assert rc == 0 and "differs" not in out and "finished" in out, out
