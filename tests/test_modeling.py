@@ -136,6 +136,11 @@ def test_a_model_saved_in_bf16_trains_in_the_precision_the_config_asks(llama_fol
     assert next(plain.parameters()).dtype == torch.bfloat16
     built = build_model(config_for(str(folder), coconut=True, bf16=bf16), None, None, silent)
     assert {p.dtype for p in built.model.parameters()} == {torch.bfloat16 if bf16 else torch.float32}
+    # the buffers as transformers makes them for a bf16 model: the rotary inv_freq in fp32
+    reference = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+    assert {name: (b.dtype, b.tolist()) for name, b in built.base_causallm.named_buffers()} == {
+        name: (b.dtype, b.tolist()) for name, b in reference.named_buffers()}
+    assert any(b.dtype == torch.float32 for b in reference.buffers())  # premise: a buffer to keep
     if with_weights:  # read in bf16 or in fp32: the saved values either way
         saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
         ours = built.base_causallm.state_dict()
