@@ -348,10 +348,3 @@ def by_parameter_name(model, state: dict) -> dict:
 
     groups = [{**group, "params": [name_of(k) for k in group["params"]]} for group in state["param_groups"]]
     return {"state": {name_of(k): v for k, v in state["state"].items()}, "param_groups": groups}
-
-
-def set_gradient_sync(model, sync: bool) -> None:
-    """Skip FSDP's reduce-scatter on accumulation micro-batches that do not step."""
-    inner = unwrap(model)
-    if isinstance(inner, FSDPModule):
-        inner.set_requires_gradient_sync(sync)

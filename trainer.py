@@ -188,7 +188,8 @@ class TrainingRun:
                    dynamic_ncols=True, disable=not env.is_main)
         for step, batch in enumerate(train_loader):
             steps_now = (step + 1) % accumulation == 0 or step == n_batches - 1  # the last partial group steps too
-            distributed.set_gradient_sync(model, steps_now)
+            # no skipped gradient sync on the micro-batches that do not step: FSDP2 would then
+            # hold each block's whole unsharded fp32 gradient on every process until the step
             loss = model(**distributed.to_device(batch, env.device), **forward_options).loss / accumulation
             loss.backward()
             if steps_now:
