@@ -4,7 +4,8 @@ One process (`python run.py cfg.yaml`) runs without a process group. Under
 `torchrun` (one node or many, through torchrun's own rendezvous) every process joins
 a group: NCCL when CUDA is available, gloo on CPU. Training shards the model with
 FSDP2 (`fully_shard`) over the model's own transformer block classes, taken from
-`_no_split_modules`; `only_eval` replicates it with DDP.
+`_no_split_modules`; `only_eval` replicates rank 0's model on every process
+(`replicate_from_main`).
 
 No process but rank 0 ever holds the whole model while training: the others build it
 on the meta device, every rank shards it, and `fill_from_main` copies rank 0's weights
@@ -33,7 +34,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import checkpoint
@@ -217,7 +217,7 @@ def fill_from_main(model, source, env: DistEnv) -> None:
 
 def autocast_forward(model, compute_dtype, device: torch.device) -> None:
     """Run the model's forward (and generate) under torch.autocast: mixed precision
-    without FSDP (one process, or DDP for only_eval), parameters and optimizer left in
+    without FSDP (one process, or a replica per process for only_eval), parameters and optimizer left in
     fp32. `model` is what the run calls: the Coconut wrapper, whose passes call the
     base model's parts directly, or the base model itself."""
     for name in ("forward", "generate"):
@@ -235,15 +235,35 @@ def _in_autocast(method, device_type: str, dtype):
     return in_autocast
 
 
-def replicate(model, env: DistEnv):
-    """DDP for evaluation only (as published: no sharding bugs at eval time)."""
-    if not env.distributed:
-        return model
-    return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+def replicate_from_main(model, env: DistEnv):
+    """only_eval under torchrun: every process gets a whole replica of rank 0's model on its
+    device. `model` is rank 0's model there (built and loaded) and the same structure on
+    the meta device elsewhere, so no other process reads the weights or holds them in host
+    memory; rank 0's parameters and buffers are broadcast one tensor at a time, as DDP's
+    constructor broadcasts them. No DDP wrapper: evaluation runs no backward, and DDP
+    would reserve a model-sized gradient buffer on every device for nothing."""
+    if env.is_main:
+        model.to(env.device)
+    else:
+        _to_empty_keeping_ties(model, env.device)
+    with torch.no_grad():
+        for _, tensor in (*model.named_parameters(), *model.named_buffers()):
+            dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
+    return model
 
 
-def unwrap(model):
-    return model.module if isinstance(model, DDP) else model
+def _to_empty_keeping_ties(model, device) -> None:
+    """model.to_empty(device=device), with parameters shared by several modules (GPT-2's
+    tied embedding and head) still one: to_empty gives each module a parameter of its own."""
+    places = {}  # id(parameter) -> [(module, name), ...]
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                places.setdefault(id(param), []).append((module, name))
+    model.to_empty(device=device)
+    for (first, first_name), *others in places.values():
+        for module, name in others:
+            module._parameters[name] = first._parameters[first_name]
 
 
 @contextlib.contextmanager
@@ -253,7 +273,6 @@ def gathered_root(model):
     Generation calls the embedding outside the root module's forward, where FSDP would
     otherwise leave it sharded; the blocks still gather themselves in their hooks.
     """
-    model = unwrap(model)
     if isinstance(model, FSDPModule):
         model.unshard()
         try:
@@ -281,7 +300,6 @@ def full_model_state(model):
     """The whole (unsharded) state dict for the checkpoint file. One process: the
     model's own tensors (detached, on CPU). FSDP: a checkpoint.StreamedModelState that
     gathers one tensor at a time to rank 0, which writes it and lets it go."""
-    model = unwrap(model)
     if not isinstance(model, FSDPModule):
         return _on_cpu_keeping_ties(model.state_dict())
     sharded = model.state_dict()  # name -> DTensor (parameters) or tensor (buffers)
@@ -313,7 +331,7 @@ def full_model_state(model):
 def optimizer_state(model, optimizer) -> dict:
     """The optimizer state keyed by parameter name (the same in every layout), each
     rank's own shard under FSDP: what DCP saves and reshards."""
-    return get_optimizer_state_dict(unwrap(model), optimizer)
+    return get_optimizer_state_dict(model, optimizer)
 
 
 def load_optimizer_state(model, optimizer, state, env: DistEnv) -> None:
@@ -324,18 +342,17 @@ def load_optimizer_state(model, optimizer, state, env: DistEnv) -> None:
     parameter name (saved under FSDP) or by parameter index (a lone process's
     `optimizer.state_dict()`), broadcast from rank 0.
     """
-    inner = unwrap(model)
     if isinstance(state, checkpoint.ShardedState):
         # The template in this run's layout: get_optimizer_state_dict creates the moments
         # (zero) by a step with zero gradients, but only if no gradient is set; with one
         # left over, the template would be empty and nothing load.
         optimizer.zero_grad(set_to_none=True)
-        template = checkpoint.load_sharded(state, get_optimizer_state_dict(inner, optimizer))
-        set_optimizer_state_dict(inner, optimizer, template)
+        template = checkpoint.load_sharded(state, get_optimizer_state_dict(model, optimizer))
+        set_optimizer_state_dict(model, optimizer, template)
         return
-    whole = by_parameter_name(inner, state) if env.is_main else {}
+    whole = by_parameter_name(model, state) if env.is_main else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.distributed)
-    set_optimizer_state_dict(inner, optimizer, whole, options=options)
+    set_optimizer_state_dict(model, optimizer, whole, options=options)
 
 
 def by_parameter_name(model, state: dict) -> dict:

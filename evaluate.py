@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from coconut import Coconut
-from distributed import DistEnv, all_reduce_sum, gathered_root, loader, to_device, unwrap
+from distributed import DistEnv, all_reduce_sum, gathered_root, loader, to_device
 from utils import extract_answer, normalize_answer
 
 
@@ -33,13 +33,13 @@ def reference_answers(examples: list) -> tuple:
 def loss_only(model) -> dict:
     """forward's keywords for a step that needs only the loss: Coconut then applies the LM
     head only where the loss needs it, never over (batch, seq, vocab)."""
-    return {"return_logits": False} if isinstance(unwrap(model), Coconut) else {}
+    return {"return_logits": False} if isinstance(model, Coconut) else {}
 
 
 @torch.no_grad()
 def validation_loss(model, dataset, collator, batch_size: int, env: DistEnv) -> float:
     """Mean of per-batch losses over all processes (each process gets an equal share)."""
-    unwrap(model).eval()
+    model.eval()
     total, count, forward_options = 0.0, 0, loss_only(model)
     for batch in loader(dataset, batch_size, collator, env):
         total += float(model(**to_device(batch, env.device), **forward_options).loss)
@@ -50,9 +50,8 @@ def validation_loss(model, dataset, collator, batch_size: int, env: DistEnv) -> 
 
 def generator_for(model, base_causallm, tokens, eos_id) -> Coconut:
     """The Coconut model itself, or a plain-decoding view (no latent id) of the base model."""
-    inner = unwrap(model)
-    if isinstance(inner, Coconut):  # the method fills latents (modeling.build_model)
-        return inner
+    if isinstance(model, Coconut):  # the method fills latents (modeling.build_model)
+        return model
     return Coconut(base_causallm, None, tokens.start_id, tokens.end_id, eos_id)
 
 
@@ -70,7 +69,7 @@ def generation_accuracy(model, generator, dataset, collator, tokenizer, examples
     """Greedy answers for every question; returns counts summed over processes."""
     answers, cots = reference_answers(examples)
     own, padded, n_batches = _rank_share(len(dataset), env, config.batch_size_eval)
-    unwrap(model).eval()
+    model.eval()
     correct = cot_correct = 0
     bar = tqdm(total=n_batches, desc="Test Accuracy", colour="blue", dynamic_ncols=True, disable=not env.is_main)
     with gathered_root(model):

@@ -3,8 +3,9 @@
 - `find_start`: this run's own newest checkpoint (preemption), else `load_model_path`
   and `resume`. Under sharded training only rank 0 reads the files; the others learn
   the epoch and the training state without the weights.
-- `build_and_place`: the model this process trains. One process, or DDP for
-  only_eval: the whole model on the device. Sharded training (FSDP2): rank 0 builds the
+- `build_and_place`: the model this process trains. One process, or a replica per
+  process for only_eval: the whole model on the device (under torchrun rank 0's,
+  broadcast to the others, which build it on the meta device). Sharded training (FSDP2): rank 0 builds the
   whole model as a lone process would, the others only its structure on the meta
   device (no memory); every rank shards it, then rank 0's weights fill the shards one
   tensor at a time. `fused_gelu`, `activation_checkpointing`, `compile` and
@@ -56,7 +57,7 @@ def on_main(fn, env):
 
 
 def find_start(config, log, env) -> Start:
-    if not sharded_training(config, env):
+    if not env.distributed:
         return _find_start(config, log)
     found = on_main(lambda: _find_start(config, log), env)  # None on ranks > 0
     shared = distributed.share(found and _without_weights(found), env)
@@ -148,14 +149,20 @@ def _say_what_is_trained_again(config, newest: Optional[int], log) -> None:
 
 
 def build_and_place(config, start: Start, env, log) -> tuple:
-    """(BuiltModel, the model this process runs: sharded, replicated or whole)."""
-    if not sharded_training(config, env):
+    """(BuiltModel, the model this process runs: sharded, replicated or whole). Under
+    torchrun only rank 0 builds the model from the files; the others build its structure
+    on the meta device and get rank 0's weights."""
+    if not env.distributed:
         built = build_model(config, start.model_state, start.model_path, log)
         return built, _place_whole(built, config, env, log)
     source = on_main(lambda: build_model(config, start.model_state, start.model_path, log), env)
     # rank 0's dtype and embedding rows (the loading rules may add the new tokens' rows)
     dtype, rows = distributed.share(source and (next(source.model.parameters()).dtype,
                                                 source.base_causallm.get_input_embeddings().weight.shape[0]), env)
+    if not sharded_training(config, env):  # only_eval: a whole replica on every process
+        built = source if env.is_main else build_empty_model(config, dtype, rows)
+        distributed.replicate_from_main(built.model, env)
+        return built, _place_whole(built, config, env, log)
     built = build_empty_model(config, dtype, rows)
     _prepare(built, config, env, sharded=True)
     log(f"Running FSDP on rank = {env.rank}, world size = {env.world_size}")
@@ -196,7 +203,7 @@ def evaluation_decoder(model, built: BuiltModel, config, env):
     latents a plain-decoding view of its base model (evaluate.generator_for), in the
     run's precision too."""
     generator = generator_for(model, built.base_causallm, built.tokens, built.tokenizer.eos_token_id)
-    if generator is not distributed.unwrap(model):
+    if generator is not model:
         autocast_like_the_run(generator, config, env)
         if config.compile:  # its base is compiled: the caches and passes that compilation needs
             import compiling
@@ -206,13 +213,14 @@ def evaluation_decoder(model, built: BuiltModel, config, env):
 
 
 def _place_whole(built: BuiltModel, config, env, log):
-    """One process, or DDP for only_eval: the whole model on the device; mixed precision
-    through autocast (parameters and optimizer stay fp32)."""
+    """One process, or a replica per process for only_eval: the whole model on the device;
+    mixed precision through autocast (parameters and optimizer stay fp32)."""
     _prepare(built, config, env, sharded=False)
     model = built.model.to(env.device)
     autocast_like_the_run(built.model, config, env)
     if not env.distributed:
         log("Running on one process")
         return model
+    # the published line: its only_eval replicated the model with DDP
     log(f"Running DDP on rank = {env.rank}, world size = {env.world_size}")
-    return distributed.replicate(model, env)
+    return model

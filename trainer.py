@@ -179,7 +179,7 @@ class TrainingRun:
     def train_epoch(self, stage: int, epoch: int) -> None:
         config, env, model, optimizer = self.config, self.env, self.model, self.optimizer
         train_loader = distributed.loader(self.stager.train(stage, epoch), config.batch_size_training, self.collator, env)
-        distributed.unwrap(model).train()
+        model.train()
         accumulation = config.gradient_accumulation_steps
         n_batches = len(train_loader)
         forward_options = loss_only(model)

@@ -264,6 +264,22 @@ def test_only_eval_matches_end_of_run(tmp_path, coconut_run):
     assert not os.path.exists(os.path.join(coconut_run["dir"], "checkpoint_3"))
 
 
+@pytest.mark.slow
+def test_only_eval_under_torchrun_answers_as_one_process(tmp_path, coconut_run):
+    """Two processes (rank 0's model replicated, each answering every other question)
+    print the lines the run printed at its last evaluation."""
+    keys = yaml.safe_load(open(coconut_run["cfg"]))
+    keys.update(only_eval=True, load_model_path=os.path.join(coconut_run["dir"], "checkpoint_2"), resume=1)
+    cfg = write_cfg(tmp_path / "eval.yaml", keys)
+    proc = run_sub(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    RUN_PY, cfg], timeout=150)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Running DDP on rank = 0, world size = 2" in proc.stdout
+    trained = coconut_run["out"]
+    assert ACC_RE.findall(proc.stdout) == ACC_RE.findall(trained)[-1:]
+    assert COT_RE.findall(proc.stdout) == COT_RE.findall(trained)[-1:]
+
+
 def test_gradient_accumulation_steps_as_one_batch_of_all_its_micro_batches(tmp_path):
     """batch_size_training 2 with gradient_accumulation_steps 2 takes the optimizer steps
     of batch_size_training 4: examples with equal token counts (each micro-batch's mean

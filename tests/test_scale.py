@@ -320,7 +320,7 @@ def evaluation_tokens(model, built, config, env):
     for cot) generates for two fixed prompts, as evaluate.generation_accuracy calls it."""
     generator = startup.evaluation_decoder(model, built, config, env)
     prompts = global_batch(built.tokens, 0)["input_ids"][:2, :6]
-    distributed.unwrap(model).eval()
+    model.eval()
     with torch.no_grad(), distributed.gathered_root(model):
         out = generator.generate(prompts, torch.ones_like(prompts), max_new_tokens=3, synced_gpus=env.distributed)
     return out.tolist()
@@ -452,6 +452,66 @@ def runs(tmp_path_factory):
     resumed_on_one = in_process({"two_to_one": (dict(model=model, save_dir=copy_run(tmp / "two", tmp / "2to1")), STEPS)})
     four = spawn(4, {"two_to_four": (dict(model=model, save_dir=copy_run(tmp / "two", tmp / "2to4")), None)}, tmp)
     return {"one": one, "two": two, "resumed_on_one": resumed_on_one, "four": four, "tmp": tmp}
+
+
+def only_eval_replica(config, env):
+    """What an only_eval launch builds on this process, and what it tells of it."""
+    built_from_files = []
+
+    def build_model(*args):  # counts the processes that build the model from the files
+        built_from_files.append(True)
+        return modeling.build_model(*args)
+
+    startup.build_model = build_model
+    start = startup.find_start(config, lambda message: None, env)
+    read_the_checkpoint = start.model_state is not None
+    built, model = startup.build_and_place(config, start, env, lambda message: None)
+    base = built.base_causallm
+    return {"read_the_checkpoint": read_the_checkpoint, "built_from_files": bool(built_from_files),
+            "plain_coconut": type(model) is Coconut,
+            "tied": base.lm_head.weight is base.transformer.wte.weight,
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "buffers": {k: v.clone() for k, v in model.named_buffers()},
+            "generated": evaluation_tokens(model, built, config, env)}
+
+
+def _eval_worker(rank, world_size, port, keys, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = distributed.setup()
+    try:
+        torch.save(only_eval_replica(run_config(**keys), env), f"{out}.rank{rank}")
+    finally:
+        distributed.teardown()
+    distributed.exit_process(0)
+
+
+@pytest.mark.slow
+def test_only_eval_under_torchrun_reads_the_model_on_rank_0_alone_and_replicates_it(tmp_path):
+    """Only rank 0 reads load_model_path and builds the model from the files (the others
+    build it on the meta device: no host copy per process); every process ends with rank
+    0's parameters and buffers, GPT-2's embedding and head still one tensor, no DDP
+    wrapper (its gradient buffer would be a second model on every device), and generates
+    what one process generates."""
+    model = model_folder(tmp_path / "model")
+    trained = modeling.build_model(run_config(model, str(tmp_path / "unused")), None, None, lambda message: None)
+    torch.save({k: v + 0.01 for k, v in trained.model.state_dict().items()}, tmp_path / "trained.pt")
+    keys = dict(model=model, save_dir=str(tmp_path / "eval"), only_eval=True, load_model_path=str(tmp_path / "trained.pt"),
+                resume=1, num_epochs=2)
+    alone = only_eval_replica(run_config(**keys), DistEnv())
+    out = str(tmp_path / "replica")
+    mp.spawn(_eval_worker, args=(2, free_port(), keys, out), nprocs=2)
+    ranks = [torch.load(f"{out}.rank{rank}", weights_only=True) for rank in range(2)]
+    assert [(r["read_the_checkpoint"], r["built_from_files"]) for r in ranks] == [(True, True), (False, False)]
+    for replica in ranks:
+        assert replica["plain_coconut"] and replica["tied"]
+        for part in ("state", "buffers"):
+            assert replica[part].keys() == alone[part].keys()
+            assert all(torch.equal(replica[part][k], alone[part][k]) for k in alone[part]), part
+        assert replica["generated"] == alone["generated"]
+    assert torch.equal(alone["state"]["base_causallm.lm_head.weight"],
+                       trained.model.state_dict()["base_causallm.lm_head.weight"] + 0.01)  # premise: the loaded weights
 
 
 def assert_same_curve(losses, reference, tol):
