@@ -224,13 +224,31 @@ def thought_distributions(model: Coconut, input_ids, attention_mask, position_id
 @torch.no_grad()
 def answer_batch(exported: Exported, questions: list, prompts: list, max_new_tokens: int,
                  show_thoughts: bool = False, top_k: int = TOP_K) -> list:
-    """Greedy answers for one batch of prompts (token id lists)."""
+    """Greedy answers for one batch of prompts (token id lists). A prompt too long for
+    max_new_tokens more positions gets what the context leaves it, in a batch of its own:
+    the others keep their whole budget, whatever batch they share with it."""
+    budgets = [generation_budget(len(prompt), max_new_tokens, exported.context) for prompt in prompts]
+    results = [None] * len(prompts)
+    for budget in sorted(set(budgets)):
+        rows = [i for i, b in enumerate(budgets) if b == budget]
+        answers = _answer_rows(exported, [questions[i] for i in rows], [prompts[i] for i in rows], budget,
+                               show_thoughts, top_k)
+        for i, result in zip(rows, answers):
+            results[i] = result
+    return results
+
+
+def generation_budget(prompt_length: int, max_new_tokens: int, context: Optional[int]) -> int:
+    """New tokens a prompt may get: max_new_tokens, or (at least one) what the context leaves."""
+    return max_new_tokens if context is None else max(1, min(max_new_tokens, context - prompt_length))
+
+
+def _answer_rows(exported: Exported, questions: list, prompts: list, max_new_tokens: int, show_thoughts: bool,
+                 top_k: int) -> list:
     model, tokenizer = exported.model, exported.tokenizer
     device = next(model.parameters()).device
     eos = model.eos_token_id
     ids, mask, positions = pad_batch(prompts, tokenizer.pad_token_id, exported.latent_id, device)
-    if exported.context is not None:  # generated positions must stay inside the context
-        max_new_tokens = max(1, min(max_new_tokens, exported.context - max(len(p) for p in prompts)))
     outputs = model.generate(ids, mask, max_new_tokens=max_new_tokens)
     thoughts = thought_distributions(model, ids, mask, positions) if show_thoughts else None
     results = []

@@ -136,6 +136,19 @@ def test_questions_file_batched_with_progress_and_output(tiny, exported, tiny_va
     assert [(r.output, r.generated_tokens) for r in alone] == [(r["output"], r["generated_tokens"]) for r in records[:3]]
 
 
+def test_a_long_prompt_leaves_the_rest_of_its_batch_their_whole_budget(exported, tiny_val):
+    """Near the end of the context a prompt gets the positions left, the other prompts of
+    its batch all of max_new_tokens: each answers as it would alone."""
+    prompts = [inference.prompt_ids(exported, ex["question"], 2) for ex in tiny_val[:4]]
+    questions = [ex["question"] for ex in tiny_val[:4]]
+    longest = max(range(4), key=lambda i: len(prompts[i]))
+    near_the_end = dataclasses.replace(exported, context=len(prompts[longest]) + 2)
+    alone = [inference.answer_batch(near_the_end, [q], [p], 8)[0] for q, p in zip(questions, prompts)]
+    batched = inference.answer_batch(near_the_end, questions, prompts, 8)
+    assert [(r.output, r.generated_tokens) for r in batched] == [(r.output, r.generated_tokens) for r in alone]
+    assert alone[longest].generated_tokens <= 2 < max(r.generated_tokens for r in alone)  # premise
+
+
 def test_cot_model_answers_without_latents(tmp_path_factory, tiny_val, capsys):
     cot = tiny_cot_model(tmp_path_factory)
     code, out, _ = _run(capsys, [cot.export, "--question", tiny_val[0]["question"], "--max_new_tokens", "3", "--show-thoughts"])
