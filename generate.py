@@ -15,8 +15,8 @@ run.py evaluates. Models trained with cot / no_cot / no_thoughts get the bare qu
 ordinary token.
 
 Decoding is greedy (KV cache, batched), until EOS or --max_new_tokens. Generated
-positions stay inside the model's context: near its limit a batch's budget is that of
-its longest prompt, so use --batch_size 1 there for each question's own budget. For
+positions stay inside the model's context: a prompt near its limit gets the positions
+left (in a batch of its own, so the others keep the whole --max_new_tokens). For
 every question it prints the generated text, the answer (text after the last '#' of
 the question and the output, commas removed, as run.py scores it) and how many latent
 tokens the prompt held and how many tokens were generated (EOS not counted). A
