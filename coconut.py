@@ -7,7 +7,7 @@ which puts the i-th latent of every example in the same column; that lets pass i
 fill the i-th latents of the whole batch at once and reuse the KV cache, so a step
 with N latents costs one forward over the sequence split into N + 1 pieces.
 
-The passes run the transformer stack alone (`base_causallm.base_model`): a latent
+The passes run the transformer stack alone (`decoder_of(base_causallm)`): a latent
 needs only the last hidden state, so no LM head and no per-layer hidden states there.
 The loss applies the LM head only where labels are supervised, in chunks.
 
@@ -73,10 +73,36 @@ PLAIN_MASK_MODEL_TYPES = frozenset(
     {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "olmo", "olmo2", "gemma", "granite", "smollm3"})
 
 
+def text_config(config):
+    """The config of the language model itself: a model that AutoModelForCausalLM builds
+    around a multimodal checkpoint (Gemma 3 from 4B on, Gemma 3n, ...) keeps its attention
+    settings (sliding window, layer types, soft-capping, positions) in `text_config`."""
+    get = getattr(config, "get_text_config", None)
+    return get() if get is not None else config
+
+
+def context_length(config) -> Optional[int]:
+    """The model's positions (max_position_embeddings or n_positions), None when its config
+    does not say."""
+    config = text_config(config)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def decoder_of(causal_lm) -> nn.Module:
+    """The transformer stack without the LM head (GPT2Model, LlamaModel, ...): the model's
+    base_model, or its `model` where base_model_prefix names no attribute of it (Llama 4's
+    and Mllama's causal LMs, whose base_model is then the causal LM itself)."""
+    base = causal_lm.base_model
+    if base is causal_lm and isinstance(getattr(causal_lm, "model", None), nn.Module):
+        return causal_lm.model
+    return base
+
+
 def builds_plain_masks(config) -> bool:
     """Whether every layer of the decoder attends with the plain causal-and-padding mask in
     sdpa's boolean form (no sliding window, no chunked attention), so a pass may be given
     that mask ready-made (pass_mask) instead of Hugging Face building it."""
+    config = text_config(config)
     return (getattr(config, "model_type", None) in PLAIN_MASK_MODEL_TYPES
             and getattr(config, "_attn_implementation", None) == "sdpa"
             and getattr(config, "sliding_window", None) is None
@@ -161,6 +187,8 @@ def local_attention_window(config) -> Optional[int]:
     GPT-Neo's local layers), None when every layer attends to the whole sequence; 0 when
     some layer is local but the config names no size. Past that many columns, a padding
     column between a prompt and its generated tokens takes the place of a real token."""
+    config = text_config(config)
+
     def positive(name):
         value = getattr(config, name, None)
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
@@ -295,6 +323,7 @@ def logit_transform(config) -> Optional[Callable]:
     Each keeps the logits' order, so greedy decoding needs none of them; the loss and
     returned logits do. Coconut checks the result against the model's own forward
     (check_head_matches_model)."""
+    config = text_config(config)
     model_type = getattr(config, "model_type", "") or ""
 
     def factor(name):  # a factor of 1 changes nothing
@@ -485,7 +514,7 @@ class Coconut(nn.Module):
         self.logit_transform = logit_transform(base_causallm.config)
         if latent_token_id is not None:  # a plain decoder computes no loss, and greedy decoding needs no transform
             check_head_matches_model(self)
-        decoder_args = inspect.signature(base_causallm.base_model.forward).parameters
+        decoder_args = inspect.signature(decoder_of(base_causallm).forward).parameters
         self._cache_kwarg = "cache" if "cache" in decoder_args else "past_key_values"
         # compiling.compile_blocks sets a cache whose update stays outside compiled graphs,
         # and compiled_blocks: one-column passes then run eagerly (see _pass_mode)
@@ -508,7 +537,7 @@ class Coconut(nn.Module):
     def decoder(self) -> nn.Module:
         """The transformer stack without the LM head (GPT2Model, LlamaModel, ...): its
         last_hidden_state is after the final norm, i.e. hidden_states[-1] (DESIGN §4)."""
-        return self.base_causallm.base_model
+        return decoder_of(self.base_causallm)
 
     @property
     def lm_head(self) -> nn.Module:

@@ -53,7 +53,7 @@ Any failure disables it for that model and generation falls back to the eager lo
 import torch
 from transformers import DynamicCache
 
-from coconut import standalone
+from coconut import context_length, decoder_of, standalone
 from distributed import transformer_blocks
 
 RECOMPILE_LIMIT = 32
@@ -99,7 +99,7 @@ def compile_decoder(model, **compile_kwargs) -> None:
     # one graph holds every layer, so layer indices stay constants (dynamo's default);
     # compile_blocks unspecialises them, which made compiling the decoder 3.7x slower
     torch._dynamo.config.allow_unspec_int_on_nn_module = False
-    base.base_model.compile(**{"dynamic": True, **compile_kwargs})
+    decoder_of(base).compile(**{"dynamic": True, **compile_kwargs})
     base.coconut_compiled = "decoder"
     if hasattr(model, "compiled_decoder"):  # a Coconut
         match_compiled_base(model)
@@ -230,7 +230,7 @@ def captured_decoder(coconut, shape, max_new_tokens: int):
         decoder = coconut._captured_decoder = CapturedDecoder(coconut, capture=True)
     if not decoder.enabled or not getattr(coconut, "cuda_graphs", True):
         return None
-    limit = getattr(coconut.base_causallm.config, "max_position_embeddings", None)
+    limit = context_length(coconut.base_causallm.config)
     capacity = -(-(shape[1] + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
     if limit is not None and capacity > limit:
         return None

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from cli import UserError, first_line
-from coconut import Coconut, align_latents
+from coconut import Coconut, align_latents, context_length
 from layout import END, LATENT, START, LatentTokens, PromptLayout
 from modeling import fuse_gelu
 from utils import METHODS, extract_answer
@@ -106,8 +106,7 @@ def open_exported(model_dir: str) -> Exported:
             raise UserError(f"{model_dir}: the tokenizer's latent token ids {found} differ from coconut_config.json's {expected}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return Exported(model_dir, settings, tokenizer, context)
+    return Exported(model_dir, settings, tokenizer, context_length(config))
 
 
 def load_exported(model_dir: str, device="cpu") -> Exported:

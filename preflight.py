@@ -54,6 +54,7 @@ import torch
 
 import checkpoint
 from cli import UserError, first_line
+from coconut import context_length
 from dataset import check_piecewise, check_special_text
 from layout import PromptLayout
 from modeling import build_tokenizer, place_weights
@@ -86,7 +87,7 @@ def check(config, data: dict, saves: bool) -> Preflight:
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{key} {name}: the tokenizer does not load ({first_line(e)})") from None
     check_tokenizer(config, data, tokenizer, f"{key} {name}")
-    check_context(config, data, tokenizer, PromptLayout.for_config(config, tokens), context_of(hf_config), f"{key} {name}")
+    check_context(config, data, tokenizer, PromptLayout.for_config(config, tokens), context_length(hf_config), f"{key} {name}")
 
     result = Preflight()
     state, state_path = None, None
@@ -209,11 +210,6 @@ def in_hub_cache(name: str) -> bool:
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except Exception:  # an id the cache cannot even name: not cached
         return False
-
-
-def context_of(hf_config) -> Optional[int]:
-    """The model's positions, None when its config does not say."""
-    return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
 
 
 # ------------------------------------------------------------------ the tokenizer

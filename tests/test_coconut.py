@@ -112,6 +112,40 @@ def test_loss_and_gradients_match_naive_reference(arch, c_thought):
     assert checked > 10
 
 
+def test_a_causal_lm_whose_base_model_is_itself_trains_and_generates_as_the_naive_reference():
+    """Llama 4's causal LM names its decoder `model` while its base_model_prefix says
+    `language_model`, so its base_model is the causal LM itself: the passes must still
+    run the decoder alone (coconut.decoder_of). Its chunked attention (chunks of 4) is
+    local attention: decoded in gapless sub-batches."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2, interleave_moe_layer_step=1,
+        attention_chunk_size=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    base = transformers.Llama4ForCausalLM(config).eval()
+    assert base.base_model is base  # the premise
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    examples = mixed_batch(seed=1, c_thought=1)
+    expected = naive_loss(base, examples)
+    expected_grads = torch.autograd.grad(expected, list(base.parameters()), allow_unused=True)
+    out = coconut(**collate(examples))
+    grads = torch.autograd.grad(out.loss, list(base.parameters()), allow_unused=True)
+    assert abs(out.loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
+    for got, want in zip(grads, expected_grads):
+        if want is not None:
+            assert relative_difference(got, want) < TOLERANCE
+    rng = random.Random(5)
+    prompts = [make_example(rng, n, rng.randrange(2, 10), 1)[0][:-2] for n in [3, 1, 0, 2]]
+    batch = collate([(p, p) for p in prompts])
+    with torch.no_grad():
+        got = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8).tolist()
+        expected_tokens = [naive_generate(base, p, 8) for p in prompts]
+    width = max(map(len, expected_tokens))
+    assert got == [want + [EOS] * (width - len(want)) for want in expected_tokens]
+
+
 def make_transformed_head(kind):
     """Models whose causal-LM forward changes the head's output: Granite scales the
     logits down, Cohere scales them, Gemma 2 soft-caps them (coconut.logit_transform)."""
@@ -223,12 +257,20 @@ def make_sliding(kind, window=4):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
                   sliding_window=window)
+    if kind == "gemma3_multimodal":  # what AutoModelForCausalLM builds from Gemma 3 4B and up: the
+        # text model's settings (its window) in text_config, not in the config itself
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        config = transformers.Gemma3Config(text_config={**common, "head_dim": 16}, vision_config=vision,
+                                           mm_tokens_per_image=4, image_token_index=VOCAB - 4, boi_token_index=VOCAB - 6,
+                                           eoi_token_index=VOCAB - 5, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
     extra = {"mistral": {}, "gemma2": dict(head_dim=16, attn_logit_softcapping=None)}[kind]
     name = {"mistral": "Mistral", "gemma2": "Gemma2"}[kind]
     return getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**common, **extra)).eval()
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gemma3_multimodal"])
 def test_batched_generation_with_a_sliding_window_matches_naive_reference(kind):
     """A window counts columns: padding between a prompt and its new tokens would take
     real tokens' places in it, so such models decode gapless sub-batches (rows with
@@ -264,6 +306,8 @@ def test_which_models_count_a_local_attention_window():
 
     assert local_attention_window(make_sliding("mistral").config) == 4
     assert local_attention_window(make_sliding("gemma2", window=8).config) == 8
+    composite = make_sliding("gemma3_multimodal", window=8).config
+    assert getattr(composite, "sliding_window", None) is None and local_attention_window(composite) == 8
     assert local_attention_window(GPTNeoConfig(window_size=256)) == 256
     assert local_attention_window(make_gpt2(VOCAB).config) is None
     assert local_attention_window(make_llama(VOCAB).config) is None
