@@ -125,6 +125,15 @@ def pass_mask(attention_mask: torch.Tensor, start: int, end: int) -> torch.Tenso
     return keys & (cols <= cols[start:end, None])  # (batch, 1, end - start, end)
 
 
+def holds_recurrent_states(config) -> bool:
+    """Whether the model's cache holds recurrent states (the linear-attention and Mamba
+    layers of hybrid models: Granite 4.0-H, Jamba, Qwen3-Next, ...), which its layers
+    update in place: a later latent pass would overwrite what an earlier pass saved for
+    the backward, so training runs those models' passes without a cache."""
+    return any(not isinstance(layer, DynamicLayer) or "LinearAttention" in type(layer).__name__
+               for layer in DynamicCache(config=config).layers)
+
+
 def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list:
     """Column of the i-th latent, shared by every example that has one.
 
@@ -527,6 +536,7 @@ class Coconut(nn.Module):
         self.last_decode_path = None
         # on CUDA, decode with a preallocated cache and CUDA-graph steps (compiling.py)
         self.cuda_graphs = True
+        self.recurrent_states = holds_recurrent_states(base_causallm.config)
 
     @property
     def embedding(self) -> nn.Module:
@@ -606,7 +616,10 @@ class Coconut(nn.Module):
         # a compiled decoder always gets a cache: a batch without latents then runs the
         # graph of a latent batch's first piece instead of compiling one of its own
         own_masks = False  # ready-made masks for the passes after the first (pass_mask)
-        if cache is None and (keep_cache or len(segments) > 1 or self.compiled_decoder):
+        # a model whose recurrent states are updated in place trains pass by pass without
+        # a cache: each pass runs the whole prefix again (see holds_recurrent_states)
+        recompute = torch.is_grad_enabled() and self.recurrent_states
+        if cache is None and not recompute and (keep_cache or len(segments) > 1 or self.compiled_decoder):
             buffered = not torch.is_grad_enabled() and not self.compiled_decoder
             cache = new_cache(self.base_causallm.config, buffered, self.cache_class)
             own_masks = self._builds_own_masks()
@@ -627,6 +640,12 @@ class Coconut(nn.Module):
             chunk = next(pieces)  # (batch, end - start, hidden)
             if filled is not None:  # a piece's only latents are in its first column (segments cut at each)
                 chunk = torch.where(is_latent[:, start:end, None], filled, chunk)
+            if recompute:  # the prefix with the latents filled so far; its last pass is the whole sequence
+                chunks.append(chunk)
+                prefix = torch.cat(chunks, dim=1) if len(chunks) > 1 else chunk
+                hiddens = [self._decoder_pass(prefix, attention_mask[:, :end], position_ids[:, :end], None)]
+                filled = hiddens[0][:, -1:]
+                continue
             run_pass = one_column_pass if (one_column_pass is not None and end - start == 1) else self._decoder_pass
             mask = pass_mask(attention_mask, start, end) if own_masks and start > 0 else attention_mask[:, :end]
             with self._pass_mode(end - start):

@@ -146,6 +146,44 @@ def test_a_causal_lm_whose_base_model_is_itself_trains_and_generates_as_the_naiv
     assert got == [want + [EOS] * (width - len(want)) for want in expected_tokens]
 
 
+def test_a_hybrid_model_with_recurrent_states_trains_and_generates_as_the_naive_reference():
+    """Granite 4.0-H's Mamba layers update their cached states in place, which a later
+    latent pass would do to states an earlier pass saved for the backward: training runs
+    each pass over the whole prefix without a cache; decoding keeps the cache."""
+    import transformers
+
+    from coconut import holds_recurrent_states
+
+    torch.manual_seed(0)
+    config = transformers.GraniteMoeHybridConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16,
+        mamba_expand=1, num_local_experts=0, shared_intermediate_size=128)
+    base = transformers.GraniteMoeHybridForCausalLM(config).eval()
+    assert holds_recurrent_states(config) and not holds_recurrent_states(make_llama(VOCAB).config)
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    examples = mixed_batch(seed=1, c_thought=1)
+    expected = naive_loss(base, examples)
+    expected_grads = torch.autograd.grad(expected, list(base.parameters()), allow_unused=True)
+    out = coconut(**collate(examples))
+    grads = torch.autograd.grad(out.loss, list(base.parameters()), allow_unused=True)
+    assert abs(out.loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
+    for got, want in zip(grads, expected_grads):
+        if want is not None:
+            assert relative_difference(got, want) < TOLERANCE
+    with torch.no_grad():  # the validation loss: passes on the cache
+        assert abs(coconut(**collate(examples)).loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
+    rng = random.Random(5)
+    prompts = [make_example(rng, n, rng.randrange(2, 10), 1)[0][:-2] for n in [3, 1, 0, 2]]
+    batch = collate([(p, p) for p in prompts])
+    with torch.no_grad():
+        got = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8).tolist()
+        expected_tokens = [naive_generate(base, p, 8) for p in prompts]
+    width = max(map(len, expected_tokens))
+    assert got == [want + [EOS] * (width - len(want)) for want in expected_tokens]
+
+
 def make_transformed_head(kind):
     """Models whose causal-LM forward changes the head's output: Granite scales the
     logits down, Cohere scales them, Gemma 2 soft-caps them (coconut.logit_transform)."""
