@@ -308,7 +308,7 @@ def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, F
         if grad_hidden is not None:
             grad_hidden[start : start + LOSS_CHUNK_ROWS] = grad_logits @ compute_weight
         if wants_weight:
-            grad_weight = _fp32_sum(grad_weight, grad_logits.t() @ rows.to(logits.dtype))
+            grad_weight = _fp32_sum(grad_weight, _rows_sum(grad_logits, rows))
         if wants_bias:
             grad_bias = _fp32_sum(grad_bias, grad_logits.sum(0))
     if wants_weight and grad_weight is None:  # no supervised row
@@ -316,6 +316,16 @@ def _chunked_cross_entropy(hidden, weight, bias, targets, needs=(False, False, F
     if wants_bias and grad_bias is None:
         grad_bias = torch.zeros_like(bias, dtype=torch.float32)
     return total, (grad_hidden, grad_weight, grad_bias)
+
+
+def _rows_sum(grad_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """grad_logits.t() @ rows, the head's gradient summed over a chunk's rows (up to
+    LOSS_CHUNK_ROWS times the mean's): in fp32 outside autocast when the logits are fp16,
+    whose 65504 such a sum can pass; in the logits' dtype otherwise."""
+    if grad_logits.dtype != torch.float16:
+        return grad_logits.t() @ rows.to(grad_logits.dtype)
+    with torch.autocast(rows.device.type, enabled=False):
+        return grad_logits.t().float() @ rows.float()
 
 
 def _fp32_sum(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:

@@ -721,3 +721,24 @@ def test_chunked_loss_under_bf16_autocast_matches_plain_cross_entropy(monkeypatc
     assert got.dtype == torch.float32 and abs(got.item() - want.item()) < 1e-2 * want.item()
     for a, b in zip(got_grads, want_grads):
         assert a.dtype == b.dtype == torch.float32 and relative_difference(a, b) < 2e-2
+
+
+def test_the_head_gradient_under_fp16_autocast_does_not_overflow():
+    """The head's gradient is formed per chunk as a sum over its rows, up to the chunk's
+    row count times the mean's: with a large, consistent hidden feature that sum passes
+    fp16's 65504 where the mean's does not. It is summed in fp32 (mixed_precision: fp16)."""
+    import coconut as coconut_module
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 64, bias=False)
+    hidden = torch.randn(1, 1001, 32)
+    hidden[..., 3] = 80.0  # an outlier feature
+    hidden.requires_grad_(True)
+    labels = torch.full((1, 1001), 5)  # one frequent target
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = coconut_module.supervised_loss(hidden, labels, head)
+        want = F.cross_entropy(head(hidden)[:, :-1].float().reshape(-1, 64), labels[:, 1:].reshape(-1))
+    got_grad = torch.autograd.grad(got, [head.weight])[0]
+    want_grad = torch.autograd.grad(want, [head.weight])[0]
+    assert bool(torch.isfinite(want_grad).all()) and want_grad.abs().max() > 50  # premise: a large mean gradient
+    assert bool(torch.isfinite(got_grad).all()) and relative_difference(got_grad, want_grad) < 2e-2
