@@ -817,6 +817,8 @@ class Coconut(nn.Module):
     COCONUT_CONFIG_NAME = "coconut_config.json"
     COCONUT_SETTINGS = ("c_thought", "max_latent_stage", "pad_latent_to_max", "method")
     COCONUT_CONFIG_KEYS = ("latent_token_id", "start_latent_id", "end_latent_id", "eos_token_id") + COCONUT_SETTINGS
+    # the run's evaluation budget (generate.py's default); exports of earlier versions have none
+    OPTIONAL_SETTINGS = ("max_new_tokens",)
 
     def save_pretrained(self, save_directory, tokenizer=None, **kwargs):
         """Write a standard Hugging Face folder plus `coconut_config.json`.
@@ -824,12 +826,12 @@ class Coconut(nn.Module):
         The base model goes through its own `save_pretrained` (safetensors; any other
         keyword argument is passed on), the tokenizer too when given (it should hold
         the three latent tokens). The keyword arguments c_thought, max_latent_stage,
-        pad_latent_to_max and method are stored in `coconut_config.json` with the
-        token ids; unset ones come from `self.coconut_config` (set by from_pretrained),
+        pad_latent_to_max and method (and max_new_tokens, if given) are stored in
+        `coconut_config.json` with the token ids; unset ones come from `self.coconut_config` (set by from_pretrained),
         else 1, 1, False, "coconut". `AutoModelForCausalLM.from_pretrained(folder)`
         loads the base model; `Coconut.from_pretrained(folder)` loads it all back.
         """
-        settings = {key: kwargs.pop(key) for key in self.COCONUT_SETTINGS if key in kwargs}
+        settings = {key: kwargs.pop(key) for key in self.COCONUT_SETTINGS + self.OPTIONAL_SETTINGS if key in kwargs}
         config = {
             "latent_token_id": self.latent_token_id,
             "start_latent_id": self.start_latent_id,
@@ -847,7 +849,8 @@ class Coconut(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
         with open(os.path.join(save_directory, self.COCONUT_CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump({key: config[key] for key in self.COCONUT_CONFIG_KEYS}, f, indent=2)
+            json.dump({key: config[key] for key in self.COCONUT_CONFIG_KEYS + self.OPTIONAL_SETTINGS if key in config},
+                      f, indent=2)
             f.write("\n")
 
     @classmethod
@@ -868,14 +871,14 @@ class Coconut(nn.Module):
         missing = [key for key in cls.COCONUT_CONFIG_KEYS if key not in config]
         if missing:
             raise ValueError(f"{file}: missing key(s) {', '.join(missing)}")
-        for key in cls.COCONUT_CONFIG_KEYS:
+        for key in cls.COCONUT_CONFIG_KEYS + tuple(key for key in cls.OPTIONAL_SETTINGS if key in config):
             value = config[key]
             if key == "method":
                 ok = value in METHODS
             elif key == "pad_latent_to_max":
                 ok = isinstance(value, bool)
             else:
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= (key == "max_new_tokens")
             if not ok:
                 raise ValueError(f"{file}: bad value {value!r} for {key!r}")
         return config

@@ -39,13 +39,15 @@ from utils import ConfigError, load_config
 
 
 def exported_settings(config) -> dict:
-    """The Coconut settings stored in coconut_config.json for this run's method."""
+    """The Coconut settings stored in coconut_config.json for this run's method, and the
+    generation budget its evaluation used (generate.py's default)."""
     method = config.method
+    budget = {"max_new_tokens": config.max_new_tokens}
     if method.latent_tokens:
         return {"c_thought": config.c_thought, "max_latent_stage": config.max_latent_stage,
-                "pad_latent_to_max": config.pad_latent_to_max, "method": method.name}
+                "pad_latent_to_max": config.pad_latent_to_max, "method": method.name, **budget}
     # cot / no_cot / no_thoughts: evaluated on the bare question at stage 0
-    return {"c_thought": 0, "max_latent_stage": 0, "pad_latent_to_max": False, "method": method.name}
+    return {"c_thought": 0, "max_latent_stage": 0, "pad_latent_to_max": False, "method": method.name, **budget}
 
 
 def _note(message: str) -> None:

@@ -92,6 +92,8 @@ def run(args) -> int:
     prompts = [prompt_ids(exported, ex["question"], stage, _n_steps(ex)) for ex in examples]
     check_context(prompts, exported.context)
     exported.load_model(args.device)  # the slow part, once the input is known to be good
+    # the run's own budget by default: its answers are read after the last '#' generated
+    max_new_tokens = args.max_new_tokens or exported.settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
 
     from tqdm import tqdm
 
@@ -101,7 +103,7 @@ def run(args) -> int:
     for start in range(0, len(prompts), args.batch_size):
         stop = start + args.batch_size
         batch = answer_batch(exported, [ex["question"] for ex in examples[start:stop]], prompts[start:stop],
-                             args.max_new_tokens, args.show_thoughts)
+                             max_new_tokens, args.show_thoughts)
         for k, result in enumerate(batch):
             text = format_result(result, start + k if many else None)
             if many:
@@ -153,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-thoughts", "--show_thoughts", dest="show_thoughts", action="store_true",
                    help=f"print each continuous thought's top-{TOP_K} tokens under the LM head")
     p.add_argument("--batch_size", "--batch-size", type=int, default=16, help="questions per batch (default 16)")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"generation budget (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None,
+                   help="generation budget (default: the run's max_new_tokens, kept in coconut_config.json; "
+                        f"{DEFAULT_MAX_NEW_TOKENS} for exports without it)")
     p.add_argument("--output", metavar="OUT.json", help="also write the answers as JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max_new_tokens must be >= 1")
     quiet_transformers()
     return main_guard(lambda: run(args))

@@ -21,7 +21,7 @@ from builders import silent, tiny_cot_model, write_yaml
 from utils import load_config
 
 COCONUT_KEYS = {"latent_token_id", "start_latent_id", "end_latent_id", "eos_token_id",
-                "c_thought", "max_latent_stage", "pad_latent_to_max", "method"}
+                "c_thought", "max_latent_stage", "pad_latent_to_max", "method", "max_new_tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def test_export_writes_a_standard_folder(tiny):
     ids = tokenizer.convert_tokens_to_ids([START, END, LATENT])
     assert ids == [settings["start_latent_id"], settings["end_latent_id"], settings["latent_token_id"]]
     assert settings["eos_token_id"] == tokenizer.eos_token_id
-    assert (settings["c_thought"], settings["max_latent_stage"], settings["pad_latent_to_max"], settings["method"]) == (1, 2, True, "coconut")
+    assert (settings["c_thought"], settings["max_latent_stage"], settings["pad_latent_to_max"], settings["method"],
+            settings["max_new_tokens"]) == (1, 2, True, "coconut", load_config(tiny.config).max_new_tokens)
 
 
 def test_round_trip_same_logits_with_latents(tiny):

@@ -149,6 +149,22 @@ def test_a_long_prompt_leaves_the_rest_of_its_batch_their_whole_budget(exported,
     assert alone[longest].generated_tokens <= 2 < max(r.generated_tokens for r in alone)  # premise
 
 
+def test_the_default_budget_is_the_runs_max_new_tokens(tiny, exported, tiny_val, tmp_path, capsys):
+    """export.py keeps the run's max_new_tokens; generate.py decodes with it unless told:
+    an answer is read after the last '#' generated, so the budget can change it."""
+    budget = exported.settings["max_new_tokens"]
+    prompts = [inference.prompt_ids(exported, ex["question"], 2) for ex in tiny_val]
+    questions = [ex["question"] for ex in tiny_val]
+    longer = inference.answer_batch(exported, questions, prompts, 4 * budget)
+    assert max(r.generated_tokens for r in longer) > budget  # premise: the budget cuts some output
+    out_file = tmp_path / "answers.json"
+    code, _, err = _run(capsys, [tiny.export, "--questions", tiny.val, "--output", str(out_file)])
+    assert code == 0, err
+    within = inference.answer_batch(exported, questions, prompts, budget)
+    records = json.loads(out_file.read_text())
+    assert [(r["output"], r["generated_tokens"]) for r in records] == [(r.output, r.generated_tokens) for r in within]
+
+
 def test_cot_model_answers_without_latents(tmp_path_factory, tiny_val, capsys):
     cot = tiny_cot_model(tmp_path_factory)
     code, out, _ = _run(capsys, [cot.export, "--question", tiny_val[0]["question"], "--max_new_tokens", "3", "--show-thoughts"])
