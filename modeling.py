@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache
 
-from cli import UserError
+from cli import UserError, first_line
 from coconut import Coconut, HeadMismatchError
 from distributed import transformer_blocks
 from layout import END, LATENT, START, LatentTokens
@@ -79,9 +79,22 @@ def load_base_model(model_id: str, log, weights_from: Optional[str] = None,
     weights_dtype: the dtype saved weights are read in (bf16 for `bf16: True` runs: the
     values that loading in fp32 then casting give, in half the host memory); a model
     built from its config is initialised in fp32 all the same (the same random values).
-    weights_from: the checkpoint that will supply the weights, if any (for the log)."""
+    weights_from: the checkpoint that will supply the weights, if any (for the log; it also
+    covers tensors the model's own files lack). ModelLoadError (one line) for weights that
+    do not load, or that lack tensors of the model its config.json describes (they would
+    train from random values without a word)."""
     if has_weights(model_id):
-        return AutoModelForCausalLM.from_pretrained(model_id, dtype=weights_dtype)
+        from safetensors import SafetensorError
+
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(model_id, dtype=weights_dtype, output_loading_info=True)
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
+            raise ModelLoadError(f"model {model_id}: its weights do not load ({first_line(e)})") from None
+        missing = sorted(info["missing_keys"])
+        if missing and weights_from is None:
+            raise ModelLoadError(f"model {model_id}: its weights lack {len(missing)} tensor(s) of the model its "
+                                 f"config.json describes (first: {missing[0]}): config and weights do not match")
+        return model
     model_type = AutoConfig.from_pretrained(model_id).model_type
     if weights_from is None:
         log(f"no weights in {model_id}: training {model_type} from scratch")

@@ -198,3 +198,32 @@ def test_the_run_fuses_gelu_unless_told_not_to(gpt2_folder, fused):
     built, _ = startup.build_and_place(config, startup.Start(), DistEnv(), silent)
     activations = {type(block.mlp.act) for block in built.base_causallm.transformer.h}
     assert activations == {GELUTanh if fused else NewGELUActivation}
+
+
+@pytest.mark.parametrize("damage", ["more layers in config.json", "another width in config.json", "truncated weights"])
+def test_a_model_folder_whose_weights_do_not_fit_its_config_is_one_line(gpt2_folder, tmp_path, damage):
+    """transformers would train the missing layers from random values with a report, or
+    stop with a traceback: ModelLoadError names the folder, before any training."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(gpt2_folder, folder)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).save_pretrained(folder)  # its weights
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    if damage == "more layers in config.json":
+        config_file.write_text(json.dumps({**config, "n_layer": config["n_layer"] + 1}))
+        expected = "its weights lack 12 tensor(s) of the model its config.json describes (first: transformer.h.2."
+    elif damage == "another width in config.json":
+        config_file.write_text(json.dumps({**config, "n_embd": 2 * config["n_embd"]}))
+        expected = "its weights do not load ("
+    else:
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        expected = "its weights do not load ("
+    with pytest.raises(ModelLoadError) as error:
+        build_model(config_for(str(folder), coconut=True), None, None, silent)
+    assert str(error.value).startswith(f"model {folder}: {expected}") and "\n" not in str(error.value)
