@@ -53,7 +53,7 @@ from urllib.parse import urlparse
 import torch
 
 import checkpoint
-from cli import UserError, first_line
+from cli import UserError, first_line, reports_errors
 from coconut import context_length
 from dataset import check_piecewise, check_special_text
 from layout import PromptLayout
@@ -171,14 +171,29 @@ def resolve_model(key: str, name: str) -> object:
 
 
 def check_hub(key: str, name: str) -> None:
-    """A hub id needs the hub unless it is cached; offline and not cached: fail at once."""
+    """A hub id needs the hub unless it is cached; offline and not cached: fail at once.
+    Cached, with the hub unreachable and no offline setting: this process loads from the
+    cache only (transformers would otherwise retry every optional file for minutes)."""
     cached = in_hub_cache(name)
     reason = offline_by_setting()
-    if reason is None and not cached:
+    if reason is None:
         reason = hub_unreachable()
+        if reason is not None and cached:
+            use_hub_cache_only()
+            if reports_errors():
+                print(f"{key} {name}: {reason}: using its copy in the local Hugging Face cache", flush=True)
     if reason is not None and not cached:
         raise UserError(f"{key} {name}: not a local folder, and as a hub id it must be downloaded, but {reason} "
                         "and it is not in the local Hugging Face cache (give a local folder, or download it first)")
+
+
+def use_hub_cache_only() -> None:
+    """HF_HUB_OFFLINE for this process from now on (huggingface_hub reads its setting once,
+    at import: its constant is set too)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
 
 
 def offline_by_setting() -> Optional[str]:
@@ -203,11 +218,20 @@ def hub_unreachable() -> Optional[str]:
     return None
 
 
+# a cached hub model has its config and one of these
+HUB_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+
+
 def in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds the model's config.json and weights."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+        def cached(file):
+            return isinstance(try_to_load_from_cache(name, file), str)
+
+        return cached("config.json") and any(cached(file) for file in HUB_WEIGHT_FILES)
     except Exception:  # an id the cache cannot even name: not cached
         return False
 

@@ -352,6 +352,44 @@ def test_a_hub_id_fails_at_once_when_the_hub_is_offline(tmp_path, gpt2_folder, c
     assert time.monotonic() - began < 30  # not a minute of retries (most of this is importing)
 
 
+def test_a_cached_hub_id_loads_from_the_cache_when_the_hub_cannot_be_reached(tmp_path, gpt2_folder, chain_data,
+                                                                            monkeypatch):
+    """No offline setting, the hub unreachable, the model cached: one line says so and the
+    run loads the cached copy at once (transformers alone retries every optional file for
+    minutes); a cached config without weights is not a cached model."""
+    import shutil
+
+    from huggingface_hub import constants
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for variable in ("TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test, which sets it
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with __import__("socket").socket() as s:  # a port nothing listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    revision = "0" * 40
+    for name, with_weights in (("someone/cached-config", False), ("someone/cached-model", True)):
+        repo = tmp_path / "hub" / f"models--{name.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(revision)
+        shutil.copytree(gpt2_folder, repo / "snapshots" / revision)
+        if with_weights:
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(gpt2_folder)).save_pretrained(
+                repo / "snapshots" / revision)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id="someone/cached-config")
+    assert_fails(tmp_path, [cfg], "model_id someone/cached-config: not a local folder", "cannot be reached")
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id="someone/cached-model", num_epochs=1, debug=True,
+                      max_new_tokens=2)
+    began = time.monotonic()
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0, err[-3000:]
+    assert "model_id someone/cached-model: the hub (127.0.0.1:" in out and "using its copy in the local" in out
+    assert time.monotonic() - began < 60
+
+
 def _state_of(folder, **method):
     config = Config.from_dict(dict(train_path="t", val_path="v", model_id=folder, **method))
     torch.manual_seed(0)
