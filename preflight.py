@@ -12,7 +12,8 @@ Checked, in order:
 - `model_id` (or `local_path`) resolves: a local folder must hold a config.json, a
   path that does not exist is an error, and a hub id that is not in the local cache
   fails at once when the hub is offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set,
-  or the hub unreachable within 2 s) instead of retrying for a minute;
+  or the hub unreachable within 2 s) instead of retrying for a minute; a cached one
+  (config and weights) with the hub unreachable loads from the cache, said in a line;
 - the tokenizer loads, has an EOS token and a vocabulary, and tokenizes each file's
   first example in pieces as it tokenizes the whole text (DESIGN §1); no example's
   text spells one of its special tokens (it would be read as that token);
