@@ -64,6 +64,11 @@ METHOD_FLAGS = tuple(METHODS)
 GSM_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_NEW_TOKENS = 128
 
+# keys that name files or folders: a leading ~ is the home folder
+PATH_KEYS = ("save_path", "train_path", "val_path", "load_model_path", "local_path", "model_id")
+# characters wandb refuses in a project name (wandb.init's UsageError, after the model is built)
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+
 # The `mixed_precision` key's values (the compute dtype; "none": full precision).
 MIXED_PRECISION_VALUES = ("none", "bf16", "fp16")
 
@@ -142,6 +147,10 @@ class Config:
     batch_size_eval: int = 16  # generation batch size per process
 
     def __post_init__(self):
+        for key in PATH_KEYS:  # `~/data/train.json` as a shell would read it (no folder named `~`)
+            value = getattr(self, key)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, key, os.path.expanduser(value))
         if self.max_new_tokens is None and self.val_path is not None:
             self.max_new_tokens = default_max_new_tokens(self.val_path)
 
@@ -474,6 +483,11 @@ def _value_problems(config: Config):
     elif config.bf16 and config.mixed_precision != "none":
         yield ("keys 'bf16' and 'mixed_precision' cannot both be on: bf16: True casts the whole model "
                "(published behaviour), mixed_precision keeps fp32 parameters; choose one")
+
+    bad = sorted(set(config.project) & set(WANDB_PROJECT_FORBIDDEN))
+    if not config.project.strip() or bad or len(config.project) > 128:
+        yield (f"key 'project' must be a wandb project name: 1 to 128 characters, none of "
+               f"{' '.join(WANDB_PROJECT_FORBIDDEN)}, got {config.project!r}")
 
     folder = os.path.normpath(config.name.replace("\\", "/")) if config.name.strip() else "."
     if folder == "." or os.path.isabs(folder) or folder.split("/")[0] == "..":

@@ -313,6 +313,25 @@ def test_out_of_range_values_are_rejected(tmp_path, key, value, expected):
     assert "x.yaml" in message
 
 
+@pytest.mark.parametrize("project", ['"team/coconut"', '"a:b"', '"50%"', '"' + "p" * 129 + '"', '" "'])
+def test_a_project_wandb_would_refuse_is_a_config_error(tmp_path, project):
+    """wandb.init refuses these names with a traceback, after the model is built."""
+    message = error_of(tmp_path, project=project)
+    assert "key 'project' must be a wandb project name: 1 to 128 characters, none of / \\ # ? % :" in message
+    assert load_with(tmp_path, project='"my-project_2.0 test"').project == "my-project_2.0 test"
+
+
+def test_a_path_that_starts_with_the_home_folder_is_read_as_the_shell_reads_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = load_with(tmp_path, save_path="~/checkpoints", train_path="~/data/train.json", val_path="~/v.json",
+                       load_model_path="~/ckpt/checkpoint_2", model_id="~/models/gpt2")
+    home = str(tmp_path / "home")
+    assert (config.save_path, config.train_path, config.val_path, config.load_model_path, config.model_id) == (
+        f"{home}/checkpoints", f"{home}/data/train.json", f"{home}/v.json", f"{home}/ckpt/checkpoint_2",
+        f"{home}/models/gpt2")
+    assert load_with(tmp_path, name="run~1").name == "run~1"  # not a path key
+
+
 def test_a_seed_that_an_epoch_would_push_past_numpys_range_is_rejected(tmp_path):
     """Epoch e seeds with seed + e; numpy refuses seeds of 2**32 and more."""
     assert load_with(tmp_path, seed=str(2**32 - 50), num_epochs="50").seed == 2**32 - 50
