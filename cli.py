@@ -42,11 +42,13 @@ def reports_errors() -> bool:
 
 
 def fail(error: BaseException) -> int:
-    """Print a user error as one line on stderr (reports_errors); the exit status for it."""
+    """Print a user error as one line on stderr (reports_errors); the exit status for it.
+    Every process writes it into its torchrun error file: whichever exits first is the
+    root cause torchrun's failure report shows."""
+    line = f"error: {error}"
     if reports_errors():
-        line = f"error: {error}"
         print(line, file=sys.stderr)
-        _tell_torchrun(line)
+    _tell_torchrun(line)
     return 2
 
 

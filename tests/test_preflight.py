@@ -315,15 +315,20 @@ def test_a_causal_lm_config_transformers_cannot_build_is_named_as_such(tmp_path,
 
 
 @pytest.mark.parametrize("rank, local_rank, reported", [("0", "0", True), ("1", "1", False), ("2", "0", True)])
-def test_the_first_process_of_each_node_reports_a_user_error(monkeypatch, capsys, rank, local_rank, reported):
-    """A file missing on one node is met by that node's processes alone: its first one says so."""
+def test_the_first_process_of_each_node_reports_a_user_error(monkeypatch, capsys, tmp_path, rank, local_rank,
+                                                             reported):
+    """A file missing on one node is met by that node's processes alone: its first one says
+    so. Every process writes the line into its torchrun error file: the one torchrun's
+    report names as the root cause is whichever exited first."""
     from cli import UserError, fail
 
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
     assert fail(UserError("train_path t.json: no such file")) == 2
     assert capsys.readouterr().err == ("error: train_path t.json: no such file\n" if reported else "")
+    record = json.loads((tmp_path / "error.json").read_text())
+    assert record["message"]["message"] == "error: train_path t.json: no such file"
 
 
 @pytest.mark.parametrize("name", ["./models/nope", "models/nope", "/nowhere/model"])
