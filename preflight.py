@@ -81,6 +81,7 @@ def check(config, data: dict, saves: bool) -> Preflight:
     """
     check_run_keys(config)
     check_data_present(config, data)
+    check_device()
     key, name = model_source(config)
     hf_config = resolve_model(key, name)
     try:
@@ -125,6 +126,16 @@ def check_run_keys(config) -> None:
         what = "evaluate (only_eval evaluates epoch resume)" if config.only_eval else "train"
         raise UserError(f"resume is {config.resume} but num_epochs is {config.num_epochs}: "
                         f"no epoch left to {what}; resume must be below num_epochs")
+
+
+def check_device() -> None:
+    """Under torchrun on a machine with CUDA, this process's GPU (LOCAL_RANK) exists:
+    more processes than visible GPUs would stop in torch.cuda.set_device with a CUDA
+    error, after every other check."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+        raise UserError(f"this process is LOCAL_RANK {local_rank} but the node has {torch.cuda.device_count()} "
+                        "visible GPU(s): start at most that many processes per node (torchrun --nproc_per_node)")
 
 
 def check_data_present(config, data: dict) -> None:

@@ -331,6 +331,22 @@ def test_the_first_process_of_each_node_reports_a_user_error(monkeypatch, capsys
     assert record["message"]["message"] == "error: train_path t.json: no such file"
 
 
+@pytest.mark.parametrize("local_rank, gpus, refused", [("1", 2, False), ("2", 2, True), ("0", 1, False)])
+def test_more_processes_than_visible_gpus_is_one_line(monkeypatch, local_rank, gpus, refused):
+    """torchrun --nproc_per_node 4 on a node with 2 visible GPUs: processes 2 and 3 say so
+    (the GPUs are stood in for: this machine has none)."""
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if not refused:
+        preflight.check_device()
+        return
+    with pytest.raises(preflight.UserError) as error:
+        preflight.check_device()
+    assert str(error.value) == (f"this process is LOCAL_RANK {local_rank} but the node has {gpus} visible GPU(s): "
+                                "start at most that many processes per node (torchrun --nproc_per_node)")
+
+
 @pytest.mark.parametrize("name", ["./models/nope", "models/nope", "/nowhere/model"])
 def test_model_id_a_path_that_does_not_exist(tmp_path, gpt2_folder, chain_data, name, monkeypatch):
     monkeypatch.chdir(REPO)  # where models/ exists: `models/nope` is a path, not a hub id
