@@ -57,6 +57,7 @@ import checkpoint
 from cli import UserError, first_line, reports_errors
 from coconut import context_length
 from dataset import check_piecewise, check_special_text
+from distributed import transformer_blocks
 from layout import PromptLayout
 from modeling import build_tokenizer, place_weights
 from startup import never_evaluated
@@ -439,7 +440,25 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
                             f"({type(e).__name__}: {first_line(e)})") from None
         place_weights(config, base, tokenizer, tokens, state, path,
                       add_token_rows=lambda b: b.resize_token_embeddings(len(tokenizer), mean_resizing=False))
+    check_blocks(config, base)
     return base.get_input_embeddings().weight.shape[0]
+
+
+def check_blocks(config, base) -> None:
+    """A run that works block by block (FSDP training under torchrun, activation
+    checkpointing, compiled blocks) needs the model to name its transformer blocks
+    (`_no_split_modules`); some transformers models (openai-gpt, CTRL, BioGPT, ...) do not."""
+    sharded = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not config.only_eval
+    needs = [what for what, on in (("training under torchrun (FSDP shards each block)", sharded),
+                                   ("activation_checkpointing", config.activation_checkpointing)) if on]
+    if not needs:  # compile: True compiles blocks only in these two cases
+        return
+    try:
+        transformer_blocks(base)
+    except ValueError:
+        key, name = model_source(config)
+        raise UserError(f"{key} {name}: {type(base).__name__} names no transformer blocks (_no_split_modules), "
+                        f"which {' and '.join(needs)} needs") from None
 
 
 def check_vocabulary(config, tokenizer, tokens, rows: int, source: str) -> None:

@@ -301,6 +301,31 @@ def test_a_model_that_is_no_causal_lm_stops_the_run(tmp_path, gpt2_folder, chain
                                   "config (t5): Coconut needs a decoder-only causal LM")
 
 
+@pytest.mark.parametrize("over, needs", [(dict(activation_checkpointing=True), "activation_checkpointing needs"),
+                                         (dict(), None)])
+def test_a_model_that_names_no_transformer_blocks_stops_a_run_that_needs_them(tmp_path, gpt2_folder, chain_data,
+                                                                               over, needs):
+    """BioGPT (as openai-gpt, CTRL, ...) has no _no_split_modules: activation checkpointing,
+    FSDP and compiled blocks cannot find its blocks; a plain run trains it."""
+    import shutil
+
+    from transformers import AutoConfig, BioGptConfig
+
+    folder = tmp_path / "biogpt"
+    shutil.copytree(gpt2_folder, folder)
+    vocab = AutoConfig.from_pretrained(gpt2_folder).vocab_size
+    BioGptConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0).save_pretrained(folder)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=str(folder), **over)
+    if needs:
+        assert_fails(tmp_path, [cfg], f"model_id {folder}: BioGptForCausalLM names no transformer blocks "
+                                      f"(_no_split_modules), which {needs}")
+    else:
+        rc, out, err = run_in_process(write_cfg(tmp_path / "plain.yaml", {**yaml.safe_load(open(cfg)), "debug": True,
+                                                                           "num_epochs": 1, "max_new_tokens": 2}))
+        assert rc == 0, err[-3000:]
+
+
 def test_a_causal_lm_config_transformers_cannot_build_is_named_as_such(tmp_path, llama_folder, chain_data):
     """A rope type this transformers does not know: not "no causal LM", but what failed."""
     import shutil
