@@ -108,6 +108,9 @@ def check(config, data: dict, saves: bool) -> Preflight:
         return result
     elif config.load_model_path is not None:  # not read when the run resumes its own folder
         state_path = config.load_model_path
+        if os.path.isdir(state_path):  # an export.py folder, or a checkpoint's .state folder
+            raise UserError(f"load_model_path {state_path}: is a folder; it names a checkpoint_N file (an exported "
+                            "model folder goes in model_id)")
         if not os.path.isfile(state_path):
             raise UserError(f"load_model_path {state_path}: no such file")
         state = checkpoint.load_model_state(state_path)  # memory-mapped: no tensor data is read

@@ -41,6 +41,8 @@ def check_paths(config, config_path) -> None:
     if not config.only_eval:
         needed.insert(0, ("train_path", config.train_path))
     for key, path in needed:
+        if os.path.isdir(path):
+            raise ConfigError(f"config {config_path}: key '{key}' names a folder, not a data file: {path}")
         if not os.path.isfile(path):
             raise ConfigError(f"config {config_path}: key '{key}' names a file that does not exist: {path}")
 

@@ -519,6 +519,17 @@ def test_load_model_path_must_exist_unless_the_run_resumes_its_own_folder(tmp_pa
     assert rc == 0 and "this run is finished" in out, err[-2000:]
 
 
+@pytest.mark.parametrize("key", ["load_model_path", "train_path", "val_path"])
+def test_a_folder_where_a_file_belongs_is_named_as_a_folder(tmp_path, gpt2_folder, chain_data, key):
+    """An export.py folder as load_model_path, a data folder as a data file: not "no such file"."""
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, **{key: gpt2_folder})
+    if key == "load_model_path":
+        assert_fails(tmp_path, [cfg], f"load_model_path {gpt2_folder}: is a folder; it names a checkpoint_N file "
+                                      "(an exported model folder goes in model_id)")
+    else:
+        assert_fails(tmp_path, [cfg], f"key '{key}' names a folder, not a data file: {gpt2_folder}")
+
+
 def test_a_file_that_is_no_checkpoint_stops_the_run(tmp_path, gpt2_folder, chain_data):
     cfg = config_file(tmp_path, gpt2_folder, chain_data, load_model_path=chain_data["val"])
     assert_fails(tmp_path, [cfg], f"checkpoint {chain_data['val']}: does not load")
