@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from cli import main_guard, process_rank
+from cli import UserError, fail, main_guard, process_rank
 from utils import ConfigError, load_config, parse_overrides
 
 USAGE = ("usage: python run.py CONFIG.yaml [KEY=VALUE | --KEY VALUE ...]   "
@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr)
         return 0 if argv else 2
+    if argv[0].startswith("-"):  # `run.py --lr 1e-4 cfg.yaml` would read the config from "--lr"
+        return fail(UserError(f"the config file comes first, got {argv[0]!r} ({USAGE})"))
     return main_guard(lambda: start(argv[0], parse_overrides(argv[1:])))
 
 

@@ -750,6 +750,16 @@ def test_command_line_keys_are_checked_like_yaml_keys(tmp_path, gpt2_folder, cha
             load_config(cfg, parse_overrides(argv))
 
 
+def test_keys_before_the_config_file_are_one_line(tmp_path, gpt2_folder, chain_data, monkeypatch):
+    """`run.py --lr 1e-4 cfg.yaml` took '--lr' for the config file and '1e-4' for a key."""
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data)
+    rc, out, err = run_in_process("--lr", "1e-4", cfg)
+    assert rc == 2 and err.strip().splitlines() == [
+        "error: the config file comes first, got '--lr' (usage: python run.py CONFIG.yaml [KEY=VALUE | --KEY VALUE ...]"
+        "   (or: torchrun --nproc_per_node N run.py CONFIG.yaml [KEY=VALUE ...]))"], err
+
+
 def test_command_line_keys_reach_the_run_and_its_echo(tmp_path, gpt2_folder, chain_data):
     cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=2)
     rc, out, err = run_in_process(*[cfg, "num_epochs=1", "--name", "try2", "--save-only-improve", "True",
