@@ -26,8 +26,8 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                `read_recorded_best`).
     wandb_run_id               the run's wandb id, written at its first launch: every
                                relaunch logs to the same wandb run (`wandb_run_id`).
-    config.yaml                the config of the run's latest launch: a relaunch says
-                               which keys it changes (`write_launch_config`).
+    config.yaml                the config of the run's latest launch and its process
+                               count: a relaunch says what it changes (`write_launch_config`).
 
 What this module fixes in the published code (DESIGN §9):
 - Every file is written to a temporary name in the same folder, fsynced, then renamed

@@ -58,8 +58,8 @@ def on_main(fn, env):
 
 def find_start(config, log, env) -> Start:
     if not env.distributed:
-        return _find_start(config, log)
-    found = on_main(lambda: _find_start(config, log), env)  # None on ranks > 0
+        return _find_start(config, log, env.world_size)
+    found = on_main(lambda: _find_start(config, log, env.world_size), env)  # None on ranks > 0
     shared = distributed.share(found and _without_weights(found), env)
     return found if env.is_main else shared
 
@@ -73,10 +73,10 @@ def _without_weights(start: Start) -> Start:
     return Start(start.epoch, None, start.model_path, train_state, start.unevaluated)
 
 
-def _find_start(config, log) -> Start:
+def _find_start(config, log, processes: int = 1) -> Start:
     if not config.only_eval and not config.debug:  # rank 0 only, under sharded training
         found = checkpoint.find_resume_point(config.save_dir, warn=log)
-        record_launch_config(config, None if found is None else found[0], log)
+        record_launch_config(config, processes, None if found is None else found[0], log)
         if found is not None:
             epoch, state, train_state = found
             log("Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
@@ -102,12 +102,13 @@ def _find_start(config, log) -> Start:
 _IGNORED_ON_RESUME = ("resume", "load_model_path")
 
 
-def record_launch_config(config, resumed_epoch: Optional[int], log) -> None:
-    """Keep this launch's config in the run folder (checkpoint.write_launch_config); when the
-    run resumes from checkpoint_{resumed_epoch}, say in one line which keys differ from the
-    previous launch's: a relaunch after an edit of the YAML trains its remaining epochs
-    under the new values, which the run folder's checkpoints do not show."""
-    current = config.to_dict()
+def record_launch_config(config, processes: int, resumed_epoch: Optional[int], log) -> None:
+    """Keep this launch's config and process count in the run folder
+    (checkpoint.write_launch_config); when the run resumes from checkpoint_{resumed_epoch},
+    say in one line which differ from the previous launch's: a relaunch after an edit of
+    the YAML, or on another number of GPUs (another effective batch), trains its remaining
+    epochs under the new values, which the run folder's checkpoints do not show."""
+    current = {**config.to_dict(), "processes": processes}
     previous = checkpoint.read_launch_config(config.save_dir)
     if resumed_epoch is not None and previous:
         changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in current.items()

@@ -110,6 +110,10 @@ class TrainingRun:
         self.val_examples = data["val"][: len(self.stager.val_base)]
         self.generator = evaluation_decoder(self.model, built, config, env)
         self.wandb = init_wandb(config, env, self.log)
+        if not config.only_eval:  # per process in the config: the published configs' 128 assumed 4 GPUs
+            per_step = config.batch_size_training * config.gradient_accumulation_steps * env.world_size
+            self.log(f"effective batch: {config.batch_size_training} per process x {config.gradient_accumulation_steps} "
+                     f"accumulation step(s) x {env.world_size} process(es) = {per_step} examples per optimizer step")
         self.saving = not (config.debug or config.only_eval)
         self.optimizer = None
         train_state = self.start.train_state

@@ -795,7 +795,8 @@ def test_a_relaunch_says_which_config_keys_changed_since_the_previous_launch(
         "from epoch 2 on, the run trains with the new values"]
     assert f"load_model_path {tmp_path / 'elsewhere'} is not loaded either: the run goes on from its own checkpoint_1" in out
     recorded = yaml.safe_load((tmp_path / "ckpt" / "drift" / "config.yaml").read_text())
-    assert recorded == load_config(edited).to_dict()
+    assert recorded == {**load_config(edited).to_dict(), "processes": 1}
+    assert "effective batch: 8 per process x 1 accumulation step(s) x 1 process(es) = 8 examples per optimizer step" in out
     # compared with the latest launch's, not the first's
     rc, out, err = run_in_process(write_cfg(tmp_path / "c.yaml", {**keys, "num_epochs": 3, "lr": 2e-3, "seed": 7}))
     assert rc == 0, err[-3000:]

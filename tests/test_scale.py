@@ -668,6 +668,8 @@ def test_torchrun_then_one_process_then_torchrun_on_one_run_folder(tmp_path, gpt
         assert len(acc_lines(proc.stdout)) == 1
         if num_epochs > 1:
             assert f"restored the optimizer state of epoch {num_epochs - 1}" in proc.stdout
+            before, now = (2, 1) if launcher == "python" else (1, 2)  # another effective batch: said
+            assert f"processes {before} -> {now}" in proc.stdout
         assert checkpoint.list_checkpoints(save_dir) == list(range(1, num_epochs + 1))
     for epoch in (2, 3):  # the two newest keep their sharded training state
         assert checkpoint.read_sharded_state(save_dir / f"checkpoint_{epoch}.state")["optimizer"]["state"]
