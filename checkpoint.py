@@ -588,6 +588,7 @@ def mark_evaluated(save_dir: str | os.PathLike, epoch: int) -> None:
 def write_launch_config(save_dir: str | os.PathLike, config: dict) -> None:
     """Write (atomically) the config of this launch as YAML: LAUNCH_CONFIG_FILE."""
     text = yaml.safe_dump(config, sort_keys=False)
+    os.makedirs(save_dir, exist_ok=True)
     _atomic_write(os.path.join(os.fspath(save_dir), LAUNCH_CONFIG_FILE), lambda f: f.write(text.encode()))
 
 
@@ -614,6 +615,7 @@ def wandb_run_id(save_dir: str | os.PathLike) -> str:
     except (OSError, UnicodeDecodeError):
         pass
     run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], as wandb makes its ids
+    os.makedirs(save_dir, exist_ok=True)
     _atomic_write(path, lambda f: f.write(run_id.encode()))
     return run_id
 
