@@ -24,6 +24,10 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
                                newest checkpoint is its best epoch, not its last, and other
                                runs save before evaluating (`write_progress`, `read_progress`,
                                `read_recorded_best`).
+    .latest/                   a save_only_improve run's newest epoch when it did not
+                               improve: a checkpoint_{epoch} and its .state as above,
+                               where the run resumes from (`find_run_resume_point`);
+                               emptied when an epoch improves.
     wandb_run_id               the run's wandb id, written at its first launch: every
                                relaunch logs to the same wandb run (`wandb_run_id`).
     config.yaml                the config of the run's latest launch and its process
@@ -81,6 +85,8 @@ __all__ = [
     "atomic_torch_save",
     "checkpoint_path",
     "find_resume_point",
+    "find_run_resume_point",
+    "latest_folder",
     "list_checkpoints",
     "load_model_state",
     "load_train_state",
@@ -89,6 +95,7 @@ __all__ = [
     "read_progress",
     "read_recorded_best",
     "read_sharded_state",
+    "remove_checkpoints",
     "save_checkpoint",
     "state_path",
     "read_launch_config",
@@ -101,6 +108,8 @@ STATE_SUFFIX = ".state"
 # save_only_improve runs: how many epochs are trained (their newest checkpoint is their best)
 PROGRESS_FILE = "progress.json"
 WANDB_ID_FILE = "wandb_run_id"
+# a save_only_improve run's newest epoch when it is not its best (find_run_resume_point)
+LATEST_FOLDER = ".latest"
 LAUNCH_CONFIG_FILE = "config.yaml"
 # the plain part of a .state folder; the sharded part is DCP's own files beside it
 PLAIN_STATE_FILE = "train_state.pt"
@@ -574,6 +583,50 @@ def find_resume_point(
             continue
         return epoch, model_state, train_state
     return None
+
+
+@dataclass
+class ResumePoint:
+    """Where a run folder resumes (find_run_resume_point)."""
+
+    epoch: int
+    model_state: dict
+    train_state: Optional[dict]  # None for a checkpoint without a .state (the published layout)
+    path: str  # its model file
+    # the run folder's own newest checkpoint: a save_only_improve run's best epoch, which
+    # its progress record names; None when it holds none
+    newest_saved: Optional[int]
+
+
+def latest_folder(save_dir: str | os.PathLike) -> str:
+    """Where a save_only_improve run keeps its newest epoch when that epoch is not its best."""
+    return os.path.join(os.fspath(save_dir), LATEST_FOLDER)
+
+
+def find_run_resume_point(save_dir: str | os.PathLike, save_only_improve: bool,
+                          warn: Callable[[str], Any] = print) -> Optional[ResumePoint]:
+    """find_resume_point of the run folder; for a save_only_improve run, that of its
+    latest_folder instead when it is newer (an epoch after the best), so a stop loses no
+    epoch that did not improve."""
+    found = find_resume_point(save_dir, warn)
+    newest = None if found is None else found[0]
+    point = None if found is None else ResumePoint(*found, checkpoint_path(save_dir, newest), newest)
+    if save_only_improve:
+        latest = find_resume_point(latest_folder(save_dir), warn)
+        if latest is not None and (newest is None or latest[0] > newest):
+            point = ResumePoint(*latest, checkpoint_path(latest_folder(save_dir), latest[0]), newest)
+    return point
+
+
+def remove_checkpoints(save_dir: str | os.PathLike, keep: Iterable[int] = ()) -> None:
+    """Delete every checkpoint_N of `save_dir` whose N is not in `keep`, its model file
+    first (without it no checkpoint is one: a stop in between leaves an orphan .state,
+    which the next save_checkpoint of that epoch replaces), then its .state."""
+    keep = set(keep)
+    for epoch in list_checkpoints(save_dir):
+        if epoch not in keep:
+            os.remove(checkpoint_path(save_dir, epoch))
+    prune_train_states(save_dir, keep)
 
 
 def mark_evaluated(save_dir: str | os.PathLike, epoch: int) -> None:

@@ -96,13 +96,13 @@ def check(config, data: dict, saves: bool) -> Preflight:
     state, state_path = None, None
     # as trainer.find_start: a training run resumes its own folder's newest checkpoint
     # (the run warns about the checkpoints it skips; here they are skipped silently)
-    found = None if config.only_eval or config.debug else checkpoint.find_resume_point(config.save_dir, warn=_quiet)
+    found = None if config.only_eval or config.debug else \
+        checkpoint.find_run_resume_point(config.save_dir, config.save_only_improve, warn=_quiet)
     if found is not None:
-        epoch, state, train_state = found
-        state_path = checkpoint.checkpoint_path(config.save_dir, epoch)
-        trained = max(epoch, checkpoint.read_progress(config.save_dir, epoch))
-        if trained >= config.num_epochs and not never_evaluated(train_state):
-            result.finished = finished_message(config, epoch, train_state)
+        state, state_path = found.model_state, found.path
+        trained = max(found.epoch, checkpoint.read_progress(config.save_dir, found.newest_saved))
+        if trained >= config.num_epochs and not never_evaluated(found.train_state):
+            result.finished = finished_message(config, found.newest_saved, found.train_state)
     elif not (config.only_eval or config.debug) and checkpoint.read_progress(config.save_dir, None) >= config.num_epochs:
         result.finished = finished_message(config, None, None)
         return result

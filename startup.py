@@ -33,6 +33,8 @@ class Start:
     train_state: Optional[dict] = None  # not None: resuming this run's own checkpoint
     # the checkpoint was saved before its epoch's evaluation, which never finished: the run evaluates it first
     unevaluated: bool = False
+    # the run folder's own newest checkpoint (checkpoint.ResumePoint.newest_saved), if it resumes
+    newest_saved: Optional[int] = None
 
 
 def sharded_training(config, env) -> bool:
@@ -70,26 +72,26 @@ def _without_weights(start: Start) -> Start:
     train_state = start.train_state
     if train_state and isinstance(train_state.get("optimizer"), dict):
         train_state = {**train_state, "optimizer": {}}
-    return Start(start.epoch, None, start.model_path, train_state, start.unevaluated)
+    return Start(start.epoch, None, start.model_path, train_state, start.unevaluated, start.newest_saved)
 
 
 def _find_start(config, log, processes: int = 1) -> Start:
     if not config.only_eval and not config.debug:  # rank 0 only, under sharded training
-        found = checkpoint.find_resume_point(config.save_dir, warn=log)
-        record_launch_config(config, processes, None if found is None else found[0], log)
+        found = checkpoint.find_run_resume_point(config.save_dir, config.save_only_improve, warn=log)
+        record_launch_config(config, processes, None if found is None else found.epoch, log)
         if found is not None:
-            epoch, state, train_state = found
+            epoch = found.epoch
             log("Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
             log(f"Loading from previous run epoch_{epoch}!")
             if config.load_model_path is not None:
                 log(f"load_model_path {config.load_model_path} is not loaded either: the run goes on from its own "
                     f"checkpoint_{epoch}")
-            _say_what_is_trained_again(config, epoch, log)
+            _say_what_is_trained_again(config, found.newest_saved, epoch, log)
             # {} (not None) for a published-layout checkpoint, which has no .state: it is a resume
-            return Start(epoch, state, checkpoint.checkpoint_path(config.save_dir, epoch),
-                         _with_recorded_best(config, epoch, train_state or {}),
-                         unevaluated=never_evaluated(train_state))
-        _say_what_is_trained_again(config, None, log)
+            return Start(epoch, found.model_state, found.path,
+                         _with_recorded_best(config, found.newest_saved, found.train_state or {}),
+                         unevaluated=never_evaluated(found.train_state), newest_saved=found.newest_saved)
+        _say_what_is_trained_again(config, None, None, log)
     if config.load_model_path is not None:
         log(f"Loading from {config.load_model_path} and skip the first {config.resume} epochs")
         return Start(config.resume, checkpoint.load_model_state(config.load_model_path), config.load_model_path)
@@ -127,23 +129,24 @@ def never_evaluated(train_state: Optional[dict]) -> bool:
     return bool(train_state) and train_state.get("evaluated") is False
 
 
-def _with_recorded_best(config, epoch: int, train_state: dict) -> dict:
+def _with_recorded_best(config, newest_saved: Optional[int], train_state: dict) -> dict:
     """train_state with the best accuracy the progress record holds, when it is higher: a
     checkpoint saved before its epoch's evaluation (save_only_improve off) leaves that
     epoch's accuracy out of its own best_acc."""
-    recorded = checkpoint.read_recorded_best(config.save_dir, epoch)
+    recorded = checkpoint.read_recorded_best(config.save_dir, newest_saved)
     if recorded is None or recorded <= train_state.get("best_acc", 0.0):
         return train_state
     return {**train_state, "best_acc": recorded}
 
 
-def _say_what_is_trained_again(config, newest: Optional[int], log) -> None:
-    """A save_only_improve run resumes from its best epoch, which may be older than the
-    last it trained: say which epochs run again (they repeat: each epoch reseeds)."""
-    trained = checkpoint.read_progress(config.save_dir, newest)
-    first = newest if newest is not None else config.resume
+def _say_what_is_trained_again(config, newest_saved: Optional[int], resumed: Optional[int], log) -> None:
+    """A run resumes from an epoch older than the last it trained when the state of the
+    later ones was not kept (a save_only_improve folder of an earlier version, which kept
+    no .latest): say which epochs run again (they repeat: each epoch reseeds)."""
+    trained = checkpoint.read_progress(config.save_dir, newest_saved)
+    first = resumed if resumed is not None else config.resume
     if trained > first:
-        since = (f"resumes from checkpoint_{newest}, its best and newest checkpoint" if newest is not None
+        since = (f"resumes from checkpoint_{resumed}" if resumed is not None
                  else "saved no checkpoint and starts again")
         again = f"epoch {trained} is" if trained == first + 1 else f"epochs {first + 1} to {trained} are"
         log(f"save_only_improve: this run had trained {trained} epochs; it {since}, so {again} trained again")

@@ -118,8 +118,9 @@ class TrainingRun:
         self.optimizer = None
         train_state = self.start.train_state
         self.best_acc = train_state["best_acc"] if train_state else 0.0
-        # the newest checkpoint a relaunch would resume from (unusable files in the folder skipped)
-        self.newest_checkpoint = self.start.epoch if train_state is not None else None
+        # the run folder's newest checkpoint (unusable files in the folder skipped): a
+        # save_only_improve run's best, which its progress record names
+        self.newest_checkpoint = self.start.newest_saved
 
     def run(self) -> None:
         config = self.config
@@ -162,9 +163,12 @@ class TrainingRun:
             if metrics["eval/acc"] > self.best_acc:
                 self.best_acc = metrics["eval/acc"]
                 self.save(epoch + 1)
+                self.keep_latest(None)  # the run folder's newest is the resume point again
             else:  # no silent endings: a run may otherwise end without a single checkpoint
                 self.log(f"save_only_improve: not saving checkpoint_{epoch + 1}, its accuracy "
-                         f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc})")
+                         f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc}); its state is "
+                         f"kept in {checkpoint.LATEST_FOLDER} for a resume")
+                self.keep_latest(epoch + 1)
         self.best_acc = max(self.best_acc, metrics["eval/acc"])
         if self.saving and self.env.is_main:  # how far the run got, and its best (checkpoint.write_progress)
             # the record first: a stop between the two evaluates this epoch again, the other
@@ -217,6 +221,19 @@ class TrainingRun:
                        self.best_acc, self.env, evaluated=self.config.save_only_improve)
         self.newest_checkpoint = epoch_done
         self.log("saving model.")
+
+    def keep_latest(self, epoch_done: Optional[int]) -> None:
+        """A save_only_improve run's state after `epoch_done` (an epoch that did not improve)
+        in checkpoint.latest_folder, replacing the one there, so a stop loses no epoch;
+        None: empty it (a later epoch improved and was saved in the run folder)."""
+        folder = checkpoint.latest_folder(self.config.save_dir)
+        if epoch_done is not None:
+            keep_optimizer = self.config.optimizer_carries_over(epoch_done)
+            save_run_state(self.model, self.optimizer if keep_optimizer else None, folder, epoch_done, self.best_acc,
+                           self.env)
+        if self.env.is_main:
+            checkpoint.remove_checkpoints(folder, keep=() if epoch_done is None else (epoch_done,))
+        distributed.barrier(self.env)
 
     def evaluate(self, stage: int) -> dict:
         counts = generation_accuracy(self.model, self.generator, self.stager.questions(stage), self.collator,

@@ -644,14 +644,22 @@ def test_a_save_only_improve_run_past_its_best_epoch_is_finished_or_says_what_it
         f"0.75), is its newest checkpoint (save_only_improve): this run is finished, nothing to train. To evaluate "
         f"it: only_eval=True load_model_path={save_dir}/checkpoint_2 resume=3; to train on: a larger num_epochs; "
         "to start again: another name"], (out, err[-2000:])
-    # killed in epoch 5 of 6: it resumes from its best and says which epochs run again
+    # killed in epoch 5 of 6, a folder of an earlier version (no .latest): it resumes from
+    # its best and says which epochs run again
     import startup
 
     lines = []
     config = load_config(config_file(tmp_path, gpt2_folder, chain_data, num_epochs=6, save_only_improve=True))
     assert startup._find_start(config, lines.append).epoch == 2
-    assert lines[-1] == ("save_only_improve: this run had trained 4 epochs; it resumes from checkpoint_2, its best "
-                         "and newest checkpoint, so epochs 3 to 4 are trained again")
+    assert lines[-1] == ("save_only_improve: this run had trained 4 epochs; it resumes from checkpoint_2, "
+                         "so epochs 3 to 4 are trained again")
+    # with epoch 4's state in .latest: it resumes after epoch 4, its record's best kept
+    checkpoint.save_checkpoint(checkpoint.latest_folder(save_dir), 4, _state_of(gpt2_folder, coconut=True),
+                               {"best_acc": 0.75})
+    lines.clear()
+    start = startup._find_start(config, lines.append)
+    assert (start.epoch, start.newest_saved, start.model_path) == (4, 2, f"{save_dir}/.latest/checkpoint_4")
+    assert not [line for line in lines if "trained again" in line]
 
 
 def test_a_second_run_on_a_held_folder_names_the_holder(tmp_path, gpt2_folder, chain_data):

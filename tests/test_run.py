@@ -379,6 +379,43 @@ def test_save_only_improve_saves_the_epochs_that_beat_the_best_so_far(tmp_path, 
                                                                    "best_acc": 0.75}
 
 
+def test_a_save_only_improve_run_resumes_after_its_last_epoch_not_its_best(tmp_path, gpt2_folder, chain_data,
+                                                                         monkeypatch):
+    """Epochs that do not improve leave their state in .latest (the newest only), so a run
+    stopped after one resumes after it instead of training again every epoch since its
+    best; an epoch that improves is saved in the run folder and empties .latest. The
+    stopped and relaunched run ends with the uninterrupted run's checkpoints."""
+    accuracies = []
+
+    def evaluate(self, stage):
+        return {"eval/acc": accuracies.pop(0), "eval/cot_em": 0.0}
+
+    monkeypatch.setattr(trainer.TrainingRun, "evaluate", evaluate)
+
+    def launch(name, num_epochs, accs):
+        accuracies[:] = accs
+        keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", name, coconut=True, num_epochs=num_epochs,
+                        save_only_improve=True, max_latent_stage=2)
+        rc, out, err = run_in_process(write_cfg(tmp_path / f"{name}{num_epochs}.yaml", keys))
+        assert rc == 0 and not accuracies, err[-3000:]
+        return out, err
+
+    launch("whole", 4, [0.5, 0.25, 0.25, 0.75])
+    out, _ = launch("stopped", 3, [0.5, 0.25, 0.25])
+    folder = tmp_path / "ckpt" / "stopped"
+    latest = folder / ".latest"
+    assert list_checkpoints(folder) == [1] and list_checkpoints(latest) == [3]
+    assert sorted(os.listdir(latest)) == ["checkpoint_3", "checkpoint_3.state"]
+    assert "its state is kept in .latest for a resume" in out
+    out, err = launch("stopped", 4, [0.75])
+    assert epochs_started(err) == [4] and "Loading from previous run epoch_3!" in out and "trained again" not in out
+    assert list_checkpoints(folder) == [1, 4] and list_checkpoints(latest) == [] and not os.listdir(latest)
+    whole = tmp_path / "ckpt" / "whole"
+    assert list_checkpoints(whole) == [1, 4]
+    assert_same_tensors(folder / "checkpoint_4", whole / "checkpoint_4")
+    assert json.loads((folder / "progress.json").read_text()) == json.loads((whole / "progress.json").read_text())
+
+
 def test_a_stop_between_recording_an_epoch_and_marking_it_evaluated_loses_no_accuracy(
         tmp_path, gpt2_folder, chain_data, monkeypatch):
     """The progress record (with the epoch's accuracy) is written before the checkpoint is
