@@ -21,7 +21,9 @@ import datetime
 import functools
 import logging
 import os
+import secrets
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 import checkpoint
+from cli import UserError
 
 FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 # the `mixed_precision` key's values: the compute dtype (None: no mixed precision)
@@ -148,6 +151,40 @@ def share(obj, env: DistEnv):
     box = [obj if env.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_shared_folder(folder: str, env: DistEnv, wait_s: float = 60.0) -> None:
+    """UserError on every process unless all of them see `folder` as rank 0 does: every
+    process writes its part of the optimizer state there, and on node-local disks the
+    other nodes' parts would land elsewhere, to be found missing only at the resume.
+    Rank 0 writes a file of its own; the others look for it, up to `wait_s` seconds (a
+    network file system may cache the folder's listing for a while)."""
+    if not env.distributed:
+        return
+    token = share(secrets.token_hex(8) if env.is_main else None, env)
+    path = os.path.join(folder, f".shared-check-{token}")
+    if env.is_main:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(token)
+    barrier(env)
+    deadline = time.monotonic() + wait_s
+    while not _holds(path, token) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    blind = all_reduce_sum([0.0 if _holds(path, token) else 1.0], env)[0]
+    if env.is_main:
+        os.remove(path)
+    if blind:
+        raise UserError(f"run folder {folder}: {int(blind)} of {env.world_size} processes do not see the file rank 0 "
+                        "wrote there: save_path must be one folder every node sees (a shared file system)")
+
+
+def _holds(path: str, token: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == token
+    except OSError:
+        return False
 
 
 def loader(dataset, batch_size: int, collator, env: DistEnv) -> DataLoader:

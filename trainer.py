@@ -101,6 +101,8 @@ class TrainingRun:
     def __init__(self, config, data, env):
         self.config, self.env, self.log = config, env, log_on(env)
         set_seed(config.seed)  # identical initial weights on every process
+        if not (config.debug or config.only_eval):  # every process writes into the run folder
+            distributed.check_shared_folder(config.save_dir, env)
         self.start = find_start(config, self.log, env)
         built, self.model = build_and_place(config, self.start, env, self.log)
         self.start.model_state = None  # the model holds the weights now

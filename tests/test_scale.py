@@ -371,6 +371,35 @@ def spawn(world_size, jobs, tmp):
     return torch.load(out, weights_only=True)
 
 
+def _shared_folder_worker(rank, world_size, port, folders, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    env = distributed.setup()
+    try:
+        distributed.check_shared_folder(folders[rank], env, wait_s=0.5)
+        said = None
+    except distributed.UserError as error:
+        said = str(error)
+    finally:
+        distributed.teardown()
+    torch.save({"said": said, "left": sorted(os.listdir(folders[rank]))}, f"{out}.rank{rank}")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_processes_that_do_not_see_rank_0s_run_folder_stop_with_one_line(tmp_path, shared):
+    """Node-local save_path disks stand in: process 1 looks in another folder."""
+    folders = [str(tmp_path / "run"), str(tmp_path / ("run" if shared else "other"))]
+    os.makedirs(folders[1], exist_ok=True)
+    out = str(tmp_path / "said")
+    mp.spawn(_shared_folder_worker, args=(2, free_port(), folders, out), nprocs=2)
+    results = [torch.load(f"{out}.rank{rank}", weights_only=True) for rank in range(2)]
+    expected = [None if shared else (f"run folder {folder}: 1 of 2 processes do not see the file rank 0 wrote there: "
+                                     "save_path must be one folder every node sees (a shared file system)")
+                for folder in folders]  # the same folder name on every node in a run
+    assert [r["said"] for r in results] == expected
+    assert results[0]["left"] == []  # the check's file is removed
+
+
 def test_a_one_process_checkpoint_keeps_tied_weights_tied_when_copied_off_the_device():
     """On a GPU each tensor is copied to the CPU: GPT-2's tied embedding must stay one
     tensor (one matrix in the file), as FSDP's streamed state keeps it (a clone stands in
