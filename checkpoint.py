@@ -27,11 +27,12 @@ Layout of a run folder (`save_path/name/`), compatible with the published code:
     .latest/                   a save_only_improve run's newest epoch when it did not
                                improve: a checkpoint_{epoch} and its .state as above,
                                where the run resumes from (`find_run_resume_point`);
-                               emptied when an epoch improves.
+                               emptied when an epoch is saved in the run folder.
     wandb_run_id               the run's wandb id, written at its first launch: every
                                relaunch logs to the same wandb run (`wandb_run_id`).
-    config.yaml                the config of the run's latest launch and its process
-                               count: a relaunch says what it changes (`write_launch_config`).
+    config.yaml                the config and process count of the launch that saved
+                               the newest epoch: a relaunch says what it changes
+                               (`write_launch_config`).
 
 What this module fixes in the published code (DESIGN §9):
 - Every file is written to a temporary name in the same folder, fsynced, then renamed
@@ -603,18 +604,16 @@ def latest_folder(save_dir: str | os.PathLike) -> str:
     return os.path.join(os.fspath(save_dir), LATEST_FOLDER)
 
 
-def find_run_resume_point(save_dir: str | os.PathLike, save_only_improve: bool,
-                          warn: Callable[[str], Any] = print) -> Optional[ResumePoint]:
-    """find_resume_point of the run folder; for a save_only_improve run, that of its
-    latest_folder instead when it is newer (an epoch after the best), so a stop loses no
-    epoch that did not improve."""
+def find_run_resume_point(save_dir: str | os.PathLike, warn: Callable[[str], Any] = print) -> Optional[ResumePoint]:
+    """find_resume_point of the run folder, or of its latest_folder when that one is newer
+    (a save_only_improve launch's epoch after its best), so a stop loses no epoch that did
+    not improve, whatever save_only_improve says now."""
     found = find_resume_point(save_dir, warn)
     newest = None if found is None else found[0]
     point = None if found is None else ResumePoint(*found, checkpoint_path(save_dir, newest), newest)
-    if save_only_improve:
-        latest = find_resume_point(latest_folder(save_dir), warn)
-        if latest is not None and (newest is None or latest[0] > newest):
-            point = ResumePoint(*latest, checkpoint_path(latest_folder(save_dir), latest[0]), newest)
+    latest = find_resume_point(latest_folder(save_dir), warn)
+    if latest is not None and (newest is None or latest[0] > newest):
+        point = ResumePoint(*latest, checkpoint_path(latest_folder(save_dir), latest[0]), newest)
     return point
 
 
@@ -646,7 +645,7 @@ def write_launch_config(save_dir: str | os.PathLike, config: dict) -> None:
 
 
 def read_launch_config(save_dir: str | os.PathLike) -> dict:
-    """The config the run folder's previous launch recorded, {} when there is none or it
+    """The config the launch that saved the run folder's newest epoch recorded, {} when there is none or it
     does not read (a folder of the published code or of an earlier version)."""
     try:
         with open(os.path.join(os.fspath(save_dir), LAUNCH_CONFIG_FILE), encoding="utf-8") as f:

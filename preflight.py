@@ -96,13 +96,12 @@ def check(config, data: dict, saves: bool) -> Preflight:
     state, state_path = None, None
     # as trainer.find_start: a training run resumes its own folder's newest checkpoint
     # (the run warns about the checkpoints it skips; here they are skipped silently)
-    found = None if config.only_eval or config.debug else \
-        checkpoint.find_run_resume_point(config.save_dir, config.save_only_improve, warn=_quiet)
+    found = None if config.only_eval or config.debug else checkpoint.find_run_resume_point(config.save_dir, warn=_quiet)
     if found is not None:
         state, state_path = found.model_state, found.path
         trained = max(found.epoch, checkpoint.read_progress(config.save_dir, found.newest_saved))
         if trained >= config.num_epochs and not never_evaluated(found.train_state):
-            result.finished = finished_message(config, found.newest_saved, found.train_state)
+            result.finished = finished_message(config, found.newest_saved, found.train_state, found.path)
     elif not (config.only_eval or config.debug) and checkpoint.read_progress(config.save_dir, None) >= config.num_epochs:
         result.finished = finished_message(config, None, None)
         return result
@@ -402,14 +401,17 @@ def _quiet(message: str) -> None:
     pass
 
 
-def finished_message(config, epoch: Optional[int], train_state: Optional[dict]) -> str:
+def finished_message(config, epoch: Optional[int], train_state: Optional[dict],
+                     last_path: Optional[str] = None) -> str:
     """The line of a run with every epoch trained: its newest checkpoint `epoch` (a
     save_only_improve run's best, which may be older than its last epoch; None when no
-    epoch beat accuracy 0, so none was saved)."""
+    epoch beat accuracy 0, so none was saved: `last_path`, its last epoch's state in
+    .latest, if any, is named instead)."""
     to_train_on = "to train on: a larger num_epochs; to start again: another name"
     if epoch is None:
+        last = f" (its last epoch's weights: {last_path})" if last_path else ""
         return (f"run folder {config.save_dir} has trained all {config.num_epochs} epochs (num_epochs) and holds no "
-                f"checkpoint: save_only_improve saved none, no epoch's validation accuracy beat 0. This run is "
+                f"checkpoint{last}: save_only_improve saved none, no epoch's validation accuracy beat 0. This run is "
                 f"finished, nothing to train; {to_train_on}")
     path = checkpoint.checkpoint_path(config.save_dir, epoch)
     accuracy = ""

@@ -77,8 +77,9 @@ def _without_weights(start: Start) -> Start:
 
 def _find_start(config, log, processes: int = 1) -> Start:
     if not config.only_eval and not config.debug:  # rank 0 only, under sharded training
-        found = checkpoint.find_run_resume_point(config.save_dir, config.save_only_improve, warn=log)
-        record_launch_config(config, processes, None if found is None else found.epoch, log)
+        found = checkpoint.find_run_resume_point(config.save_dir, warn=log)
+        if found is not None:
+            say_config_changes(config, processes, found.epoch, log)
         if found is not None:
             epoch = found.epoch
             log("Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
@@ -104,21 +105,23 @@ def _find_start(config, log, processes: int = 1) -> Start:
 _IGNORED_ON_RESUME = ("resume", "load_model_path")
 
 
-def record_launch_config(config, processes: int, resumed_epoch: Optional[int], log) -> None:
-    """Keep this launch's config and process count in the run folder
-    (checkpoint.write_launch_config); when the run resumes from checkpoint_{resumed_epoch},
-    say in one line which differ from the previous launch's: a relaunch after an edit of
-    the YAML, or on another number of GPUs (another effective batch), trains its remaining
-    epochs under the new values, which the run folder's checkpoints do not show."""
-    current = {**config.to_dict(), "processes": processes}
+def launch_record(config, processes: int) -> dict:
+    """What the run folder keeps of the launch that saved its newest epoch (config.yaml,
+    checkpoint.write_launch_config: the trainer writes it at the launch's first save)."""
+    return {**config.to_dict(), "processes": processes}
+
+
+def say_config_changes(config, processes: int, resumed_epoch: int, log) -> None:
+    """When a run resumes from checkpoint_{resumed_epoch}, say in one line what differs from
+    the launch that saved the folder's newest epoch: a relaunch after an edit of the YAML,
+    or on another number of GPUs (another effective batch), trains its remaining epochs
+    under the new values, which the run folder's checkpoints do not show."""
     previous = checkpoint.read_launch_config(config.save_dir)
-    if resumed_epoch is not None and previous:
-        changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in current.items()
-                   if key not in _IGNORED_ON_RESUME and key in previous and previous[key] != value]
-        if changed:
-            log(f"the config differs from this run folder's previous launch ({', '.join(changed)}): from epoch "
-                f"{resumed_epoch + 1} on, the run trains with the new values")
-    checkpoint.write_launch_config(config.save_dir, current)
+    changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in launch_record(config, processes).items()
+               if key not in _IGNORED_ON_RESUME and key in previous and previous[key] != value]
+    if changed:
+        log(f"the config differs from the launch that saved this run folder's newest epoch ({', '.join(changed)}): "
+            f"from epoch {resumed_epoch + 1} on, the run trains with the new values")
 
 
 def never_evaluated(train_state: Optional[dict]) -> bool:

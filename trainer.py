@@ -21,7 +21,7 @@ from cli import UserError, fail
 from dataset import MyCollator, Staging, get_dataset, question_dataset, training_dataset
 from evaluate import generation_accuracy, loss_only, report, validation_loss
 from layout import PromptLayout
-from startup import Start, build_and_place, evaluation_decoder, find_start
+from startup import Start, build_and_place, evaluation_decoder, find_start, launch_record
 from utils import set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32
@@ -53,22 +53,37 @@ def init_wandb(config, env, log):
 
 
 def _wandb_logged_in() -> bool:
-    """Whether wandb finds credentials without a prompt: WANDB_API_KEY, an identity token
-    file, or a netrc entry (NETRC, else ~/.netrc or ~/_netrc) for the W&B host
-    (WANDB_BASE_URL's, a self-hosted server's, else api.wandb.ai)."""
+    """Whether wandb finds credentials without a prompt, looked up as wandb does: an API
+    key or identity token file in the environment, else the netrc file (NETRC, else
+    ~/.netrc, else ~/_netrc: the first that exists) entry of the W&B server
+    (WANDB_BASE_URL, else the base_url `wandb login --host` keeps in its settings file,
+    else api.wandb.ai), named with its port when it has one."""
     import netrc
     from urllib.parse import urlparse
 
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
-    for path in (os.environ.get("NETRC"), "~/.netrc", "~/_netrc"):
-        try:
-            if path and netrc.netrc(os.path.expanduser(path)).authenticators(host):
-                return True
-        except (OSError, netrc.NetrcParseError):
-            continue
-    return False
+    server = urlparse(os.environ.get("WANDB_BASE_URL") or _wandb_settings_base_url() or "https://api.wandb.ai")
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    paths = [path for path in map(os.path.expanduser, candidates) if os.path.exists(path)]
+    try:
+        entries = netrc.netrc(paths[0]) if paths else None
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return entries is not None and any(entries.authenticators(machine) for machine in {server.netloc, server.hostname})
+
+
+def _wandb_settings_base_url():
+    """The server `wandb login --host URL` recorded in wandb's settings file, if any."""
+    import configparser
+
+    folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(os.path.join(os.path.expanduser(folder), "settings"))
+        return settings.get("default", "base_url", fallback=None)
+    except configparser.Error:
+        return None
 
 
 # ------------------------------------------------------------------ data per stage
@@ -123,6 +138,7 @@ class TrainingRun:
         # the run folder's newest checkpoint (unusable files in the folder skipped): a
         # save_only_improve run's best, which its progress record names
         self.newest_checkpoint = self.start.newest_saved
+        self.launch_recorded = False  # config.yaml: written at this launch's first save
 
     def run(self) -> None:
         config = self.config
@@ -136,10 +152,11 @@ class TrainingRun:
                 self.train_epoch(stage, epoch)
                 if self.saving and not config.save_only_improve:
                     self.save(epoch + 1)
+                    self.keep_latest(None)  # a save_only_improve launch's .latest is older now
             metrics = self.validate(stage, epoch)
             if config.only_eval:
                 break
-            self.finish_epoch(epoch, metrics)
+            self.finish_epoch(epoch, metrics, saved=not config.save_only_improve)
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -148,7 +165,7 @@ class TrainingRun:
         as the run would have done it: its lines, its accuracy in the best and the record."""
         self.log(f"checkpoint_{epoch + 1} was saved but its epoch's evaluation did not finish: evaluating it first")
         set_seed(self.config.seed + epoch)
-        self.finish_epoch(epoch, self.validate(self.config.scheduled_stage(epoch), epoch))
+        self.finish_epoch(epoch, self.validate(self.config.scheduled_stage(epoch), epoch), saved=True)
 
     def validate(self, stage: int, epoch: int) -> dict:
         """The validation loss (training runs) and the generation accuracy of `epoch`."""
@@ -158,10 +175,12 @@ class TrainingRun:
             self.log_metrics({"eval/loss": val_loss}, f"eval loss {val_loss}")
         return self.evaluate(stage)
 
-    def finish_epoch(self, epoch: int, metrics: dict) -> None:
-        """save_only_improve's save, the best accuracy, and the progress record."""
+    def finish_epoch(self, epoch: int, metrics: dict, saved: bool) -> None:
+        """save_only_improve's save, the best accuracy, and the progress record. saved: the
+        epoch's checkpoint was saved before its evaluation (save_only_improve off, or an
+        epoch evaluated on a relaunch), so it is marked evaluated instead."""
         config = self.config
-        if self.saving and config.save_only_improve:
+        if self.saving and config.save_only_improve and not saved:
             if metrics["eval/acc"] > self.best_acc:
                 self.best_acc = metrics["eval/acc"]
                 self.save(epoch + 1)
@@ -176,7 +195,7 @@ class TrainingRun:
             # the record first: a stop between the two evaluates this epoch again, the other
             # order would resume with a best accuracy that leaves this epoch's out
             checkpoint.write_progress(config.save_dir, epoch + 1, self.newest_checkpoint, self.best_acc)
-            if not config.save_only_improve:  # its checkpoint was saved before this evaluation
+            if saved:
                 checkpoint.mark_evaluated(config.save_dir, epoch + 1)
 
     # -------------------------------------------------------------- per epoch
@@ -222,6 +241,7 @@ class TrainingRun:
         save_run_state(self.model, self.optimizer if keep_optimizer else None, self.config.save_dir, epoch_done,
                        self.best_acc, self.env, evaluated=self.config.save_only_improve)
         self.newest_checkpoint = epoch_done
+        self.record_launch()
         self.log("saving model.")
 
     def keep_latest(self, epoch_done: Optional[int]) -> None:
@@ -233,9 +253,16 @@ class TrainingRun:
             keep_optimizer = self.config.optimizer_carries_over(epoch_done)
             save_run_state(self.model, self.optimizer if keep_optimizer else None, folder, epoch_done, self.best_acc,
                            self.env)
+            self.record_launch()
         if self.env.is_main:
             checkpoint.remove_checkpoints(folder, keep=() if epoch_done is None else (epoch_done,))
         distributed.barrier(self.env)
+
+    def record_launch(self) -> None:
+        """This launch's config in the run folder, once it has saved an epoch (rank 0)."""
+        if self.env.is_main and not self.launch_recorded:
+            checkpoint.write_launch_config(self.config.save_dir, launch_record(self.config, self.env.world_size))
+            self.launch_recorded = True
 
     def evaluate(self, stage: int) -> dict:
         counts = generation_accuracy(self.model, self.generator, self.stager.questions(stage), self.collator,

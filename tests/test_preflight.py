@@ -595,8 +595,8 @@ def test_save_only_improve_says_when_it_skips_a_save(tmp_path, gpt2_folder, chai
     # launched again, it knows it is finished though it saved nothing
     rc, out, err = run_in_process(cfg)
     assert rc == 0 and out.splitlines() == [
-        f"run folder {save_dir} has trained all 1 epochs (num_epochs) and holds no checkpoint: save_only_improve "
-        "saved none, no epoch's validation accuracy beat 0. This run is finished, nothing to train; to train on: a "
+        f"run folder {save_dir} has trained all 1 epochs (num_epochs) and holds no checkpoint (its last epoch's "
+        f"weights: {save_dir}/.latest/checkpoint_1): save_only_improve saved none, no epoch's validation accuracy beat 0. This run is finished, nothing to train; to train on: a "
         "larger num_epochs; to start again: another name"], (out, err[-2000:])
 
 

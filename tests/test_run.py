@@ -416,6 +416,22 @@ def test_a_save_only_improve_run_resumes_after_its_last_epoch_not_its_best(tmp_p
     assert json.loads((folder / "progress.json").read_text()) == json.loads((whole / "progress.json").read_text())
 
 
+def test_a_run_that_saves_every_epoch_empties_a_save_only_improve_launchs_latest(tmp_path, gpt2_folder, chain_data,
+                                                                                  monkeypatch):
+    """A folder trained with save_only_improve, then without: its .latest epoch is older
+    than the checkpoints saved since, and would otherwise win a later save_only_improve
+    resume and stay on disk."""
+    monkeypatch.setattr(trainer.TrainingRun, "evaluate", lambda self, stage: {"eval/acc": 0.0, "eval/cot_em": 0.0})
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "mixed", coconut=True, num_epochs=1,
+                    save_only_improve=True)
+    rc, out, err = run_in_process(write_cfg(tmp_path / "a.yaml", keys))
+    folder = tmp_path / "ckpt" / "mixed"
+    assert rc == 0 and list_checkpoints(folder / ".latest") == [1] and list_checkpoints(folder) == [], err[-3000:]
+    rc, out, err = run_in_process(write_cfg(tmp_path / "b.yaml", {**keys, "num_epochs": 2, "save_only_improve": False}))
+    assert rc == 0 and "Loading from previous run epoch_1!" in out, err[-3000:]
+    assert list_checkpoints(folder) == [2] and not os.listdir(folder / ".latest")
+
+
 def test_a_stop_between_recording_an_epoch_and_marking_it_evaluated_loses_no_accuracy(
         tmp_path, gpt2_folder, chain_data, monkeypatch):
     """The progress record (with the epoch's accuracy) is written before the checkpoint is
@@ -759,11 +775,14 @@ def test_wandb_without_login_logs_offline(tmp_path, gpt2_folder, chain_data):
 
 @pytest.mark.parametrize("case, logged_in", [
     ("nothing", False), ("api key", True), ("netrc for wandb.ai", True), ("netrc for another host", False),
-    ("self-hosted netrc", True), ("NETRC file", True), ("unreadable netrc", False)])
+    ("self-hosted netrc", True), ("self-hosted with a port", True), ("server from wandb login --host", True),
+    ("NETRC file", True), ("NETRC without the entry, ~/.netrc with it", False), ("unreadable netrc", False)])
 def test_wandb_credentials_are_found_where_wandb_looks_for_them(tmp_path, monkeypatch, case, logged_in):
-    """Not logged in means offline logging: a self-hosted server's netrc entry, or a netrc
-    file named by NETRC, is a login."""
-    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+    """Not logged in means offline logging, logged in means wandb.init would find a key: a
+    self-hosted server's entry (named with its port when it has one, the server named by
+    WANDB_BASE_URL or by `wandb login --host`'s settings file) is a login; wandb reads one
+    netrc file only (NETRC when set)."""
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC", "WANDB_CONFIG_DIR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
 
@@ -780,8 +799,19 @@ def test_wandb_credentials_are_found_where_wandb_looks_for_them(tmp_path, monkey
     elif case == "self-hosted netrc":
         entry(tmp_path / ".netrc", "wandb.corp.example")
         monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.corp.example")
+    elif case == "self-hosted with a port":
+        entry(tmp_path / ".netrc", "localhost:8080")
+        monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")
+    elif case == "server from wandb login --host":
+        entry(tmp_path / ".netrc", "wandb.corp.example")
+        (tmp_path / ".config" / "wandb").mkdir(parents=True)
+        (tmp_path / ".config" / "wandb" / "settings").write_text("[default]\nbase_url = https://wandb.corp.example\n")
     elif case == "NETRC file":
         entry(tmp_path / "elsewhere", "api.wandb.ai")
+        monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))
+    elif case == "NETRC without the entry, ~/.netrc with it":
+        entry(tmp_path / "elsewhere", "another.example")
+        entry(tmp_path / ".netrc", "api.wandb.ai")
         monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))
     elif case == "unreadable netrc":
         (tmp_path / ".netrc").mkdir()
@@ -810,17 +840,20 @@ def test_a_relaunched_run_logs_to_the_same_wandb_run(tmp_path, gpt2_folder, chai
     assert ids[0] == ids[1] != ids[2] and ids[0] == (tmp_path / "ckpt" / "first" / "wandb_run_id").read_text()
 
 
-def test_a_relaunch_says_which_config_keys_changed_since_the_previous_launch(
+def test_a_relaunch_says_which_config_keys_changed_since_the_launch_that_saved_the_newest_epoch(
         tmp_path, gpt2_folder, chain_data, monkeypatch):
-    """The run folder keeps its latest launch's config (config.yaml); a resume names every
-    key that differs from the latest launch's, not resume or load_model_path, which a
-    resume ignores (the latter said in a line of its own); a first launch says nothing."""
+    """The run folder keeps the config of the launch that saved its newest epoch
+    (config.yaml, written at a launch's first save); a resume names every key that
+    differs, not resume or load_model_path, which a resume ignores (the latter said in a
+    line of its own); a launch that saved nothing changes no record."""
     from utils import load_config
+
+    class Stopped(Exception):
+        pass
 
     monkeypatch.setattr(trainer.TrainingRun, "evaluate", lambda self, stage: {"eval/acc": 0.0, "eval/cot_em": 0.0})
     keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "drift", coconut=True, num_epochs=1)
-    first = write_cfg(tmp_path / "a.yaml", keys)
-    rc, out, err = run_in_process(first)
+    rc, out, err = run_in_process(write_cfg(tmp_path / "a.yaml", keys))
     assert rc == 0, err[-3000:]
     assert "differs" not in out
     edited = write_cfg(tmp_path / "b.yaml", {**keys, "num_epochs": 2, "lr": 2e-3, "seed": 7, "resume": 1,
@@ -828,13 +861,18 @@ def test_a_relaunch_says_which_config_keys_changed_since_the_previous_launch(
     rc, out, err = run_in_process(edited)
     assert rc == 0, err[-3000:]
     assert [line for line in out.splitlines() if "differs" in line] == [
-        "the config differs from this run folder's previous launch (seed 0 -> 7, num_epochs 1 -> 2, lr 0.001 -> 0.002): "
-        "from epoch 2 on, the run trains with the new values"]
+        "the config differs from the launch that saved this run folder's newest epoch (seed 0 -> 7, num_epochs 1 -> 2, "
+        "lr 0.001 -> 0.002): from epoch 2 on, the run trains with the new values"]
     assert f"load_model_path {tmp_path / 'elsewhere'} is not loaded either: the run goes on from its own checkpoint_1" in out
     recorded = yaml.safe_load((tmp_path / "ckpt" / "drift" / "config.yaml").read_text())
     assert recorded == {**load_config(edited).to_dict(), "processes": 1}
     assert "effective batch: 8 per process x 1 accumulation step(s) x 1 process(es) = 8 examples per optimizer step" in out
-    # compared with the latest launch's, not the first's
-    rc, out, err = run_in_process(write_cfg(tmp_path / "c.yaml", {**keys, "num_epochs": 3, "lr": 2e-3, "seed": 7}))
+    # a launch with another lr stopped before it saved: the record stays that of the launch that saved epoch 2
+    with monkeypatch.context() as stop:
+        stop.setattr(trainer.TrainingRun, "train_epoch", lambda self, stage, epoch: (_ for _ in ()).throw(Stopped()))
+        with pytest.raises(Stopped):
+            run_in_process(write_cfg(tmp_path / "c.yaml", {**keys, "num_epochs": 3, "lr": 5e-3, "seed": 7}))
+    assert yaml.safe_load((tmp_path / "ckpt" / "drift" / "config.yaml").read_text()) == recorded
+    rc, out, err = run_in_process(write_cfg(tmp_path / "d.yaml", {**keys, "num_epochs": 3, "lr": 5e-3, "seed": 7}))
     assert rc == 0, err[-3000:]
-    assert "previous launch (num_epochs 2 -> 3): from epoch 3 on" in out and "load_model_path" not in out
+    assert "newest epoch (num_epochs 2 -> 3, lr 0.002 -> 0.005): from epoch 3 on" in out and "load_model_path" not in out
