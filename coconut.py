@@ -129,9 +129,13 @@ def holds_recurrent_states(config) -> bool:
     """Whether the model's cache holds recurrent states (the linear-attention and Mamba
     layers of hybrid models: Granite 4.0-H, Jamba, Qwen3-Next, ...), which its layers
     update in place: a later latent pass would overwrite what an earlier pass saved for
-    the backward, so training runs those models' passes without a cache."""
-    return any(not isinstance(layer, DynamicLayer) or "LinearAttention" in type(layer).__name__
-               for layer in DynamicCache(config=config).layers)
+    the backward, so training runs those models' passes without a cache. (Layers that
+    cache nothing of their own, such as Gemma 3n's key-value sharing ones, are not.)"""
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin as recurrent
+    except ImportError:  # a transformers 5 release before linear-attention cache layers: none
+        return False
+    return any(isinstance(layer, recurrent) for layer in DynamicCache(config=config).layers)
 
 
 def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list:
@@ -714,13 +718,14 @@ class Coconut(nn.Module):
     def _needs_gapless_rows(self, aligned_ids, max_new_tokens, synced_gpus) -> bool:
         """Whether a local-attention window could reach past a padding gap of the batch
         align_latents laid out (aligned_ids): some row's last new token lies `window` or
-        more columns after its first column. Decided alike on every process under
-        synced_gpus (their passes pair up)."""
+        more columns after its first column; or the model has recurrent states, which a
+        padding column between a prompt and its new tokens would run through. Decided
+        alike on every process under synced_gpus (their passes pair up)."""
         window = local_attention_window(self.base_causallm.config)
-        if window is None:
+        if window is None and not self.recurrent_states:
             return False
         batch, width = aligned_ids.shape
-        needed = batch > 1 and width + max_new_tokens > window
+        needed = batch > 1 and (self.recurrent_states or width + max_new_tokens > window)
         if synced_gpus:
             needed = _all_ranks_max(int(needed), aligned_ids.device) == 1
         return needed

@@ -146,22 +146,35 @@ def test_a_causal_lm_whose_base_model_is_itself_trains_and_generates_as_the_naiv
     assert got == [want + [EOS] * (width - len(want)) for want in expected_tokens]
 
 
-def test_a_hybrid_model_with_recurrent_states_trains_and_generates_as_the_naive_reference():
-    """Granite 4.0-H's Mamba layers update their cached states in place, which a later
-    latent pass would do to states an earlier pass saved for the backward: training runs
-    each pass over the whole prefix without a cache; decoding keeps the cache."""
+def make_hybrid(kind):
+    """Hybrid models: Granite 4.0-H (Mamba and attention layers), LFM (convolution, sliding
+    window and full attention layers)."""
     import transformers
 
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if kind == "granite_hybrid":
+        config = transformers.GraniteMoeHybridConfig(
+            **common, intermediate_size=128, layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16,
+            mamba_n_groups=1, mamba_d_state=16, mamba_expand=1, num_local_experts=0, shared_intermediate_size=128)
+    else:
+        config = transformers.Lfm3Config(**{**common, "num_hidden_layers": 3}, intermediate_size=128, head_dim=16,
+                                         layer_types=["conv", "sliding_attention", "full_attention"], sliding_window=64)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["granite_hybrid", "lfm3_sliding_window"])
+def test_a_hybrid_model_with_recurrent_states_trains_and_generates_as_the_naive_reference(kind):
+    """Granite 4.0-H's Mamba layers (LFM's convolutions) update their cached states in
+    place, which a later latent pass would do to states an earlier pass saved for the
+    backward: training runs each pass over the whole prefix without a cache; decoding
+    keeps the cache, in sub-batches without padding inside a row (a padding column would
+    run through the states), also where a sliding window alone would not ask for them."""
     from coconut import holds_recurrent_states
 
-    torch.manual_seed(0)
-    config = transformers.GraniteMoeHybridConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16,
-        mamba_expand=1, num_local_experts=0, shared_intermediate_size=128)
-    base = transformers.GraniteMoeHybridForCausalLM(config).eval()
-    assert holds_recurrent_states(config) and not holds_recurrent_states(make_llama(VOCAB).config)
+    base = make_hybrid(kind)
+    assert holds_recurrent_states(base.config) and not holds_recurrent_states(make_llama(VOCAB).config)
     coconut = Coconut(base, LATENT, START, END, EOS)
     examples = mixed_batch(seed=1, c_thought=1)
     expected = naive_loss(base, examples)
