@@ -125,6 +125,21 @@ def pass_mask(attention_mask: torch.Tensor, start: int, end: int) -> torch.Tenso
     return keys & (cols <= cols[start:end, None])  # (batch, 1, end - start, end)
 
 
+# Decoders Coconut cannot run pass by pass: Mamba (v1) applies the whole attention mask
+# of the prefix to a pass over a few columns (a shape error in every pass on a cache:
+# validation and generation).
+UNSUPPORTED_MODEL_TYPES = {"mamba": "Mamba", "falcon_mamba": "FalconMamba"}
+
+
+def unsupported_model(config) -> Optional[str]:
+    """Why Coconut cannot run this model, None when it can."""
+    name = UNSUPPORTED_MODEL_TYPES.get(getattr(text_config(config), "model_type", None))
+    if name is None:
+        return None
+    return (f"{name} models are not supported: their decoder applies the whole prefix's attention mask to each "
+            "pass, which Coconut's passes on a cache (validation, generation) cannot give it")
+
+
 def holds_recurrent_states(config) -> bool:
     """Whether the model's cache holds recurrent states (the linear-attention and Mamba
     layers of hybrid models: Granite 4.0-H, Jamba, Qwen3-Next, ...), which its layers
@@ -533,6 +548,9 @@ class Coconut(nn.Module):
         # Set by the launcher under FSDP: every process must run as many forward passes
         # of the base model as the others, or the sharded collectives deadlock.
         self.sync_passes_across_ranks = False
+        unsupported = unsupported_model(base_causallm.config)
+        if unsupported is not None:
+            raise ValueError(unsupported)
         # what the model's own forward does to its head's output (Granite, Cohere, Gemma 2, ...)
         self.logit_transform = logit_transform(base_causallm.config)
         if latent_token_id is not None:  # a plain decoder computes no loss, and greedy decoding needs no transform

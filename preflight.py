@@ -55,7 +55,7 @@ import torch
 
 import checkpoint
 from cli import UserError, first_line, reports_errors
-from coconut import context_length
+from coconut import context_length, unsupported_model
 from dataset import check_piecewise, check_special_text
 from distributed import transformer_blocks
 from layout import PromptLayout
@@ -443,6 +443,10 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
                                 f"({model_type}): Coconut needs a decoder-only causal LM") from None
             raise UserError(f"{key} {name}: transformers cannot build the {model_type} model its config describes "
                             f"({type(e).__name__}: {first_line(e)})") from None
+        unsupported = unsupported_model(hf_config)
+        if unsupported is not None:
+            key, name = model_source(config)
+            raise UserError(f"{key} {name}: {unsupported}")
         place_weights(config, base, tokenizer, tokens, state, path,
                       add_token_rows=lambda b: b.resize_token_embeddings(len(tokenizer), mean_resizing=False))
     check_blocks(config, base)

@@ -326,6 +326,27 @@ def test_a_model_that_names_no_transformer_blocks_stops_a_run_that_needs_them(tm
         assert rc == 0, err[-3000:]
 
 
+def test_a_mamba_model_stops_the_run_before_it_trains_an_epoch(tmp_path, gpt2_folder, chain_data):
+    """Mamba (v1) trains without a cache but fails in every pass on one (validation,
+    generation): refused at once, and by Coconut itself."""
+    import shutil
+
+    from transformers import AutoConfig, MambaConfig, MambaForCausalLM
+
+    from coconut import Coconut
+
+    folder = tmp_path / "mamba"
+    shutil.copytree(gpt2_folder, folder)
+    vocab = AutoConfig.from_pretrained(gpt2_folder).vocab_size
+    config = MambaConfig(vocab_size=vocab, hidden_size=32, state_size=8, num_hidden_layers=1, bos_token_id=0,
+                         eos_token_id=0, pad_token_id=0)
+    config.save_pretrained(folder)
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=str(folder))
+    assert_fails(tmp_path, [cfg], f"model_id {folder}: Mamba models are not supported")
+    with pytest.raises(ValueError, match="Mamba models are not supported"):
+        Coconut(MambaForCausalLM(config), 1, 2, 3, 0)
+
+
 def test_a_causal_lm_config_transformers_cannot_build_is_named_as_such(tmp_path, llama_folder, chain_data):
     """A rope type this transformers does not know: not "no causal LM", but what failed."""
     import shutil
