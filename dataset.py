@@ -90,15 +90,12 @@ def check_special_text(path, examples: list, tokenizer) -> None:
     """DataError naming the first example whose text spells one of the tokenizer's special
     tokens (`<|endoftext|>`, `<|eot_id|>`, `<s>`, ...): the tokenizer reads it as that
     token, not as text, so a step holding the EOS string trains the model to stop there
-    (and a token past the embeddings, such as an image token, crashes mid-epoch).
-    One substring search per special token over the whole file's text, only for those
-    whose first two characters occur in it: a second or two for GSM8k's 385k examples."""
+    (and a token past the embeddings, such as an image token, crashes mid-epoch)."""
     specials = set(tokenizer.all_special_tokens)
     specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
     specials.discard("")
     joined = "\0".join(text for example in examples for _, text in _texts(example))
-    present = {prefix for prefix in {token[:2] for token in specials} if prefix in joined}
-    found = [token for token in specials if token[:2] in present and token in joined]
+    found = _spelled(joined, specials)
     if not found:
         return
     for i, example in enumerate(examples):
@@ -108,6 +105,23 @@ def check_special_text(path, examples: list, tokenizer) -> None:
                 token = first[2]
                 raise DataError(f"{path}: example {i}: '{key}' contains {token}, one of the tokenizer's special "
                                 "tokens: it would be read as that token, not as text")
+
+
+def _spelled(text: str, tokens: set) -> set:
+    """The tokens that occur in `text`. Tokens are grouped by their first two characters,
+    and each occurrence of such a prefix is looked up by length: the cost follows the
+    prefixes' occurrences, not the number of tokens (Gemma names thousands, '<unusedN>'),
+    and is a few substring searches for text without them (GSM8k's 385k examples: 0.5 s)."""
+    groups = {}  # prefix -> {length: {token, ...}}
+    for token in tokens:
+        groups.setdefault(token[:2], {}).setdefault(len(token), set()).add(token)
+    found = set()
+    for prefix, by_length in groups.items():
+        at = text.find(prefix)
+        while at != -1:
+            found.update(text[at: at + length] for length, group in by_length.items() if text[at: at + length] in group)
+            at = text.find(prefix, at + 1)
+    return found
 
 
 def unscorable_warnings(path, examples: list) -> list:

@@ -7,6 +7,7 @@ example and stage) spliced from pieces tokenized exactly as DESIGN §1 says.
 import inspect
 import json
 import os
+import random
 import subprocess
 import sys
 import types
@@ -240,6 +241,16 @@ def test_text_is_refused_exactly_where_the_tokenizer_reads_a_special_token_in_it
                                              if i in special_ids][0])
     assert str(err.value) == (f"v.json: example 1: 'steps' contains {token}, one of the tokenizer's special tokens: "
                               "it would be read as that token, not as text")
+
+
+def test_special_tokens_are_found_by_prefix_as_a_plain_substring_search_finds_them():
+    """_spelled against the naive search: every token, in the whole text."""
+    rng = random.Random(3)
+    tokens = {f"<unused{i}>" for i in range(300)} | {"<|endoftext|>", "<|eot_id|>", "<s>", "</s>", "[PAD]", "<u>"}
+    alphabet = ["<unused", "<|", "<u", ">", "|>", "1", "17", "299", "s", "eot_id", "endoftext", " ", "[PAD]", "/"]
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        assert D._spelled(text, tokens) == {token for token in tokens if token in text}, text
 
 
 def test_special_token_text_names_the_first_example_and_key_and_stops_get_dataset(tmp_path, tok):
