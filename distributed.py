@@ -279,14 +279,32 @@ def replicate_from_main(model, env: DistEnv):
     memory; rank 0's parameters and buffers are broadcast one tensor at a time, as DDP's
     constructor broadcasts them. No DDP wrapper: evaluation runs no backward, and DDP
     would reserve a model-sized gradient buffer on every device for nothing."""
+    # rank 0's dtypes: a model built from its config keeps some buffers in fp32 (Gemma's
+    # embed_scale) that one built on the meta device in bf16 holds in bf16
+    dtypes = share({name: tensor.dtype for name, tensor in (*model.named_parameters(), *model.named_buffers())}
+                   if env.is_main else None, env)
     if env.is_main:
         model.to(env.device)
     else:
         _to_empty_keeping_ties(model, env.device)
+        _cast_to(model, dtypes)
     with torch.no_grad():
         for _, tensor in (*model.named_parameters(), *model.named_buffers()):
             dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
     return model
+
+
+def _cast_to(model, dtypes: dict) -> None:
+    """Each parameter and buffer of `model` in the dtype `dtypes` names for it (tied
+    parameters stay one)."""
+    for name, param in model.named_parameters():
+        if param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+    for module_name, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            wanted = dtypes[f"{module_name}.{name}" if module_name else name]
+            if buffer is not None and buffer.dtype != wanted:
+                module._buffers[name] = buffer.to(wanted)
 
 
 def _to_empty_keeping_ties(model, device) -> None:

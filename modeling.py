@@ -182,10 +182,11 @@ def build_model(config, state: Optional[dict], state_path: Optional[str], log) -
 
 
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """`bf16: True`'s cast of every parameter (tied ones stay one), not of the buffers:
-    rotary embeddings' inv_freq stays fp32, as transformers keeps it for a model loaded in
-    bf16; `model.to(dtype)` would round it, and with it every position's angle (by up
-    to 0.18 rad within 1,000 positions)."""
+    """`bf16: True`'s cast of every parameter, as published (tied ones stay one; also those
+    transformers would keep in fp32 for some models, `_keep_in_fp32_modules`), not of the
+    buffers: rotary embeddings' inv_freq stays fp32, as transformers keeps it for a model
+    loaded in bf16; `model.to(dtype)` would round it, and with it every position's angle
+    (by up to 0.18 rad within 1,000 positions)."""
     for param in model.parameters():
         param.data = param.data.to(dtype)
 

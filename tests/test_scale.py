@@ -498,7 +498,7 @@ def only_eval_replica(config, env):
     base = built.base_causallm
     return {"read_the_checkpoint": read_the_checkpoint, "built_from_files": bool(built_from_files),
             "plain_coconut": type(model) is Coconut,
-            "tied": base.lm_head.weight is base.transformer.wte.weight,
+            "tied": base.get_output_embeddings().weight is base.get_input_embeddings().weight,
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "buffers": {k: v.clone() for k, v in model.named_buffers()},
             "generated": evaluation_tokens(model, built, config, env)}
@@ -516,18 +516,39 @@ def _eval_worker(rank, world_size, port, keys, out):
     distributed.exit_process(0)
 
 
+def gemma_folder(folder, gpt2_model):
+    """A tiny Gemma config (tied embeddings, an embed_scale buffer) with GPT-2's tokenizer,
+    no weights."""
+    import shutil
+
+    from transformers import AutoConfig, GemmaConfig
+
+    shutil.copytree(gpt2_model, folder)
+    os.remove(os.path.join(folder, "config.json"))
+    GemmaConfig(vocab_size=AutoConfig.from_pretrained(gpt2_model).vocab_size, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.slow
-def test_only_eval_under_torchrun_reads_the_model_on_rank_0_alone_and_replicates_it(tmp_path):
+@pytest.mark.parametrize("kind", ["gpt2", "gemma in bf16"])
+def test_only_eval_under_torchrun_reads_the_model_on_rank_0_alone_and_replicates_it(tmp_path, kind):
     """Only rank 0 reads load_model_path and builds the model from the files (the others
     build it on the meta device: no host copy per process); every process ends with rank
-    0's parameters and buffers, GPT-2's embedding and head still one tensor, no DDP
-    wrapper (its gradient buffer would be a second model on every device), and generates
-    what one process generates."""
+    0's parameters and buffers (dtypes too: built from its config in bf16, Gemma keeps an
+    fp32 buffer that the meta-device model holds in bf16), the embedding and head still
+    one tensor, no DDP wrapper (its gradient buffer would be a second model on every
+    device), and generates what one process generates."""
     model = model_folder(tmp_path / "model")
-    trained = modeling.build_model(run_config(model, str(tmp_path / "unused")), None, None, lambda message: None)
+    precision = {}
+    if kind == "gemma in bf16":
+        model, precision = gemma_folder(tmp_path / "gemma", model), {"bf16": True}
+    trained = modeling.build_model(run_config(model, str(tmp_path / "unused"), **precision), None, None,
+                                   lambda message: None)
     torch.save({k: v + 0.01 for k, v in trained.model.state_dict().items()}, tmp_path / "trained.pt")
     keys = dict(model=model, save_dir=str(tmp_path / "eval"), only_eval=True, load_model_path=str(tmp_path / "trained.pt"),
-                resume=1, num_epochs=2)
+                resume=1, num_epochs=2, **precision)
     alone = only_eval_replica(run_config(**keys), DistEnv())
     out = str(tmp_path / "replica")
     mp.spawn(_eval_worker, args=(2, free_port(), keys, out), nprocs=2)
@@ -537,10 +558,11 @@ def test_only_eval_under_torchrun_reads_the_model_on_rank_0_alone_and_replicates
         assert replica["plain_coconut"] and replica["tied"]
         for part in ("state", "buffers"):
             assert replica[part].keys() == alone[part].keys()
-            assert all(torch.equal(replica[part][k], alone[part][k]) for k in alone[part]), part
+            assert all(replica[part][k].dtype == alone[part][k].dtype and torch.equal(replica[part][k], alone[part][k])
+                       for k in alone[part]), part
         assert replica["generated"] == alone["generated"]
-    assert torch.equal(alone["state"]["base_causallm.lm_head.weight"],
-                       trained.model.state_dict()["base_causallm.lm_head.weight"] + 0.01)  # premise: the loaded weights
+    head = next(k for k in alone["state"] if k.endswith("lm_head.weight"))
+    assert torch.equal(alone["state"][head], trained.model.state_dict()[head] + 0.01)  # premise: the loaded weights
 
 
 def assert_same_curve(losses, reference, tol):
