@@ -112,6 +112,31 @@ def test_loss_and_gradients_match_naive_reference(arch, c_thought):
     assert checked > 10
 
 
+def assert_trains_and_generates_as_the_naive_reference(base):
+    """Loss and gradients (with grad; without: the validation loss, on a cache) and batched
+    greedy decoding of a Coconut around `base`, against the naive loops."""
+    coconut = Coconut(base, LATENT, START, END, EOS)
+    examples = mixed_batch(seed=1, c_thought=1)
+    expected = naive_loss(base, examples)
+    expected_grads = torch.autograd.grad(expected, list(base.parameters()), allow_unused=True)
+    out = coconut(**collate(examples))
+    grads = torch.autograd.grad(out.loss, list(base.parameters()), allow_unused=True)
+    assert abs(out.loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
+    for got, want in zip(grads, expected_grads):
+        if want is not None:
+            assert relative_difference(got, want) < TOLERANCE
+    with torch.no_grad():
+        assert abs(coconut(**collate(examples)).loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
+    rng = random.Random(5)
+    prompts = [make_example(rng, n, rng.randrange(2, 10), 1)[0][:-2] for n in [3, 1, 0, 2]]
+    batch = collate([(p, p) for p in prompts])
+    with torch.no_grad():
+        got = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8).tolist()
+        expected_tokens = [naive_generate(base, p, 8) for p in prompts]
+    width = max(map(len, expected_tokens))
+    assert got == [want + [EOS] * (width - len(want)) for want in expected_tokens]
+
+
 def test_a_causal_lm_whose_base_model_is_itself_trains_and_generates_as_the_naive_reference():
     """Llama 4's causal LM names its decoder `model` while its base_model_prefix says
     `language_model`, so its base_model is the causal LM itself: the passes must still
@@ -126,24 +151,7 @@ def test_a_causal_lm_whose_base_model_is_itself_trains_and_generates_as_the_naiv
         attention_chunk_size=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     base = transformers.Llama4ForCausalLM(config).eval()
     assert base.base_model is base  # the premise
-    coconut = Coconut(base, LATENT, START, END, EOS)
-    examples = mixed_batch(seed=1, c_thought=1)
-    expected = naive_loss(base, examples)
-    expected_grads = torch.autograd.grad(expected, list(base.parameters()), allow_unused=True)
-    out = coconut(**collate(examples))
-    grads = torch.autograd.grad(out.loss, list(base.parameters()), allow_unused=True)
-    assert abs(out.loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
-    for got, want in zip(grads, expected_grads):
-        if want is not None:
-            assert relative_difference(got, want) < TOLERANCE
-    rng = random.Random(5)
-    prompts = [make_example(rng, n, rng.randrange(2, 10), 1)[0][:-2] for n in [3, 1, 0, 2]]
-    batch = collate([(p, p) for p in prompts])
-    with torch.no_grad():
-        got = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8).tolist()
-        expected_tokens = [naive_generate(base, p, 8) for p in prompts]
-    width = max(map(len, expected_tokens))
-    assert got == [want + [EOS] * (width - len(want)) for want in expected_tokens]
+    assert_trains_and_generates_as_the_naive_reference(base)
 
 
 def make_hybrid(kind):
@@ -175,26 +183,7 @@ def test_a_hybrid_model_with_recurrent_states_trains_and_generates_as_the_naive_
 
     base = make_hybrid(kind)
     assert holds_recurrent_states(base.config) and not holds_recurrent_states(make_llama(VOCAB).config)
-    coconut = Coconut(base, LATENT, START, END, EOS)
-    examples = mixed_batch(seed=1, c_thought=1)
-    expected = naive_loss(base, examples)
-    expected_grads = torch.autograd.grad(expected, list(base.parameters()), allow_unused=True)
-    out = coconut(**collate(examples))
-    grads = torch.autograd.grad(out.loss, list(base.parameters()), allow_unused=True)
-    assert abs(out.loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
-    for got, want in zip(grads, expected_grads):
-        if want is not None:
-            assert relative_difference(got, want) < TOLERANCE
-    with torch.no_grad():  # the validation loss: passes on the cache
-        assert abs(coconut(**collate(examples)).loss.item() - expected.item()) < TOLERANCE * abs(expected.item())
-    rng = random.Random(5)
-    prompts = [make_example(rng, n, rng.randrange(2, 10), 1)[0][:-2] for n in [3, 1, 0, 2]]
-    batch = collate([(p, p) for p in prompts])
-    with torch.no_grad():
-        got = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8).tolist()
-        expected_tokens = [naive_generate(base, p, 8) for p in prompts]
-    width = max(map(len, expected_tokens))
-    assert got == [want + [EOS] * (width - len(want)) for want in expected_tokens]
+    assert_trains_and_generates_as_the_naive_reference(base)
 
 
 def make_transformed_head(kind):

@@ -340,11 +340,16 @@ def model_file_is_the_model(model, config, epoch, env):
             and wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr())
 
 
-def _worker(rank, world_size, port, jobs, out):
+def join_group(rank, world_size, port) -> DistEnv:
+    """What torchrun gives a process in its environment, then distributed.setup (gloo)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    return distributed.setup()
+
+
+def _worker(rank, world_size, port, jobs, out):
     torch.set_num_threads(1)
-    env = distributed.setup()
+    env = join_group(rank, world_size, port)
     try:
         results = {name: train(run_config(**keys), env, save_at) for name, (keys, save_at) in jobs.items()}
     except BaseException:
@@ -372,9 +377,7 @@ def spawn(world_size, jobs, tmp):
 
 
 def _shared_folder_worker(rank, world_size, port, folders, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    env = distributed.setup()
+    env = join_group(rank, world_size, port)
     try:
         distributed.check_shared_folder(folders[rank], env, wait_s=0.5)
         said = None
@@ -413,9 +416,7 @@ def test_a_one_process_checkpoint_keeps_tied_weights_tied_when_copied_off_the_de
 
 
 def _timeout_worker(rank, world_size, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    env = distributed.setup()
+    env = join_group(rank, world_size, port)
     try:
         options = torch.distributed.group.WORLD._get_backend(env.device).options
         if rank == 0:
@@ -505,10 +506,8 @@ def only_eval_replica(config, env):
 
 
 def _eval_worker(rank, world_size, port, keys, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    env = distributed.setup()
+    env = join_group(rank, world_size, port)
     try:
         torch.save(only_eval_replica(run_config(**keys), env), f"{out}.rank{rank}")
     finally:
