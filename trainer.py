@@ -247,7 +247,8 @@ class TrainingRun:
     def keep_latest(self, epoch_done: Optional[int]) -> None:
         """A save_only_improve run's state after `epoch_done` (an epoch that did not improve)
         in checkpoint.latest_folder, replacing the one there, so a stop loses no epoch;
-        None: empty it (a later epoch improved and was saved in the run folder)."""
+        None: empty it (an epoch was saved in the run folder since: one that improved, or
+        any epoch of a run without save_only_improve)."""
         folder = checkpoint.latest_folder(self.config.save_dir)
         if epoch_done is not None:
             keep_optimizer = self.config.optimizer_carries_over(epoch_done)
