@@ -164,16 +164,18 @@ def check_shared_folder(folder: str, env: DistEnv, wait_s: float = 60.0) -> None
     token = share(secrets.token_hex(8) if env.is_main else None, env)
     path = os.path.join(folder, f".shared-check-{token}")
     if env.is_main:
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(token)
+        with contextlib.suppress(OSError):  # not written: every process, rank 0 too, says so below
+            os.makedirs(folder, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(token)
     barrier(env)
     deadline = time.monotonic() + wait_s
     while not _holds(path, token) and time.monotonic() < deadline:
         time.sleep(1.0)
     blind = all_reduce_sum([0.0 if _holds(path, token) else 1.0], env)[0]
     if env.is_main:
-        os.remove(path)
+        with contextlib.suppress(OSError):
+            os.remove(path)
     if blind:
         raise UserError(f"run folder {folder}: {int(blind)} of {env.world_size} processes do not see the file rank 0 "
                         "wrote there: save_path must be one folder every node sees (a shared file system)")
@@ -254,8 +256,8 @@ def fill_from_main(model, source, env: DistEnv) -> None:
 
 def autocast_forward(model, compute_dtype, device: torch.device) -> None:
     """Run the model's forward (and generate) under torch.autocast: mixed precision
-    without FSDP (one process, or a replica per process for only_eval), parameters and optimizer left in
-    fp32. `model` is what the run calls: the Coconut wrapper, whose passes call the
+    without FSDP (one process, or a replica per process for only_eval), parameters and
+    optimizer left in fp32. `model` is what the run calls: the Coconut wrapper, whose passes call the
     base model's parts directly, or the base model itself."""
     for name in ("forward", "generate"):
         method = getattr(model, name, None)
@@ -302,8 +304,8 @@ def _cast_to(model, dtypes: dict) -> None:
             param.data = param.data.to(dtypes[name])
     for module_name, module in model.named_modules():
         for name, buffer in module._buffers.items():
-            wanted = dtypes[f"{module_name}.{name}" if module_name else name]
-            if buffer is not None and buffer.dtype != wanted:
+            wanted = dtypes.get(f"{module_name}.{name}" if module_name else name)  # None: a shared buffer's second name
+            if buffer is not None and wanted is not None and buffer.dtype != wanted:
                 module._buffers[name] = buffer.to(wanted)
 
 
