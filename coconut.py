@@ -146,11 +146,12 @@ def holds_recurrent_states(config) -> bool:
     update in place: a later latent pass would overwrite what an earlier pass saved for
     the backward, so training runs those models' passes without a cache. (Layers that
     cache nothing of their own, such as Gemma 3n's key-value sharing ones, are not.)"""
+    layers = DynamicCache(config=config).layers
     try:
         from transformers.cache_utils import LinearAttentionCacheLayerMixin as recurrent
-    except ImportError:  # a transformers 5 release before linear-attention cache layers: none
-        return False
-    return any(isinstance(layer, recurrent) for layer in DynamicCache(config=config).layers)
+    except ImportError:  # an earlier transformers 5 release: any layer of its own that is no key-value one
+        return any(not isinstance(layer, DynamicLayer) and type(layer).__name__ != "DummyLayer" for layer in layers)
+    return any(isinstance(layer, recurrent) for layer in layers)
 
 
 def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list:

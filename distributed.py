@@ -298,15 +298,20 @@ def replicate_from_main(model, env: DistEnv):
 
 def _cast_to(model, dtypes: dict) -> None:
     """Each parameter and buffer of `model` in the dtype `dtypes` names for it (tied
-    parameters stay one)."""
+    parameters and buffers shared by several modules stay one: `dtypes`, from
+    named_parameters and named_buffers, names each under its first name only)."""
     for name, param in model.named_parameters():
         if param.dtype != dtypes[name]:
             param.data = param.data.to(dtypes[name])
+    cast = {}  # id(buffer) -> the buffer in its dtype, for every module that holds it
     for module_name, module in model.named_modules():
         for name, buffer in module._buffers.items():
-            wanted = dtypes.get(f"{module_name}.{name}" if module_name else name)  # None: a shared buffer's second name
-            if buffer is not None and wanted is not None and buffer.dtype != wanted:
-                module._buffers[name] = buffer.to(wanted)
+            if buffer is None:
+                continue
+            if id(buffer) not in cast:
+                wanted = dtypes.get(f"{module_name}.{name}" if module_name else name, buffer.dtype)
+                cast[id(buffer)] = buffer.to(wanted)
+            module._buffers[name] = cast[id(buffer)]
 
 
 def _to_empty_keeping_ties(model, device) -> None:

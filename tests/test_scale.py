@@ -515,6 +515,20 @@ def _eval_worker(rank, world_size, port, keys, out):
     distributed.exit_process(0)
 
 
+def test_casting_a_replica_to_rank_0s_dtypes_keeps_shared_tensors_shared():
+    """A buffer held by two modules is one tensor after the cast, as the tied parameters
+    are: otherwise named_buffers lists one more and the broadcasts stop pairing up."""
+    model = torch.nn.Module()
+    model.a, model.b = torch.nn.Module(), torch.nn.Module()
+    shared = torch.ones(3)
+    model.a.register_buffer("x", shared)
+    model.b.register_buffer("x", shared)
+    model.a.w = model.b.w = torch.nn.Parameter(torch.ones(2))
+    distributed._cast_to(model, {"a.x": torch.bfloat16, "a.w": torch.bfloat16})
+    assert [(name, b.dtype) for name, b in model.named_buffers()] == [("a.x", torch.bfloat16)]
+    assert model.a.x is model.b.x and model.a.w is model.b.w and model.b.w.dtype == torch.bfloat16
+
+
 def gemma_folder(folder, gpt2_model):
     """A tiny Gemma config (tied embeddings, an embed_scale buffer) with GPT-2's tokenizer,
     no weights."""
