@@ -93,13 +93,13 @@ __all__ = [
     "load_train_state",
     "load_sharded",
     "prune_train_states",
+    "read_launch_config",
     "read_progress",
     "read_recorded_best",
     "read_sharded_state",
     "remove_checkpoints",
     "save_checkpoint",
     "state_path",
-    "read_launch_config",
     "wandb_run_id",
     "write_launch_config",
     "write_progress",
@@ -639,14 +639,13 @@ def mark_evaluated(save_dir: str | os.PathLike, epoch: int) -> None:
 
 def write_launch_config(save_dir: str | os.PathLike, config: dict) -> None:
     """Write (atomically) the config of this launch as YAML: LAUNCH_CONFIG_FILE."""
-    text = yaml.safe_dump(config, sort_keys=False)
-    os.makedirs(save_dir, exist_ok=True)
-    _atomic_write(os.path.join(os.fspath(save_dir), LAUNCH_CONFIG_FILE), lambda f: f.write(text.encode()))
+    _write_text(save_dir, LAUNCH_CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
 
 
 def read_launch_config(save_dir: str | os.PathLike) -> dict:
-    """The config the launch that saved the run folder's newest epoch recorded, {} when there is none or it
-    does not read (a folder of the published code or of an earlier version)."""
+    """The config the launch that saved the run folder's newest epoch recorded, {} when
+    there is none or it does not read (a folder of the published code or of an earlier
+    version)."""
     try:
         with open(os.path.join(os.fspath(save_dir), LAUNCH_CONFIG_FILE), encoding="utf-8") as f:
             config = yaml.safe_load(f)
@@ -667,8 +666,7 @@ def wandb_run_id(save_dir: str | os.PathLike) -> str:
     except (OSError, UnicodeDecodeError):
         pass
     run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], as wandb makes its ids
-    os.makedirs(save_dir, exist_ok=True)
-    _atomic_write(path, lambda f: f.write(run_id.encode()))
+    _write_text(save_dir, WANDB_ID_FILE, run_id)
     return run_id
 
 
@@ -680,7 +678,13 @@ def write_progress(save_dir: str | os.PathLike, epochs_done: int, newest_checkpo
     epoch, not its last; another run's checkpoint is saved before its epoch's
     evaluation, so its .state's best_acc leaves that epoch out."""
     record = {"epochs_done": int(epochs_done), "newest_checkpoint": newest_checkpoint, "best_acc": best_acc}
-    _atomic_write(os.path.join(os.fspath(save_dir), PROGRESS_FILE), lambda f: f.write(json.dumps(record).encode()))
+    _write_text(save_dir, PROGRESS_FILE, json.dumps(record))
+
+
+def _write_text(save_dir: str | os.PathLike, name: str, text: str) -> None:
+    """save_dir/name holds `text` (UTF-8), written atomically; the folder made if needed."""
+    os.makedirs(save_dir, exist_ok=True)
+    _atomic_write(os.path.join(os.fspath(save_dir), name), lambda f: f.write(text.encode()))
 
 
 def _progress_record(save_dir, newest_checkpoint: Optional[int]) -> dict:

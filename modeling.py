@@ -75,7 +75,8 @@ def load_base_model(model_id: str, log, weights_from: Optional[str] = None,
                     weights_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The model in fp32, whatever dtype its files or config name (transformers 5 would
     keep a bf16 checkpoint's bf16: parameters and AdamW state below fp32, which the
-    precision settings promise, DESIGN §5); `bf16: True` casts the parameters afterwards, as published.
+    precision settings promise, DESIGN §5); `bf16: True` casts the parameters afterwards,
+    as published.
     weights_dtype: the dtype saved weights are read in (bf16 for `bf16: True` runs: the
     values that loading in fp32 then casting give, in half the host memory); a model
     built from its config is initialised in fp32 all the same (the same random values).

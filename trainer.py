@@ -152,7 +152,6 @@ class TrainingRun:
                 self.train_epoch(stage, epoch)
                 if self.saving and not config.save_only_improve:
                     self.save(epoch + 1)
-                    self.keep_latest(None)  # a save_only_improve launch's .latest is older now
             metrics = self.validate(stage, epoch)
             if config.only_eval:
                 break
@@ -184,7 +183,6 @@ class TrainingRun:
             if metrics["eval/acc"] > self.best_acc:
                 self.best_acc = metrics["eval/acc"]
                 self.save(epoch + 1)
-                self.keep_latest(None)  # the run folder's newest is the resume point again
             else:  # no silent endings: a run may otherwise end without a single checkpoint
                 self.log(f"save_only_improve: not saving checkpoint_{epoch + 1}, its accuracy "
                          f"{metrics['eval/acc']} does not beat the best so far ({self.best_acc}); its state is "
@@ -236,28 +234,29 @@ class TrainingRun:
     def save(self, epoch_done: int) -> None:
         """checkpoint_{epoch_done} (weights, published layout) and its resume state; rank 0
         writes. The optimizer state is kept only when the next epoch continues with it."""
-        keep_optimizer = self.config.optimizer_carries_over(epoch_done)
         # only save_only_improve saves after the evaluation
-        save_run_state(self.model, self.optimizer if keep_optimizer else None, self.config.save_dir, epoch_done,
-                       self.best_acc, self.env, evaluated=self.config.save_only_improve)
+        self.save_state(self.config.save_dir, epoch_done, evaluated=self.config.save_only_improve)
         self.newest_checkpoint = epoch_done
-        self.record_launch()
+        if self.env.is_main:  # the run folder's newest is the resume point again: .latest is older now
+            checkpoint.remove_checkpoints(checkpoint.latest_folder(self.config.save_dir))
         self.log("saving model.")
 
-    def keep_latest(self, epoch_done: Optional[int]) -> None:
+    def keep_latest(self, epoch_done: int) -> None:
         """A save_only_improve run's state after `epoch_done` (an epoch that did not improve)
-        in checkpoint.latest_folder, replacing the one there, so a stop loses no epoch;
-        None: empty it (an epoch was saved in the run folder since: one that improved, or
-        any epoch of a run without save_only_improve)."""
+        in checkpoint.latest_folder, replacing the one there, so a stop loses no epoch (save
+        empties the folder: the run folder's newest is then newer)."""
         folder = checkpoint.latest_folder(self.config.save_dir)
-        if epoch_done is not None:
-            keep_optimizer = self.config.optimizer_carries_over(epoch_done)
-            save_run_state(self.model, self.optimizer if keep_optimizer else None, folder, epoch_done, self.best_acc,
-                           self.env)
-            self.record_launch()
+        self.save_state(folder, epoch_done, evaluated=True)
         if self.env.is_main:
-            checkpoint.remove_checkpoints(folder, keep=() if epoch_done is None else (epoch_done,))
-        distributed.barrier(self.env)
+            checkpoint.remove_checkpoints(folder, keep=(epoch_done,))
+
+    def save_state(self, folder: str, epoch_done: int, evaluated: bool) -> None:
+        """checkpoint_{epoch_done} and its .state in `folder` (save_run_state), with the
+        optimizer state when the next epoch keeps it; then this launch's record."""
+        keep_optimizer = self.config.optimizer_carries_over(epoch_done)
+        save_run_state(self.model, self.optimizer if keep_optimizer else None, folder, epoch_done, self.best_acc,
+                       self.env, evaluated=evaluated)
+        self.record_launch()
 
     def record_launch(self) -> None:
         """This launch's config in the run folder, once it has saved an epoch (rank 0)."""

@@ -484,8 +484,8 @@ def _value_problems(config: Config):
         yield ("keys 'bf16' and 'mixed_precision' cannot both be on: bf16: True casts the whole model "
                "(published behaviour), mixed_precision keeps fp32 parameters; choose one")
 
-    bad = sorted(set(config.project) & set(WANDB_PROJECT_FORBIDDEN))
-    if not config.project.strip() or bad or len(config.project) > 128:
+    forbidden = set(config.project) & set(WANDB_PROJECT_FORBIDDEN)
+    if not config.project.strip() or forbidden or len(config.project) > 128:
         yield (f"key 'project' must be a wandb project name: 1 to 128 characters, none of "
                f"{' '.join(WANDB_PROJECT_FORBIDDEN)}, got {config.project!r}")
 

@@ -28,8 +28,8 @@ Each input line is ``{"messages": [{"role": ..., "content": ...}, ...]}``:
 
 Examples with no summary marker, an empty answer, fewer than ``--min_steps``
 (2) steps, more than one user message, or a malformed line (bad JSON, no user
-or assistant message) are skipped; a summary of kept and skipped examples, with reasons and line
-numbers of malformed lines, is printed at the end.
+or assistant message) are skipped; a summary of kept and skipped examples, with
+reasons and line numbers of malformed lines, is printed at the end.
 """
 
 import argparse
