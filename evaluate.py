@@ -64,6 +64,9 @@ def _rank_share(n: int, env: DistEnv, batch_size: int) -> tuple:
     return own, padded, n_batches
 
 
+SAMPLES_SHOWN = 5  # rank 0's first answers printed at each evaluation, as published
+
+
 @torch.no_grad()
 def generation_accuracy(model, generator, dataset, collator, tokenizer, examples, config, env: DistEnv, log) -> dict:
     """Greedy answers for every question; returns counts summed over processes."""
@@ -87,7 +90,7 @@ def generation_accuracy(model, generator, dataset, collator, tokenizer, examples
                 text = tokenizer.decode(output, skip_special_tokens=True)
                 correct += extract_answer(text) == answers[idx]
                 cot_correct += extract_cot(text, examples[idx]["question"].count("\n") + 1) == cots[idx]
-                if env.is_main and b == 0 and k < 2:
+                if env.is_main and b * config.batch_size_eval + k < SAMPLES_SHOWN:
                     log(f"Question {idx}: Answer = '{answers[idx]}' CoT = '{cots[idx]}'")
                     log(f"Full output: '{tokenizer.decode(output)}'")
                     log(f"Extracted Output: '{extract_answer(text)}'")

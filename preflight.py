@@ -6,8 +6,9 @@ culprit (key, file, example, checkpoint tensor); nothing has been written by the
     if found.finished: print(found.finished)    # a finished run: nothing to train
 
 Checked, in order:
-- the run has something to do: only_eval has a checkpoint (load_model_path) and an
-  epoch to evaluate, a training run an epoch to train (resume < num_epochs);
+- the run has something to do: only_eval has weights to evaluate (load_model_path, or
+  a model_id with weights) and an epoch to evaluate, a training run an epoch to train
+  (resume < num_epochs);
 - the data files hold examples (run.py has already parsed and validated them);
 - `model_id` (or `local_path`) resolves: a local folder must hold a config.json, a
   path that does not exist is an error, and a hub id that is not in the local cache
@@ -59,7 +60,7 @@ from coconut import context_length, unsupported_model
 from dataset import check_piecewise, check_special_text
 from distributed import transformer_blocks
 from layout import PromptLayout
-from modeling import build_tokenizer, place_weights
+from modeling import build_tokenizer, has_weights, place_weights
 from startup import never_evaluated
 
 HUB_PROBE_SECONDS = 2.0
@@ -122,9 +123,15 @@ def check(config, data: dict, saves: bool) -> Preflight:
 
 # ------------------------------------------------------------------ keys
 def check_run_keys(config) -> None:
-    """A run with nothing to do, or an evaluation of random weights, is an error."""
-    if config.only_eval and config.load_model_path is None:
-        raise UserError("only_eval is True but load_model_path is None: name the checkpoint to evaluate")
+    """A run with nothing to do, or an evaluation of random weights, is an error.
+
+    only_eval without load_model_path evaluates the model as it loads, as published: a
+    pretrained hub model, or a folder export.py wrote; not a folder without weights.
+    """
+    key, name = model_source(config)
+    if config.only_eval and config.load_model_path is None and not has_weights(name):
+        raise UserError(f"only_eval is True but load_model_path is None and {key} {name} holds no weights: "
+                        "name the checkpoint to evaluate")
     if config.resume >= config.num_epochs:
         what = "evaluate (only_eval evaluates epoch resume)" if config.only_eval else "train"
         raise UserError(f"resume is {config.resume} but num_epochs is {config.num_epochs}: "

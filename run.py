@@ -57,6 +57,7 @@ def read_data(config, load_data_file) -> dict:
 
 def start(config_path: str, overrides: dict) -> int:
     config = load_config(config_path, overrides)
+    log(f"Config: {config.to_dict()}")  # the published first line (there: the YAML mapping; here every key's value)
     for key in overrides:
         log(f"command line: {key} = {getattr(config, key)!r}")
     check_paths(config, config_path)

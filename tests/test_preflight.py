@@ -578,14 +578,15 @@ def test_save_path_that_cannot_be_written(tmp_path, gpt2_folder, chain_data):
 
 
 @pytest.mark.parametrize("over, expected", [
-    (dict(only_eval=True), "only_eval is True but load_model_path is None"),
+    (dict(only_eval=True), "only_eval is True but load_model_path is None and model_id MODEL holds no weights"),
     (dict(only_eval=True, load_model_path="LOAD", resume=2, num_epochs=2),
      "resume is 2 but num_epochs is 2: no epoch left to evaluate"),
     (dict(resume=3, num_epochs=3), "resume is 3 but num_epochs is 3: no epoch left to train"),
 ])
 def test_runs_with_nothing_to_do(tmp_path, gpt2_folder, chain_data, over, expected):
     over = {k: (chain_data["val"] if v == "LOAD" else v) for k, v in over.items()}
-    assert_fails(tmp_path, [config_file(tmp_path, gpt2_folder, chain_data, **over)], expected)
+    assert_fails(tmp_path, [config_file(tmp_path, gpt2_folder, chain_data, **over)],
+                 expected.replace("MODEL", gpt2_folder))
 
 
 def test_a_finished_run_says_so_and_trains_nothing(tmp_path, gpt2_folder, chain_data):
@@ -596,7 +597,9 @@ def test_a_finished_run_says_so_and_trains_nothing(tmp_path, gpt2_folder, chain_
     files = {p.name: p.stat().st_mtime_ns for p in save_dir.iterdir()}
     rc, out, err = run_in_process(cfg)
     assert rc == 0, err[-2000:]
-    assert out.splitlines() == [
+    # the published first line: the config (every key's value here), then the verdict
+    assert out.splitlines()[0] == f"Config: {load_config(cfg).to_dict()}" and "'num_epochs': 1," in out
+    assert out.splitlines()[1:] == [
         f"run folder {save_dir} already holds checkpoint_1 and num_epochs is 1: this run is finished, nothing to "
         f"train. To evaluate it: only_eval=True load_model_path={save_dir}/checkpoint_1 resume=0; to train on: a "
         "larger num_epochs; to start again: another name"], out
@@ -615,7 +618,7 @@ def test_save_only_improve_says_when_it_skips_a_save(tmp_path, gpt2_folder, chai
     assert checkpoint.list_checkpoints(save_dir) == []
     # launched again, it knows it is finished though it saved nothing
     rc, out, err = run_in_process(cfg)
-    assert rc == 0 and out.splitlines() == [
+    assert rc == 0 and out.splitlines()[1:] == [
         f"run folder {save_dir} has trained all 1 epochs (num_epochs) and holds no checkpoint (its last epoch's "
         f"weights: {save_dir}/.latest/checkpoint_1): save_only_improve saved none, no epoch's validation accuracy beat 0. This run is finished, nothing to train; to train on: a "
         "larger num_epochs; to start again: another name"], (out, err[-2000:])
@@ -660,7 +663,7 @@ def test_a_save_only_improve_run_past_its_best_epoch_is_finished_or_says_what_it
     checkpoint.write_progress(save_dir, 4, 2)  # epochs 3 and 4 did not beat epoch 2
     cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=4, save_only_improve=True)
     rc, out, err = run_in_process(cfg)
-    assert rc == 0 and out.splitlines() == [
+    assert rc == 0 and out.splitlines()[1:] == [
         f"run folder {save_dir} has trained all 4 epochs (num_epochs); its best, checkpoint_2 (validation accuracy "
         f"0.75), is its newest checkpoint (save_only_improve): this run is finished, nothing to train. To evaluate "
         f"it: only_eval=True load_model_path={save_dir}/checkpoint_2 resume=3; to train on: a larger num_epochs; "
@@ -794,8 +797,9 @@ def test_command_line_keys_reach_the_run_and_its_echo(tmp_path, gpt2_folder, cha
     rc, out, err = run_in_process(*[cfg, "num_epochs=1", "--name", "try2", "--save-only-improve", "True",
                              "max_new_tokens=1"])
     assert rc == 0, err[-2000:]
-    assert out.splitlines()[:4] == ["command line: num_epochs = 1", "command line: name = 'try2'",
+    assert out.splitlines()[1:5] == ["command line: num_epochs = 1", "command line: name = 'try2'",
                                     "command line: save_only_improve = True", "command line: max_new_tokens = 1"]
+    assert "'name': 'try2'," in out.splitlines()[0]  # the Config line shows the command line's values
     assert "not saving checkpoint_1" in out and out.count("Accuracy on validation set") == 1
     assert (tmp_path / "ckpt" / "try2").is_dir() and not (tmp_path / "ckpt" / "run").exists()
     rc, out, err = run_in_process(cfg, "c_thougth=2")

@@ -25,6 +25,7 @@ from builders import (ACC_RE, COT_RE, FULL_RE, PREFIX, REPO, RUN_PY, acc_lines, 
                       assert_same_values, epochs_started, free_port, keys_for, load, makefile_demo_data_args,
                       makefile_variable, run_in_process, run_sub, sub_env, write_cfg)
 from checkpoint import list_checkpoints, load_train_state, read_sharded_state
+from evaluate import SAMPLES_SHOWN
 from layout import END, LATENT, START
 from preprocessing import prosqa
 from utils import load_config
@@ -85,10 +86,10 @@ def test_method_runs_two_epochs(method, request, tmp_path, gpt2_folder, llama_fo
 
     # The method's layout shows in the generated text (prompt included): markers, latents per stage.
     outputs = FULL_RE.findall(out)
-    assert len(outputs) == 4, out  # two examples shown per epoch
+    assert len(outputs) == 2 * SAMPLES_SHOWN, out  # the first five answers, as published, each epoch
     for i, text in enumerate(outputs):
         assert (START in text and END in text) == markers, text
-        assert text.count(LATENT) == latents[i // 2], (i, text)
+        assert text.count(LATENT) == latents[i // SAMPLES_SHOWN], (i, text)
 
 
 # ------------------------------------------------------------------ demo path
@@ -254,14 +255,31 @@ def test_only_eval_matches_end_of_run(tmp_path, coconut_run):
     assert ACC_RE.findall(out) == ACC_RE.findall(trained)[-1:]
     assert COT_RE.findall(out) == COT_RE.findall(trained)[-1:]
     outputs, run_outputs = FULL_RE.findall(out), FULL_RE.findall(trained)
-    assert outputs == run_outputs[-2:]
+    assert outputs == run_outputs[-SAMPLES_SHOWN:]
     # not trivially equal: the model changed between epochs, so another checkpoint or
     # stage generates something else (compared after the prompt, whose latents differ)
     def generated(output):
         return output.split("<|end-latent|>")[-1]
 
-    assert [generated(o) for o in run_outputs[:2]] != [generated(o) for o in outputs]
+    assert [generated(o) for o in run_outputs[:SAMPLES_SHOWN]] != [generated(o) for o in outputs]
     assert not os.path.exists(os.path.join(coconut_run["dir"], "checkpoint_3"))
+
+
+def test_only_eval_without_load_model_path_evaluates_model_id(tmp_path, coconut_run):
+    """As published: no load_model_path evaluates model_id as it loads; here a folder
+    export.py wrote from checkpoint_2, whose trained latent-token rows must be kept (the
+    run's own model folder has no weights: that is refused, test_preflight.py)."""
+    import export
+
+    keys = yaml.safe_load(open(coconut_run["cfg"]))
+    exported = str(tmp_path / "export")
+    assert export.main([coconut_run["cfg"], os.path.join(coconut_run["dir"], "checkpoint_2"), exported]) == 0
+    keys.update(only_eval=True, model_id=exported, resume=1)
+    rc, out, err = run_in_process(write_cfg(tmp_path / "eval.yaml", keys))
+    assert rc == 0, err[-3000:]
+    trained = coconut_run["out"]
+    assert ACC_RE.findall(out) == ACC_RE.findall(trained)[-1:]
+    assert FULL_RE.findall(out) == FULL_RE.findall(trained)[-SAMPLES_SHOWN:]
 
 
 @pytest.mark.slow
@@ -653,7 +671,7 @@ def test_published_coconut_state_dict_loads(tmp_path, coconut_run):
     rc, out, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
     assert rc == 0, err[-3000:]
     # the weights of epoch 2 are what generates: same outputs as the end of that run
-    assert FULL_RE.findall(out) == FULL_RE.findall(coconut_run["out"])[-2:]
+    assert FULL_RE.findall(out) == FULL_RE.findall(coconut_run["out"])[-SAMPLES_SHOWN:]
     assert ACC_RE.findall(out) == ACC_RE.findall(coconut_run["out"])[-1:]
 
 
@@ -875,4 +893,5 @@ def test_a_relaunch_says_which_config_keys_changed_since_the_launch_that_saved_t
     assert yaml.safe_load((tmp_path / "ckpt" / "drift" / "config.yaml").read_text()) == recorded
     rc, out, err = run_in_process(write_cfg(tmp_path / "d.yaml", {**keys, "num_epochs": 3, "lr": 5e-3, "seed": 7}))
     assert rc == 0, err[-3000:]
-    assert "newest epoch (num_epochs 2 -> 3, lr 0.002 -> 0.005): from epoch 3 on" in out and "load_model_path" not in out
+    assert "newest epoch (num_epochs 2 -> 3, lr 0.002 -> 0.005): from epoch 3 on" in out
+    assert "load_model_path" not in out.split("\n", 1)[1]  # past the Config line
