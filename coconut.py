@@ -125,19 +125,46 @@ def pass_mask(attention_mask: torch.Tensor, start: int, end: int) -> torch.Tenso
     return keys & (cols <= cols[start:end, None])  # (batch, 1, end - start, end)
 
 
-# Decoders Coconut cannot run pass by pass: Mamba (v1) applies the whole attention mask
-# of the prefix to a pass over a few columns (a shape error in every pass on a cache:
-# validation and generation).
-UNSUPPORTED_MODEL_TYPES = {"mamba": "Mamba", "falcon_mamba": "FalconMamba"}
+# Decoders Coconut cannot run pass by pass, and why; each was tried and fails or gives
+# other numbers than the naive reference (a shape error in every pass on a cache for Mamba).
+_WHOLE_PREFIX_MASK = ("their decoder applies the whole prefix's attention mask to each pass, which Coconut's passes "
+                      "on a cache (validation, generation) cannot give it")
+_NO_CACHE = ("they keep no state in transformers' cache (no key-value cache at all, or a state of their own), so a "
+             "latent pass cannot continue the passes before it")
+UNSUPPORTED_MODEL_TYPES = {
+    "mamba": ("Mamba", _WHOLE_PREFIX_MASK),
+    "falcon_mamba": ("FalconMamba", _WHOLE_PREFIX_MASK),
+    "openai-gpt": ("OpenAI GPT", _NO_CACHE),
+    "rwkv": ("RWKV", _NO_CACHE),
+    "recurrent_gemma": ("RecurrentGemma", "their recurrent layers keep their state in the modules and start it again "
+                                          "at every pass over several columns, so passes on a cache (validation, "
+                                          "generation) cannot continue a prefix"),
+}
 
 
 def unsupported_model(config) -> Optional[str]:
     """Why Coconut cannot run this model, None when it can."""
-    name = UNSUPPORTED_MODEL_TYPES.get(getattr(text_config(config), "model_type", None))
-    if name is None:
-        return None
-    return (f"{name} models are not supported: their decoder applies the whole prefix's attention mask to each "
-            "pass, which Coconut's passes on a cache (validation, generation) cannot give it")
+    config = text_config(config)
+    model_type = getattr(config, "model_type", None) or ""
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        name, why = UNSUPPORTED_MODEL_TYPES[model_type]
+        return f"{name} models are not supported: {why}"
+    if model_type.startswith("gemma4") and getattr(config, "hidden_size_per_layer_input", 0):
+        return ("Gemma 4 models with per-layer embeddings are not supported: they look up a second embedding "
+                "(hidden_size_per_layer_input) by each position's token id, found by matching the input embedding "
+                "to a row of the embedding matrix, and a continuous thought matches none")
+    return None
+
+
+# Models whose attention positions are the columns of the batch, not position_ids or the
+# mask: MPT's ALiBi bias. Padding between a prompt and its new tokens would move them, so
+# they decode in gapless sub-batches, as local-attention models do.
+COLUMN_POSITION_MODEL_TYPES = {"mpt"}
+
+# Models that continue a cached prefix exactly only one column at a time: transformers'
+# Jamba restarts its Mamba scan from zero in a pass over several columns on a cache. Their
+# passes on a cache after the first go one column at a time (exact, slower).
+ONE_COLUMN_CONTINUATION_MODEL_TYPES = {"jamba"}
 
 
 def holds_recurrent_states(config) -> bool:
@@ -570,6 +597,9 @@ class Coconut(nn.Module):
         # on CUDA, decode with a preallocated cache and CUDA-graph steps (compiling.py)
         self.cuda_graphs = True
         self.recurrent_states = holds_recurrent_states(base_causallm.config)
+        model_type = getattr(text_config(base_causallm.config), "model_type", None)
+        self.column_positions = model_type in COLUMN_POSITION_MODEL_TYPES
+        self.one_column_continuation = model_type in ONE_COLUMN_CONTINUATION_MODEL_TYPES
 
     @property
     def embedding(self) -> nn.Module:
@@ -615,13 +645,16 @@ class Coconut(nn.Module):
         return contextlib.nullcontext()
 
     @staticmethod
-    def _segments(seq_len: int, columns: list, n_passes: int) -> list:
-        """(start, end) column ranges of the passes: up to each latent, then the rest.
+    def _segments(seq_len: int, columns: list, n_passes: int, one_column: bool = False) -> list:
+        """(start, end) column ranges of the passes: up to each latent, then the rest
+        (one_column: one column at a time from the first latent on).
 
         When other ranks need more passes, the tail is cut into more pieces (exact: the
         cache makes the split invisible); what cannot be cut becomes empty passes (None).
         """
         bounds = [0] + columns + [seq_len]
+        if one_column and columns:
+            bounds = [0] + list(range(columns[0], seq_len + 1))
         while len(bounds) - 1 < n_passes and bounds[-1] - bounds[-2] > 1:
             bounds.insert(-1, bounds[-2] + 1)
         segments = list(zip(bounds[:-1], bounds[1:]))
@@ -640,18 +673,19 @@ class Coconut(nn.Module):
         """
         token_embeds = self.embedding(input_ids)  # (batch, seq, hidden)
         columns = latent_columns(input_ids, self.latent_token_id)
-        n_passes = len(columns) + 1
+        # a model whose recurrent states are updated in place trains pass by pass without
+        # a cache: each pass runs the whole prefix again (see holds_recurrent_states)
+        recompute = torch.is_grad_enabled() and self.recurrent_states
+        one_column = self.one_column_continuation and not recompute  # see ONE_COLUMN_CONTINUATION_MODEL_TYPES
+        n_passes = 1 + input_ids.shape[1] - columns[0] if one_column and columns else len(columns) + 1
         if sync:
             n_passes = _all_ranks_max(n_passes, input_ids.device)
-        segments = self._segments(input_ids.shape[1], columns, n_passes)
+        segments = self._segments(input_ids.shape[1], columns, n_passes, one_column)
         is_latent = input_ids == self.latent_token_id  # (batch, seq)
 
         # a compiled decoder always gets a cache: a batch without latents then runs the
         # graph of a latent batch's first piece instead of compiling one of its own
         own_masks = False  # ready-made masks for the passes after the first (pass_mask)
-        # a model whose recurrent states are updated in place trains pass by pass without
-        # a cache: each pass runs the whole prefix again (see holds_recurrent_states)
-        recompute = torch.is_grad_enabled() and self.recurrent_states
         if cache is None and not recompute and (keep_cache or len(segments) > 1 or self.compiled_decoder):
             buffered = not torch.is_grad_enabled() and not self.compiled_decoder
             cache = new_cache(self.base_causallm.config, buffered, self.cache_class)
@@ -741,10 +775,11 @@ class Coconut(nn.Module):
         padding column between a prompt and its new tokens would run through. Decided
         alike on every process under synced_gpus (their passes pair up)."""
         window = local_attention_window(self.base_causallm.config)
-        if window is None and not self.recurrent_states:
+        always = self.recurrent_states or self.column_positions
+        if window is None and not always:
             return False
         batch, width = aligned_ids.shape
-        needed = batch > 1 and (self.recurrent_states or width + max_new_tokens > window)
+        needed = batch > 1 and (always or width + max_new_tokens > window)
         if synced_gpus:
             needed = _all_ranks_max(int(needed), aligned_ids.device) == 1
         return needed

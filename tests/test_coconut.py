@@ -186,6 +186,65 @@ def test_a_hybrid_model_with_recurrent_states_trains_and_generates_as_the_naive_
     assert_trains_and_generates_as_the_naive_reference(base)
 
 
+def make_model_with_odd_positions_or_states(kind):
+    """MPT: ALiBi from the batch's columns, not positions (a padding gap moves them).
+    Jamba: transformers' Jamba restarts its Mamba scan from zero in a pass over several
+    columns on a cache; its Mamba output weighs 20x the random init, as a trained model's
+    would, so that a lost state shows in the numbers."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "mpt":
+        config = transformers.MptConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=512)
+        return transformers.MptForCausalLM(config).eval()
+    config = transformers.JambaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=99,
+        expert_layer_offset=98, num_experts=1, mamba_d_state=8, mamba_expand=2, use_mamba_kernels=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    base = transformers.JambaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in base.model.layers:
+            if hasattr(layer, "mamba"):
+                layer.mamba.out_proj.weight.mul_(20.0)
+    return base
+
+
+@pytest.mark.parametrize("kind", ["mpt", "jamba"])
+def test_models_with_column_positions_or_one_column_continuation_match_the_naive_reference(kind):
+    """MPT decodes in gapless sub-batches (batched decoding gave other tokens than one
+    prompt alone); Jamba's passes on a cache after the first go one column at a time (its
+    validation loss and prefill were off by up to 1e-2)."""
+    assert_trains_and_generates_as_the_naive_reference(make_model_with_odd_positions_or_states(kind))
+
+
+def test_models_coconut_cannot_run_are_refused_with_the_reason():
+    """Each fails or computes other numbers on passes over a cache: refused by name, at
+    build (and so in pre-flight, which asks unsupported_model)."""
+    import transformers
+
+    from coconut import unsupported_model
+
+    small = dict(vocab_size=VOCAB, num_hidden_layers=2)
+    configs = {
+        "OpenAI GPT models": transformers.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2),
+        "RWKV models": transformers.RwkvConfig(**small, hidden_size=32, attention_hidden_size=32),
+        "RecurrentGemma models": transformers.RecurrentGemmaConfig(
+            **small, hidden_size=32, lru_width=32, num_attention_heads=2, block_types=["recurrent", "attention"]),
+        "Gemma 4 models with per-layer embeddings": transformers.Gemma4TextConfig(
+            **small, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+            hidden_size_per_layer_input=8),
+    }
+    for name, config in configs.items():
+        assert unsupported_model(config).startswith(f"{name} are not supported: "), config.model_type
+    with pytest.raises(ValueError, match="^RWKV models are not supported"):
+        Coconut(transformers.AutoModelForCausalLM.from_config(configs["RWKV models"]), LATENT, START, END, EOS)
+    # Gemma 4 without per-layer embeddings runs (the refusal is about them only)
+    gemma4 = transformers.Gemma4TextConfig(**{**configs["Gemma 4 models with per-layer embeddings"].to_dict(),
+                                              "hidden_size_per_layer_input": 0})
+    assert unsupported_model(gemma4) is None
+
+
 def make_transformed_head(kind):
     """Models whose causal-LM forward changes the head's output: Granite scales the
     logits down, Cohere scales them, Gemma 2 soft-caps them (coconut.logit_transform)."""
