@@ -56,12 +56,17 @@ def generator_for(model, base_causallm, tokens, eos_id) -> Coconut:
 
 
 def _rank_share(n: int, env: DistEnv, batch_size: int) -> tuple:
-    """Indices this process answers, padded to the same batch count on every process."""
+    """(own, padded, n_batches, batch_size): the indices this process answers, and them
+    padded with repeats (not counted) to n_batches whole batches, as many on every
+    process (their passes pair up; one batch shape, one compiled or captured graph). The
+    batch is at most one process's share: a batch_size_eval far above the number of
+    questions used to make every process decode batch_size_eval rows."""
     own = list(range(env.rank, n, env.world_size))
-    per_rank = math.ceil(n / env.world_size)
-    n_batches = max(1, math.ceil(per_rank / batch_size))
+    per_rank = max(1, math.ceil(n / env.world_size))
+    batch_size = min(batch_size, per_rank)
+    n_batches = math.ceil(per_rank / batch_size)
     padded = own + [own[0] if own else 0] * (n_batches * batch_size - len(own))
-    return own, padded, n_batches
+    return own, padded, n_batches, batch_size
 
 
 SAMPLES_SHOWN = 5  # rank 0's first answers printed at each evaluation, as published
@@ -71,26 +76,26 @@ SAMPLES_SHOWN = 5  # rank 0's first answers printed at each evaluation, as publi
 def generation_accuracy(model, generator, dataset, collator, tokenizer, examples, config, env: DistEnv, log) -> dict:
     """Greedy answers for every question; returns counts summed over processes."""
     answers, cots = reference_answers(examples)
-    own, padded, n_batches = _rank_share(len(dataset), env, config.batch_size_eval)
+    own, padded, n_batches, batch_size = _rank_share(len(dataset), env, config.batch_size_eval)
     model.eval()
     correct = cot_correct = 0
     bar = tqdm(total=n_batches, desc="Test Accuracy", colour="blue", dynamic_ncols=True, disable=not env.is_main)
     with gathered_root(model):
         for b in range(n_batches):
-            rows = padded[b * config.batch_size_eval : (b + 1) * config.batch_size_eval]
+            rows = padded[b * batch_size : (b + 1) * batch_size]
             batch = collator([dataset[i] for i in rows])
             outputs = generator.generate(
                 batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device),
                 max_new_tokens=config.max_new_tokens, synced_gpus=env.distributed,
             )
             for k, (row, output) in enumerate(zip(rows, outputs)):
-                if b * config.batch_size_eval + k >= len(own):
+                if b * batch_size + k >= len(own):
                     continue  # padding: a repeat that keeps the processes in step
                 idx = int(batch["idx"][k])
                 text = tokenizer.decode(output, skip_special_tokens=True)
                 correct += extract_answer(text) == answers[idx]
                 cot_correct += extract_cot(text, examples[idx]["question"].count("\n") + 1) == cots[idx]
-                if env.is_main and b * config.batch_size_eval + k < SAMPLES_SHOWN:
+                if env.is_main and b * batch_size + k < SAMPLES_SHOWN:
                     log(f"Question {idx}: Answer = '{answers[idx]}' CoT = '{cots[idx]}'")
                     log(f"Full output: '{tokenizer.decode(output)}'")
                     log(f"Extracted Output: '{extract_answer(text)}'")

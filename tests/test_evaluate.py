@@ -63,3 +63,21 @@ def test_generation_accuracy_counts_what_the_naive_loop_scores(gpt2_folder, chai
     counts = generation_accuracy(model, model, questions, collator, tokenizer, scored, config, DistEnv(),
                                  lambda message: None)
     assert counts == {"correct": 4, "cot_correct": 3, "total": 7}
+
+
+def test_every_process_answers_its_share_in_as_many_whole_batches_no_larger_than_its_share():
+    """Each question answered once over the processes; every process decodes the same
+    number of batches of one size (their passes pair up; one shape to compile or
+    capture), padded with repeats; the batch is never larger than a process's share (40
+    questions with batch_size_eval 100000 decoded 100000 rows)."""
+    from evaluate import _rank_share
+
+    for n, world, batch_size in [(40, 1, 100000), (40, 1, 16), (5, 2, 2), (7, 4, 3), (3, 4, 2), (1000, 3, 7)]:
+        shares = [_rank_share(n, DistEnv(rank=r, world_size=world), batch_size) for r in range(world)]
+        assert sorted(i for own, _, _, _ in shares for i in own) == list(range(n))
+        assert len({(n_batches, size) for _, _, n_batches, size in shares}) == 1
+        for own, padded, n_batches, size in shares:
+            assert padded[: len(own)] == own and set(padded[len(own):]) <= set(own[:1] or [0])
+            assert size == min(batch_size, -(-n // world)) and len(padded) == n_batches * size
+        # no batch that no process needs
+        assert shares[0][2] == -(-max(len(own) for own, _, _, _ in shares) // shares[0][3])
