@@ -66,7 +66,7 @@ def export(config_path: str, checkpoint_path: str, out_dir: str, log=_note) -> d
     config = load_config(config_path)
     if not os.path.isfile(checkpoint_path):
         raise checkpoint.CheckpointError(checkpoint_path, "no such file")
-    check_out_dir(out_dir)
+    check_out_dir(out_dir, preflight.model_source(config))
     preflight.resolve_model(*preflight.model_source(config))  # a folder that is not there, an offline hub: one line
     state = checkpoint.load_model_state(checkpoint_path)
     built = build_model(config, state, checkpoint_path, log)
@@ -81,12 +81,21 @@ def export(config_path: str, checkpoint_path: str, out_dir: str, log=_note) -> d
     return Coconut.read_coconut_config(out_dir)
 
 
-def check_out_dir(out_dir: str) -> None:
+def check_out_dir(out_dir: str, model_source: tuple = ("model_id", None)) -> None:
     """ConfigError unless out_dir is a folder, or can be made one, that this process
-    can write (checked before the model is built; nothing is created here)."""
+    can write (checked before the model is built; nothing is created here); and one that
+    holds nothing but an earlier export: the run's own model folder (model_source: the
+    key and the folder the config names) or another non-empty folder would have its
+    config, tokenizer and weights overwritten."""
     path = os.path.abspath(out_dir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{out_dir}: exists and is not a folder")
+    key, model_folder = model_source
+    if model_folder and os.path.isdir(model_folder) and os.path.isdir(path) and os.path.samefile(path, model_folder):
+        raise ConfigError(f"{out_dir}: is the config's {key}, the model the run started from: export to another folder")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, Coconut.COCONUT_CONFIG_NAME)):
+        raise ConfigError(f"{out_dir}: holds other files and no earlier export ({Coconut.COCONUT_CONFIG_NAME}): "
+                          "export to a new or empty folder")
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

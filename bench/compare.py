@@ -167,6 +167,7 @@ def run_one(row: Row, seed: int, data_dir: Path, work: Path, epochs: int, thread
     stage = test_stage(config, best)
     exported, answers = work / "exported" / name, work / "answers" / f"{name}.json"
     answers.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(exported, ignore_errors=True)  # an export stopped part-way: export.py refuses a folder of other files
     _step([sys.executable, "export.py", str(config_path), str(run_dir / f"checkpoint_{best + 1}"), str(exported)],
           log_path, env)
     _step([sys.executable, "generate.py", str(exported), "--questions", str(data_dir / "prosqa_test.json"),

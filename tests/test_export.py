@@ -6,6 +6,7 @@ exported once per session, cached under pytest's base temporary folder).
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -156,3 +157,30 @@ def test_export_bad_input_is_one_line_exit_2(tiny, tiny_cot, tmp_path, capsys):
         said.append(err)
     assert "o4: cannot be made" in said[3] and "afile is a file" in said[3]
     assert f"model_id {tmp_path / 'no_such_model'}: no such folder" in said[4]
+
+
+def test_export_never_writes_over_the_model_it_started_from_or_other_files(tiny, tmp_path, capsys):
+    """OUT_DIR the config's own model_id would overwrite that model's config, tokenizer and
+    weights (and the next run would start from the export); a folder of other files
+    likewise. An earlier export's folder may be written again."""
+    keys = yaml.safe_load(open(tiny.config))
+    model = tmp_path / "model"
+    shutil.copytree(keys["model_id"], model)
+    config = str(tmp_path / "c.yaml")
+    write_yaml(config, {**keys, "model_id": str(model)})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.json").write_text("[]")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for out_dir, says in [(str(model), "is the config's model_id, the model the run started from"),
+                          (str(tmp_path / "." / "model"), "is the config's model_id"),
+                          (str(data), "holds other files and no earlier export (coconut_config.json)")]:
+        capsys.readouterr()
+        assert export.main([config, tiny.checkpoint, out_dir]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert os.listdir(data) == ["train.json"]
+    again = tmp_path / "again"
+    shutil.copytree(tiny.export, again)
+    assert export.main([config, tiny.checkpoint, str(again)]) == 0
