@@ -108,6 +108,8 @@ def read_json_list(path: str, items: str) -> list:
         raise UserError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a readable JSON file ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a readable JSON file (nested too deeply)") from None
     if not isinstance(data, list) or not data:
         raise UserError(f"{path}: must be a non-empty JSON list of {items}")
     return data

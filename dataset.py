@@ -148,6 +148,8 @@ def load_data_file(path) -> list[dict]:
         raise DataError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
     except OSError as e:  # a folder, no permission, an I/O error
         raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     if not isinstance(data, list):

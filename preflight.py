@@ -15,6 +15,7 @@ Checked, in order:
   fails at once when the hub is offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set,
   or the hub unreachable within 2 s) instead of retrying for a minute; a cached one
   (config and weights) with the hub unreachable loads from the cache, said in a line;
+  a local folder's safetensors files are whole (their headers read);
 - the tokenizer loads, has an EOS token and a vocabulary, and tokenizes each file's
   first example in pieces as it tokenizes the whole text (DESIGN §1); no example's
   text spells one of its special tokens (it would be read as that token);
@@ -28,7 +29,9 @@ Checked, in order:
   built on the meta device from its config (no weights), resized for the three new
   tokens as modeling.build_model does, and the checkpoint's keys and shapes are
   compared by modeling's loading rules; the file is memory-mapped, so no tensor data
-  is read here;
+  is read here; a model Coconut cannot run (coconut.unsupported_model) or an encoder
+  (BERT, RoBERTa, ...: encoder_model) is named, and so is a config transformers builds
+  a model from that cannot run (n_layer: -1);
 - every token id the tokenizer can give indexes a row of the model's input embeddings
   as the run will have them (that meta-device model's): methods without latent tokens
   add no rows, so a tokenizer that is not the model's own (a pad token added without
@@ -43,6 +46,7 @@ Checked, in order:
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import re
 import socket
@@ -53,6 +57,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 import checkpoint
 from cli import UserError, first_line, reports_errors
@@ -86,6 +91,7 @@ def check(config, data: dict, saves: bool) -> Preflight:
     check_device()
     key, name = model_source(config)
     hf_config = resolve_model(key, name)
+    check_weight_files(key, name)
     try:
         tokenizer, tokens = build_tokenizer(name)
     except (OSError, ValueError, KeyError) as e:
@@ -188,8 +194,24 @@ def resolve_model(key: str, name: str) -> object:
         check_hub(key, name)
     try:
         return AutoConfig.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # the last: "n_embd": "128"
         raise UserError(f"{key} {name}: the model's config does not load ({first_line(e)})") from None
+
+
+def check_weight_files(key: str, name: str) -> None:
+    """The safetensors weight files of a local model folder are whole: their headers
+    parse and cover each file (a copy cut short, a file of something else). Reads the
+    headers only."""
+    if not os.path.isdir(name):
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(glob.glob(os.path.join(name, "*.safetensors"))):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{key} {name}: its weights file {os.path.basename(path)} is damaged ({first_line(e)})") from None
 
 
 def check_hub(key: str, name: str) -> None:
@@ -450,14 +472,36 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
                                 f"({model_type}): Coconut needs a decoder-only causal LM") from None
             raise UserError(f"{key} {name}: transformers cannot build the {model_type} model its config describes "
                             f"({type(e).__name__}: {first_line(e)})") from None
-        unsupported = unsupported_model(hf_config)
+        key, name = model_source(config)
+        unsupported = unsupported_model(hf_config) or encoder_model(hf_config)
         if unsupported is not None:
-            key, name = model_source(config)
             raise UserError(f"{key} {name}: {unsupported}")
-        place_weights(config, base, tokenizer, tokens, state, path,
-                      add_token_rows=lambda b: b.resize_token_embeddings(len(tokenizer), mean_resizing=False))
+        try:
+            place_weights(config, base, tokenizer, tokens, state, path,
+                          add_token_rows=lambda b: b.resize_token_embeddings(len(tokenizer), mean_resizing=False))
+        except UserError:
+            raise
+        except (ValueError, TypeError, RuntimeError) as e:  # a config transformers builds but no pass runs on (n_layer: -1)
+            raise UserError(f"{key} {name}: the {getattr(hf_config, 'model_type', '?')} model its config describes "
+                            f"does not work ({type(e).__name__}: {first_line(e)})") from None
     check_blocks(config, base)
     return base.get_input_embeddings().weight.shape[0]
+
+
+# Encoders (bidirectional attention) that AutoModelForCausalLM builds with a language-model
+# head when their config's is_decoder is False; BART's family builds its decoder instead.
+ENCODER_MODEL_TYPES = {"bert", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
+                       "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm", "xlm-roberta",
+                       "xlm-roberta-xl", "xmod"}
+
+
+def encoder_model(hf_config) -> Optional[str]:
+    """Why an encoder config is no model for Coconut, None for any other."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in ENCODER_MODEL_TYPES and not getattr(hf_config, "is_decoder", False):
+        return (f"{model_type} is an encoder (bidirectional attention, is_decoder False): Coconut needs a decoder-only "
+                "causal LM")
+    return None
 
 
 def check_blocks(config, base) -> None:

@@ -242,6 +242,8 @@ def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Con
         raise ConfigError(f"{prefix}not UTF-8 text (saved as UTF-16 or Latin-1? save it as UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{prefix}invalid YAML: {_one_line_yaml_error(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{prefix}invalid YAML: nested too deeply") from None
     if raw is None:
         raise ConfigError(f"{prefix}file is empty, expected a mapping of key: value")
     if not overrides:
@@ -296,6 +298,8 @@ def _yaml_value(key: str, text: str) -> Any:
         return yaml.load(text, Loader=_StrictLoader) if text.strip() else text
     except yaml.YAMLError as e:
         raise ConfigError(f"{COMMAND_LINE}key {key!r}: {text!r} is not a YAML value ({_one_line_yaml_error(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"{COMMAND_LINE}key {key!r}: not a YAML value (nested too deeply)") from None
 
 
 def default_max_new_tokens(val_path: str) -> int:
@@ -477,6 +481,9 @@ def _value_problems(config: Config):
     elif config.no_curriculum and not METHODS[on[0]].curriculum:
         with_curriculum = ", ".join(m.name for m in METHODS.values() if m.curriculum)
         yield f"key 'no_curriculum' needs one of {with_curriculum} (got {on[0]}, which has no curriculum)"
+    if len(on) == 1 and METHODS[on[0]].latent_tokens and config.c_thought < 1:
+        yield (f"key 'c_thought' must be >= 1 for {on[0]} (latent tokens per replaced step; without any, the "
+               f"curriculum is the no_thoughts method: set no_thoughts: True), got {config.c_thought}")
 
     if config.mixed_precision not in MIXED_PRECISION_VALUES:
         yield f"key 'mixed_precision' must be one of {', '.join(MIXED_PRECISION_VALUES)}, got {config.mixed_precision!r}"

@@ -153,6 +153,18 @@ def test_get_dataset_stepless_first_sample_keeps_int_schema(tmp_path, tok):
     assert ds[1]["steps_tokenized"] == pieces(tok, EXAMPLES[0])[1]
 
 
+def test_a_data_file_nested_too_deeply_is_one_line(tmp_path):
+    """json recurses once per level: 100,000 levels were a RecursionError traceback."""
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(D.DataError, match="deep.json: not valid JSON .nested too deeply.$"):
+        D.load_data_file(str(path))
+    from cli import UserError, read_json_list  # generate.py --questions
+
+    with pytest.raises(UserError, match="deep.json: not a readable JSON file .nested too deeply.$"):
+        read_json_list(str(path), "questions")
+
+
 def test_load_data_file_ignores_extra_keys(data_path):
     data = D.load_data_file(str(data_path))
     assert [d["question"] for d in data] == [e["question"] for e in EXAMPLES]

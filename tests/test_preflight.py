@@ -347,6 +347,37 @@ def test_a_mamba_model_stops_the_run_before_it_trains_an_epoch(tmp_path, gpt2_fo
         Coconut(MambaForCausalLM(config), 1, 2, 3, 0)
 
 
+@pytest.mark.parametrize("kind, expected", [
+    ("string_width", "the model's config does not load"),  # "n_embd": "128": transformers' strict check
+    ("negative_depth", "the gpt2 model its config describes does not work"),  # builds, then no pass runs
+    ("bert", "bert is an encoder (bidirectional attention, is_decoder False)"),  # failed after the build
+    ("damaged_weights", "its weights file model.safetensors is damaged (Error while deserializing header"),
+])
+def test_a_model_folder_that_cannot_train_is_one_line_before_the_build(tmp_path, gpt2_folder, chain_data, kind,
+                                                                         expected):
+    """Each gave a traceback, or failed only after the model was built (a BERT config
+    ended in a head-mismatch error about something else)."""
+    import shutil
+
+    from transformers import BertConfig
+
+    folder = tmp_path / kind
+    shutil.copytree(gpt2_folder, folder)
+    settings = json.loads((folder / "config.json").read_text())
+    if kind == "string_width":
+        settings["n_embd"] = "128"
+    elif kind == "negative_depth":
+        settings["n_layer"] = -1
+    elif kind == "bert":
+        settings = BertConfig(vocab_size=settings["vocab_size"], hidden_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, intermediate_size=64).to_dict()
+    else:
+        (folder / "model.safetensors").write_bytes(b"a copy cut short")
+    (folder / "config.json").write_text(json.dumps(settings))
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=str(folder))
+    assert_fails(tmp_path, [cfg], f"model_id {folder}: {expected}")
+
+
 def test_a_causal_lm_config_transformers_cannot_build_is_named_as_such(tmp_path, llama_folder, chain_data):
     """A rope type this transformers does not know: not "no causal LM", but what failed."""
     import shutil

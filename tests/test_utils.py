@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import METHODS, Config, ConfigError, load_config, set_seed
+from utils import METHODS, Config, ConfigError, load_config, parse_overrides, set_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -388,6 +388,23 @@ def test_invalid_yaml_is_a_one_line_config_error(tmp_path):
     message = str(info.value)
     assert "x.yaml: invalid YAML" in message and "line" in message
     assert "\n" not in message
+
+
+def test_yaml_nested_too_deeply_is_a_one_line_config_error(tmp_path):
+    """PyYAML recurses once per level: 5,000 levels were a 3,000-line RecursionError."""
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(ConfigError, match="x.yaml: invalid YAML: nested too deeply$"):
+        load_config(write(tmp_path, f"coconut: True\nlr: {deep}\n"))
+    with pytest.raises(ConfigError, match="^command line: key 'lr': not a YAML value .nested too deeply.$"):
+        parse_overrides([f"lr={deep}"])
+
+
+@pytest.mark.parametrize("method", ["coconut", "pause_as_thought"])
+def test_methods_with_latent_tokens_need_a_thought_per_step(method):
+    """c_thought 0 trained the no_thoughts curriculum under another name."""
+    with pytest.raises(ConfigError, match=f"key 'c_thought' must be >= 1 for {method} .*set no_thoughts: True"):
+        Config.from_dict({**MINIMAL, "coconut": False, method: True, "c_thought": 0})
+    assert Config.from_dict({**MINIMAL, "coconut": False, "no_thoughts": True, "c_thought": 0}).c_thought == 0
 
 
 @pytest.mark.parametrize("text, kind", [("- coconut\n- cot\n", "list"), ("just words\n", "str")])
