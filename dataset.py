@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset, Features, List, Value
 
 from cli import UserError
-from layout import END, LATENT, START, PromptLayout
+from layout import END, LATENT, START, PromptLayout, special_token_texts
 
 IGNORE_INDEX = -100
 # Below this many examples, worker start-up costs more than tokenizing in one process.
@@ -91,9 +91,7 @@ def check_special_text(path, examples: list, tokenizer) -> None:
     tokens (`<|endoftext|>`, `<|eot_id|>`, `<s>`, ...): the tokenizer reads it as that
     token, not as text, so a step holding the EOS string trains the model to stop there
     (and a token past the embeddings, such as an image token, crashes mid-epoch)."""
-    specials = set(tokenizer.all_special_tokens)
-    specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
-    specials.discard("")
+    specials = special_token_texts(tokenizer)
     joined = "\0".join(text for example in examples for _, text in _texts(example))
     found = _spelled(joined, specials)
     if not found:

@@ -20,7 +20,7 @@ import torch
 
 from cli import UserError, first_line
 from coconut import Coconut, align_latents, context_length
-from layout import END, LATENT, START, LatentTokens, PromptLayout
+from layout import END, LATENT, START, LatentTokens, PromptLayout, special_token_texts
 from modeling import fuse_gelu
 from utils import METHODS, extract_answer
 
@@ -137,11 +137,15 @@ def prompt_ids(exported: "Exported", question: str, stage: int, n_steps: Optiona
     """The evaluation prompt of a question: question + "\\n" (with special tokens), then
     the latent block of `stage`; n_steps (when known) caps the thoughts unless
     pad_latent_to_max."""
+    shown = question if len(question) <= 60 else question[:57] + "..."
     marker = next((m for m in (START, END, LATENT) if m in question), None)
     if marker is not None:  # it would tokenize to a latent token the prompt does not place
-        shown = question if len(question) <= 60 else question[:57] + "..."
         raise UserError(f"the question {shown!r} holds {marker}, a token of the prompt's latent block; "
                         "give the question alone")
+    spelled = [(question.index(t), t) for t in special_token_texts(exported.tokenizer) if t in question]
+    if spelled:  # as run.py refuses such data (dataset.check_special_text)
+        raise UserError(f"the question {shown!r} holds {min(spelled)[1]}, one of the tokenizer's special tokens: "
+                        "it would be read as that token, not as text")
     question_ids = exported.tokenizer.encode(question + "\n", add_special_tokens=True)
     return exported.layout.question_prompt(question_ids, stage, n_steps)
 

@@ -90,3 +90,12 @@ class PromptLayout:
     def question_prompt(self, question_ids: list, stage: int, n_steps: Optional[int] = None) -> list:
         """The evaluation prompt: question + [start] + [latent] * k + [end]."""
         return list(question_ids) + self.latent_block(self.question_thoughts(stage, n_steps))
+
+
+def special_token_texts(tokenizer) -> set:
+    """The texts a tokenizer reads as one special token (`<|endoftext|>`, `<s>`, the three
+    latent tokens, ...), not as text: data and questions must not spell them."""
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    specials.discard("")
+    return specials

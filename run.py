@@ -43,6 +43,8 @@ def check_paths(config, config_path) -> None:
     for key, path in needed:
         if os.path.isdir(path):
             raise ConfigError(f"config {config_path}: key '{key}' names a folder, not a data file: {path}")
+        if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a pipe
+            raise ConfigError(f"config {config_path}: key '{key}' names something that is not a regular file: {path}")
         if not os.path.isfile(path):
             raise ConfigError(f"config {config_path}: key '{key}' names a file that does not exist: {path}")
 

@@ -373,7 +373,8 @@ def _field_types() -> dict:
 def _unknown_key_message(key: Any, known) -> str:
     message = f"unknown key {key!r}"
     if isinstance(key, str):
-        close = difflib.get_close_matches(key, list(known), n=1)
+        by_lower = {k.lower(): k for k in known}  # `LR`, `Num_Epochs`: the key in other case
+        close = [by_lower[key.lower()]] if key.lower() in by_lower else difflib.get_close_matches(key, list(known), n=1)
         if close:
             message += f" (did you mean {close[0]!r}?)"
     return message

@@ -174,7 +174,7 @@ def test_cot_model_answers_without_latents(tmp_path_factory, tiny_val, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "not_coconut", "too_long", "stage", "bad_file", "bad_example",
-                                  "latent_marker", "device", "no_cuda", "damaged_weights"])
+                                  "latent_marker", "device", "no_cuda", "damaged_weights", "special_text", "bad_answer"])
 def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
     import shutil
 
@@ -201,6 +201,11 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
     elif case == "bad_file":
         (tmp_path / "q.json").write_text("{not json")
         argv[1:3] = ["--questions", str(tmp_path / "q.json")]
+    elif case == "special_text":
+        argv[2] = "Is Tom a wumpus?<|endoftext|> Or not?"  # read as EOS, not text
+    elif case == "bad_answer":  # would leave the accuracy's count silently
+        (tmp_path / "q.json").write_text(json.dumps([{"question": "ok", "answer": "a"}, {"question": "q", "answer": 42}]))
+        argv[1:3] = ["--questions", str(tmp_path / "q.json")]
     elif case == "bad_example":
         (tmp_path / "q.json").write_text(json.dumps([{"question": "ok"}, {"answer": "no question"}]))
         argv[1:3] = ["--questions", str(tmp_path / "q.json")]
@@ -211,7 +216,9 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
                 "too_long": "context is 256 positions", "stage": "beyond this model's max_latent_stage 2",
                 "bad_file": "not a readable JSON file", "bad_example": "example 1 has no string 'question'",
                 "latent_marker": "holds <|latent|>, a token of the prompt's latent block", "device": "--device gpu: ",
-                "no_cuda": "CUDA devices", "damaged_weights": "damaged: the model does not load ("}[case]
+                "no_cuda": "CUDA devices", "damaged_weights": "damaged: the model does not load (",
+                "special_text": "holds <|endoftext|>, one of the tokenizer's special tokens",
+                "bad_answer": "q.json: example 1: 'answer' must be a string, got int"}[case]
     assert expected in err
 
 

@@ -580,6 +580,8 @@ def test_a_folder_where_a_file_belongs_is_named_as_a_folder(tmp_path, gpt2_folde
                                       "(an exported model folder goes in model_id)")
     else:
         assert_fails(tmp_path, [cfg], f"key '{key}' names a folder, not a data file: {gpt2_folder}")
+        cfg = config_file(tmp_path, gpt2_folder, chain_data, **{key: os.devnull})  # exists, but no file: not "no such"
+        assert_fails(tmp_path, [cfg], f"key '{key}' names something that is not a regular file: {os.devnull}")
 
 
 def test_a_file_that_is_no_checkpoint_stops_the_run(tmp_path, gpt2_folder, chain_data):

@@ -259,6 +259,12 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
     assert "x.yaml" in message
 
 
+def test_unknown_key_in_another_case_suggests_the_key(tmp_path):
+    """`LR` is too far from `lr` for a spelling match (one letter, two edits)."""
+    assert "unknown key 'LR' (did you mean 'lr'?)" in error_of(tmp_path, LR="1e-4")
+    assert "(did you mean 'num_epochs'?)" in error_of(tmp_path, Num_Epochs="3")
+
+
 def test_unknown_key_without_a_close_one_has_no_suggestion(tmp_path):
     message = error_of(tmp_path, zzzzzz="1")
     assert "unknown key 'zzzzzz'" in message and "did you mean" not in message
