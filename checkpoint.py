@@ -61,6 +61,7 @@ import collections
 import contextlib
 import json
 import os
+import pickle
 import re
 import secrets
 import zipfile
@@ -407,10 +408,24 @@ def list_checkpoints(save_dir: str | os.PathLike) -> list[int]:
 
 def _torch_load(path: str) -> Any:
     # mmap: tensors are read from the file as they are used, not copied in all at once
+    zipped = zipfile.is_zipfile(path)
+    if not zipped and _first_byte(path) != b"\x80":  # torch.save's legacy format is a pickle (protocol 2+)
+        raise CheckpointError(path, "is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # truncated zip, unpickling refused, I/O error, ...
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: unsafe, and not the fix
+        raise CheckpointError(path, "does not load: it holds objects other than tensors and plain values, which "
+                                    "torch.load(weights_only=True) refuses to run") from e
+    except Exception as e:  # truncated zip, I/O error, ...
         raise CheckpointError(path, f"does not load ({type(e).__name__}: {first_line(e)})") from e
+
+
+def _first_byte(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -644,3 +644,18 @@ def test_progress_record_counts_only_for_the_folder_it_was_written_in(tmp_path):
     assert checkpoint.read_progress(tmp_path, None) == 0
     (tmp_path / checkpoint.PROGRESS_FILE).write_text('{"epochs_done": "2", "newest_checkpoint": null}')
     assert checkpoint.read_progress(tmp_path, None) == 0
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such_not_with_torchs_unsafe_advice(tmp_path):
+    """torch.load's own message for these advises weights_only=False (running the file's code)."""
+    import types
+
+    not_torch = tmp_path / "data.json"
+    not_torch.write_text('[{"question": "q"}]')
+    with pytest.raises(CheckpointError, match="data.json: is not a PyTorch checkpoint"):
+        load_model_state(not_torch)
+    objects = tmp_path / "objects.pt"
+    torch.save({"weight": torch.zeros(2), "args": types.SimpleNamespace(lr=1)}, objects)  # a class weights_only refuses
+    with pytest.raises(CheckpointError, match="objects.pt: does not load: it holds objects other than tensors") as info:
+        load_model_state(objects)
+    assert "weights_only=False" not in str(info.value) and "weights_only set to False" not in str(info.value)
