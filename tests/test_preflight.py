@@ -586,7 +586,7 @@ def test_a_folder_where_a_file_belongs_is_named_as_a_folder(tmp_path, gpt2_folde
 
 def test_a_file_that_is_no_checkpoint_stops_the_run(tmp_path, gpt2_folder, chain_data):
     cfg = config_file(tmp_path, gpt2_folder, chain_data, load_model_path=chain_data["val"])
-    assert_fails(tmp_path, [cfg], f"checkpoint {chain_data['val']}: does not load")
+    assert_fails(tmp_path, [cfg], f"checkpoint {chain_data['val']}: is not a PyTorch checkpoint")
 
 
 def test_the_note_says_where_the_weights_come_from(gpt2_folder):
