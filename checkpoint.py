@@ -409,7 +409,12 @@ def list_checkpoints(save_dir: str | os.PathLike) -> list[int]:
 def _torch_load(path: str) -> Any:
     # mmap: tensors are read from the file as they are used, not copied in all at once
     zipped = zipfile.is_zipfile(path)
-    if not zipped and _first_byte(path) != b"\x80":  # torch.save's legacy format is a pickle (protocol 2+)
+    head = b"" if zipped else _first_bytes(path)
+    if not zipped and not head:
+        raise CheckpointError(path, "is empty")
+    if head == b"PK":  # a zip file without its directory: cut short
+        raise CheckpointError(path, "does not load (a torch.save zip file cut short or damaged)")
+    if not zipped and head[:1] != b"\x80":  # torch.save's legacy format is a pickle (protocol 2+)
         raise CheckpointError(path, "is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
@@ -420,10 +425,10 @@ def _torch_load(path: str) -> Any:
         raise CheckpointError(path, f"does not load ({type(e).__name__}: {first_line(e)})") from e
 
 
-def _first_byte(path: str) -> bytes:
+def _first_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(1)
+            return f.read(2)
     except OSError as e:
         raise CheckpointError(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
 
