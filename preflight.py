@@ -102,13 +102,19 @@ def check(config, data: dict, saves: bool) -> Preflight:
     result = Preflight()
     state, state_path = None, None
     # as trainer.find_start: a training run resumes its own folder's newest checkpoint
-    # (the run warns about the checkpoints it skips; here they are skipped silently)
-    found = None if config.only_eval or config.debug else checkpoint.find_run_resume_point(config.save_dir, warn=_quiet)
+    # (the run warns about the checkpoints it skips; here they are said only when the run
+    # is finished, so no training start says them)
+    skipped = []
+    found = None if config.only_eval or config.debug else checkpoint.find_run_resume_point(config.save_dir,
+                                                                                            warn=skipped.append)
     if found is not None:
         state, state_path = found.model_state, found.path
         trained = max(found.epoch, checkpoint.read_progress(config.save_dir, found.newest_saved))
         if trained >= config.num_epochs and not never_evaluated(found.train_state):
-            result.finished = finished_message(config, found.newest_saved, found.train_state, found.path)
+            # a skipped checkpoint may have been the best: the best accuracy so far is not the one found
+            train_state = None if skipped else found.train_state
+            result.finished = "\n".join(skipped + [finished_message(config, found.newest_saved, train_state,
+                                                                     found.path)])
     elif not (config.only_eval or config.debug) and checkpoint.read_progress(config.save_dir, None) >= config.num_epochs:
         result.finished = finished_message(config, None, None)
         return result
@@ -426,10 +432,6 @@ def check_context(config, data: dict, tokenizer, layout: PromptLayout, context: 
 
 
 # ------------------------------------------------------------------ checkpoints
-def _quiet(message: str) -> None:
-    pass
-
-
 def finished_message(config, epoch: Optional[int], train_state: Optional[dict],
                      last_path: Optional[str] = None) -> str:
     """The line of a run with every epoch trained: its newest checkpoint `epoch` (a

@@ -687,6 +687,27 @@ def test_a_resumed_run_takes_the_best_accuracy_its_progress_record_holds(tmp_pat
     assert startup._find_start(config, silent).train_state["best_acc"] == 0.25
 
 
+def test_a_finished_run_whose_best_checkpoint_is_damaged_says_so_and_claims_no_accuracy(
+        tmp_path, gpt2_folder, chain_data):
+    """The best (checkpoint_3) cut short: the newest usable one, checkpoint_2, is named,
+    without the best accuracy, which was checkpoint_3's (it used to be paired with
+    checkpoint_2, and nothing said checkpoint_3 was skipped)."""
+    save_dir = tmp_path / "ckpt" / "run"
+    state = _state_of(gpt2_folder, coconut=True)
+    checkpoint.save_checkpoint(str(save_dir), 2, state, {"best_acc": 0.25})
+    checkpoint.save_checkpoint(str(save_dir), 3, state, {"best_acc": 0.75})
+    checkpoint.save_checkpoint(checkpoint.latest_folder(save_dir), 4, state, {"best_acc": 0.75, "evaluated": True})
+    checkpoint.write_progress(save_dir, 4, 3)
+    damaged = save_dir / "checkpoint_3"
+    damaged.write_bytes(damaged.read_bytes()[:300])
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=4, save_only_improve=True)
+    rc, out, err = run_in_process(cfg)
+    lines = out.splitlines()[1:]
+    assert rc == 0 and len(lines) == 2, (out, err[-2000:])
+    assert lines[0].startswith(f"Skipping unusable checkpoint {damaged}: does not load"), lines
+    assert "its best, checkpoint_2, is its newest checkpoint" in lines[1] and "accuracy" not in lines[1], lines
+
+
 def test_a_save_only_improve_run_past_its_best_epoch_is_finished_or_says_what_it_trains_again(
         tmp_path, gpt2_folder, chain_data):
     """Its newest checkpoint is its best epoch, not its last: the progress record says
