@@ -101,6 +101,7 @@ __all__ = [
     "remove_checkpoints",
     "save_checkpoint",
     "state_path",
+    "tidy_run_folder",
     "wandb_run_id",
     "write_launch_config",
     "write_progress",
@@ -122,10 +123,13 @@ _SHARDED_KEYS = "sharded_keys"
 _EPOCH_KEY = "checkpoint_epoch"
 
 _CHECKPOINT_RE = re.compile(r"checkpoint_(0|[1-9][0-9]*)")
-# Temporary files of atomic_torch_save for checkpoint files: `.checkpoint_3.tmp-...`,
-# `.checkpoint_3.state.tmp-...` (also the .state folders being written or deleted), and
-# of the progress record, `.progress.json.tmp-...`.
-_TEMP_RE = re.compile(r"\.(checkpoint_[0-9]+(\.state)?|progress\.json)\.tmp-.*", re.DOTALL)
+# Temporary files of the atomic writes into a run folder: `.checkpoint_3.tmp-...`,
+# `.checkpoint_3.state.tmp-...` (also the .state folders being written or deleted), the
+# small files' (`.progress.json.tmp-...`, ...), and, inside a .state folder, its plain
+# state's (mark_evaluated rewrites it).
+_SMALL_FILES = (PROGRESS_FILE, LAUNCH_CONFIG_FILE, WANDB_ID_FILE, PLAIN_STATE_FILE)
+_TEMP_RE = re.compile(r"\.(checkpoint_[0-9]+(\.state)?|" + "|".join(map(re.escape, _SMALL_FILES)) + r")\.tmp-.*",
+                      re.DOTALL)
 
 
 class CheckpointError(UserError):
@@ -331,6 +335,23 @@ def _unlink(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def tidy_run_folder(save_dir: str | os.PathLike) -> None:
+    """Remove what stopped writes left in a run folder that no run writes now (its lock
+    held): temporary files in the folder, its .latest and their .state folders, and
+    .state folders whose model file is gone (a stop between deleting a checkpoint's
+    model file and its .state, or between writing the two). The next save would remove
+    only its own folder's, and a finished run saves no more."""
+    for folder in (os.fspath(save_dir), latest_folder(save_dir)):
+        if not os.path.isdir(folder):
+            continue
+        _remove_temp_files(folder)
+        saved = list_checkpoints(folder)
+        prune_train_states(folder, saved)
+        for epoch in saved:
+            if os.path.isdir(state_path(folder, epoch)):
+                _remove_temp_files(state_path(folder, epoch))
 
 
 def _remove_temp_files(save_dir: str) -> None:

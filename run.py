@@ -77,16 +77,33 @@ def start(config_path: str, overrides: dict) -> int:
     found = preflight.check(config, data, saves=saves)
     if found.finished:
         log(found.finished)
+        if saves:
+            tidy_when_free(config.save_dir)
         return 0
     log(f"pre-flight checks passed ({time.monotonic() - began:.1f} s)")
     import trainer
 
     if not saves:
         return trainer.main(config, data)
+    import checkpoint
     import runlock
 
     with runlock.hold(config.save_dir, warn=log):
+        checkpoint.tidy_run_folder(config.save_dir)  # what stopped writes left
         return trainer.main(config, data)
+
+
+def tidy_when_free(save_dir: str) -> None:
+    """A finished run's folder is tidied too (a stop during its last save), unless
+    another run holds it."""
+    import checkpoint
+    import runlock
+
+    try:
+        with runlock.hold(save_dir, warn=lambda message: None):
+            checkpoint.tidy_run_folder(save_dir)
+    except runlock.RunFolderBusy:
+        pass
 
 
 def main(argv=None) -> int:

@@ -659,3 +659,36 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such_not_with_torchs_unsafe_ad
     with pytest.raises(CheckpointError, match="objects.pt: does not load: it holds objects other than tensors") as info:
         load_model_state(objects)
     assert "weights_only=False" not in str(info.value) and "weights_only set to False" not in str(info.value)
+
+
+def _tree(folder: Path) -> set:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_tidying_a_run_folder_removes_what_stopped_writes_left_and_nothing_else(tmp_path):
+    """The temporary files of every atomic write (the small files' too, and the plain
+    state's inside a .state folder) and a .state whose model file is gone, in the run
+    folder and its .latest; a save removed only its own folder's checkpoint files, and a
+    finished run saves no more."""
+    from checkpoint import latest_folder, state_path, tidy_run_folder, write_progress
+
+    save_dir = tmp_path / "run"
+    state = {"w": torch.zeros(2)}
+    save_checkpoint(str(save_dir), 3, state, {"best_acc": 0.5})
+    latest = Path(latest_folder(save_dir))
+    save_checkpoint(str(latest), 4, state, {"best_acc": 0.5})
+    save_checkpoint(str(latest), 5, state, {"best_acc": 0.5})
+    write_progress(save_dir, 5, 3)
+    kept = _tree(save_dir)
+    os.remove(latest / "checkpoint_4")  # stopped between a checkpoint's model file and its .state
+    kept -= {".latest/checkpoint_4"}
+    leftovers = [save_dir / ".config.yaml.tmp-12-ab", save_dir / ".wandb_run_id.tmp-12-cd",
+                 save_dir / ".progress.json.tmp-12-ef", latest / ".checkpoint_6.tmp-12-01",
+                 Path(state_path(save_dir, 3)) / ".train_state.pt.tmp-12-aa"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    (latest / ".checkpoint_6.state.tmp-saving").mkdir()
+    assert Path(state_path(latest, 4)).is_dir()  # the premise: an orphan .state
+    tidy_run_folder(save_dir)
+    assert _tree(save_dir) == {p for p in kept if not p.startswith(".latest/checkpoint_4.state")}
+    tidy_run_folder(tmp_path / "no_such_run")  # nothing there: nothing to do
