@@ -40,7 +40,9 @@ Checked, in order:
 - a run whose folder already holds its last epoch is finished (`Preflight.finished`),
   and so is a save_only_improve run whose progress record (checkpoint.write_progress)
   says it trained every epoch, its newest checkpoint being its best;
-- save_path is writable (runs that save checkpoints, on the process that writes).
+- save_path is writable (runs that save checkpoints, on the process that writes);
+- and a warning (Preflight.warnings), not a stop, when max_new_tokens is fewer than the
+  tokens of some validation answers' `### ` + answer, which can then never count.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import re
 import socket
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import urlparse
 
@@ -78,6 +80,7 @@ TOKENIZE_CHUNK = 4096
 @dataclass
 class Preflight:
     finished: Optional[str] = None  # set when the run folder already holds the last epoch
+    warnings: list = field(default_factory=list)  # lines for the log: nothing to stop the run for
 
 
 def check(config, data: dict, saves: bool) -> Preflight:
@@ -99,7 +102,7 @@ def check(config, data: dict, saves: bool) -> Preflight:
     check_tokenizer(config, data, tokenizer, f"{key} {name}")
     check_context(config, data, tokenizer, PromptLayout.for_config(config, tokens), context_length(hf_config), f"{key} {name}")
 
-    result = Preflight()
+    result = Preflight(warnings=answer_budget_warnings(config, data["val"], tokenizer))
     state, state_path = None, None
     # as trainer.find_start: a training run resumes its own folder's newest checkpoint
     # (the run warns about the checkpoints it skips; here they are said only when the run
@@ -429,6 +432,21 @@ def check_context(config, data: dict, tokenizer, layout: PromptLayout, context: 
             problem = misfit(config, layout, pieces, stages, context, validation)
             if problem:
                 raise UserError(f"{path}: example {i} {problem}; the context of {model} is {context} positions")
+
+
+def answer_budget_warnings(config, examples: list, tokenizer) -> list:
+    """A warning when max_new_tokens cannot reach some validation answers: the answer is
+    read after the last '#' generated, and `### ` + answer alone (DESIGN §1's answer
+    piece, no steps before it) takes more tokens than the budget, so those examples can
+    never be counted correct."""
+    pieces = tokenizer(["### " + example["answer"] for example in examples], add_special_tokens=False)["input_ids"]
+    lengths = [len(ids) for ids in pieces]
+    short = [i for i, n in enumerate(lengths) if n > config.max_new_tokens]
+    if not short:
+        return []
+    return [f"warning: max_new_tokens {config.max_new_tokens} is fewer than the tokens of '### ' + answer in "
+            f"{len(short)} of {len(examples)} validation examples (up to {max(lengths)}; the first: example "
+            f"{short[0]}): their answers can never be counted correct; raise max_new_tokens"]
 
 
 # ------------------------------------------------------------------ checkpoints

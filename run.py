@@ -75,6 +75,8 @@ def start(config_path: str, overrides: dict) -> int:
     saves = not (config.only_eval or config.debug) and process_rank() == 0
     began = time.monotonic()
     found = preflight.check(config, data, saves=saves)
+    for warning in found.warnings:
+        log(warning)
     if found.finished:
         log(found.finished)
         if saves:

@@ -131,6 +131,10 @@ class TrainingRun:
             per_step = config.batch_size_training * config.gradient_accumulation_steps * env.world_size
             self.log(f"effective batch: {config.batch_size_training} per process x {config.gradient_accumulation_steps} "
                      f"accumulation step(s) x {env.world_size} process(es) = {per_step} examples per optimizer step")
+            n_train = len(self.stager.train_base)
+            if per_step > n_train:  # a typo'd batch size, or a debug run's data
+                self.log(f"warning: the effective batch ({per_step}) is larger than the training set ({n_train} "
+                         "examples): one optimizer step per epoch")
         self.saving = not (config.debug or config.only_eval)
         self.optimizer = None
         train_state = self.start.train_state

@@ -648,13 +648,22 @@ def test_save_only_improve_says_when_it_skips_a_save(tmp_path, gpt2_folder, chai
     cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=1, save_only_improve=True, max_new_tokens=1)
     rc, out, err = run_in_process(cfg)
     assert rc == 0, err[-2000:]
+    # which the pre-flight says: no answer fits one token (the shortest is `### ` + 3 tokens)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_folder)
+    answers = [len(tokenizer.encode("### " + ex["answer"], add_special_tokens=False))
+               for ex in json.load(open(chain_data["val"]))]
+    assert min(answers) > 1 and (
+        f"warning: max_new_tokens 1 is fewer than the tokens of '### ' + answer in 12 of 12 validation examples "
+        f"(up to {max(answers)}; the first: example 0): their answers can never be counted correct") in out
     assert "Accuracy on validation set: 0 / 12 = 0.0" in out
     assert "save_only_improve: not saving checkpoint_1, its accuracy 0.0 does not beat the best so far (0.0)" in out
     save_dir = tmp_path / "ckpt" / "run"
     assert checkpoint.list_checkpoints(save_dir) == []
     # launched again, it knows it is finished though it saved nothing
     rc, out, err = run_in_process(cfg)
-    assert rc == 0 and out.splitlines()[1:] == [
+    assert rc == 0 and out.splitlines()[1].startswith("warning: max_new_tokens 1") and out.splitlines()[2:] == [
         f"run folder {save_dir} has trained all 1 epochs (num_epochs) and holds no checkpoint (its last epoch's "
         f"weights: {save_dir}/.latest/checkpoint_1): save_only_improve saved none, no epoch's validation accuracy beat 0. This run is finished, nothing to train; to train on: a "
         "larger num_epochs; to start again: another name"], (out, err[-2000:])

@@ -298,6 +298,15 @@ def test_only_eval_under_torchrun_answers_as_one_process(tmp_path, coconut_run):
     assert COT_RE.findall(proc.stdout) == COT_RE.findall(trained)[-1:]
 
 
+def test_an_effective_batch_larger_than_the_training_set_is_said(tmp_path, gpt2_folder, chain_data):
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "big", coconut=True, num_epochs=1, debug=True,
+                    batch_size_training=10, gradient_accumulation_steps=5, max_new_tokens=2)
+    rc, out, err = run_in_process(write_cfg(tmp_path / "cfg.yaml", keys))
+    assert rc == 0, err[-3000:]
+    assert ("warning: the effective batch (50) is larger than the training set (48 examples): one optimizer step per "
+            "epoch") in out
+
+
 def test_gradient_accumulation_steps_as_one_batch_of_all_its_micro_batches(tmp_path):
     """batch_size_training 2 with gradient_accumulation_steps 2 takes the optimizer steps
     of batch_size_training 4: examples with equal token counts (each micro-batch's mean
@@ -888,6 +897,7 @@ def test_a_relaunch_says_which_config_keys_changed_since_the_launch_that_saved_t
     recorded = yaml.safe_load((tmp_path / "ckpt" / "drift" / "config.yaml").read_text())
     assert recorded == {**load_config(edited).to_dict(), "processes": 1}
     assert "effective batch: 8 per process x 1 accumulation step(s) x 1 process(es) = 8 examples per optimizer step" in out
+    assert "warning: the effective batch" not in out  # 48 training examples
     # a launch with another lr stopped before it saved: the record stays that of the launch that saved epoch 2
     with monkeypatch.context() as stop:
         stop.setattr(trainer.TrainingRun, "train_epoch", lambda self, stage, epoch: (_ for _ in ()).throw(Stopped()))
