@@ -19,6 +19,11 @@ import json
 import os
 import sys
 
+if __name__ == "__main__":  # run as a script: the repository root holds our modules
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cli import OneLineParser  # noqa: E402 - usage errors in one line, as the other scripts
+
 SPLITS = ("train", "valid", "test")
 QUESTION_SEP = "||"
 ANSWER_SEP = "####"
@@ -65,7 +70,7 @@ def convert_file(src, dst):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="gsm_icot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("splits", nargs="*", default=[], metavar="SPLIT",
                    help="train, valid and/or test (default: all three)")
     p.add_argument("--data_dir", default="data", help="reads gsm_SPLIT.txt, writes gsm_SPLIT.json")

@@ -26,6 +26,11 @@ import json
 import os
 import sys
 
+if __name__ == "__main__":  # run as a script: the repository root holds our modules
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cli import OneLineParser  # noqa: E402 - usage errors in one line, as the other scripts
+
 SPLIT_NAMES = ("train", "valid", "test")
 
 
@@ -70,7 +75,7 @@ def split(examples, train_size, valid_size):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="prontoqa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default="data/5hop_0shot_random.json")
     p.add_argument("--output_dir", default="data", help="writes prontoqa_{train,valid,test}.json")
     p.add_argument("--train_size", type=int, default=9000)

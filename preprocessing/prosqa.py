@@ -50,6 +50,11 @@ import random
 import sys
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # run as a script: the repository root holds our modules
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cli import OneLineParser  # noqa: E402 - usage errors in one line, as the other scripts
+
 NAMES = [
     "Alex", "Bob", "Carol", "Davis", "Eva", "Fae", "Gabriel", "Jack", "Max",
     "Oliver", "Polly", "Rex", "Sally", "Sam", "Stella", "Tom", "Wren",
@@ -304,7 +309,7 @@ def parse_sizes(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="prosqa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_examples", type=int, default=1000, help="examples for --output")
     p.add_argument("--output", help="write one JSON file of --num_examples examples")

@@ -8,7 +8,6 @@ newlines, '#', digits) trained on generated ProsQA text until each name, concept
 word and '<<' is a single token. Pieces tokenize like the whole text (DESIGN §1).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -16,8 +15,11 @@ import sys
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, PreTrainedTokenizerFast
 
+if __name__ == "__main__":  # run as a script: the repository root holds our modules
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import prosqa  # noqa: E402
+from cli import OneLineParser  # noqa: E402 - usage errors in one line, as the other scripts
 
 EOS = "<|endoftext|>"
 
@@ -55,7 +57,7 @@ def gpt2_config(vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_posit
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="tiny_model.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="models/prosqa-gpt2-tiny", help="folder to write")
     parser.add_argument("--vocab_size", type=int, default=512)
     parser.add_argument("--n_layer", type=int, default=4)

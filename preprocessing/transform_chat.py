@@ -41,6 +41,11 @@ from collections import Counter
 
 from tqdm import tqdm
 
+if __name__ == "__main__":  # run as a script: the repository root holds our modules
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cli import OneLineParser  # noqa: E402 - usage errors in one line, as the other scripts
+
 SUMMARY_MARKER = re.compile(r"In summary[:,]")
 OPEN_TAG = r"<(?P<open>[A-Za-z][\w.:-]*)(?:\s[^<>]*)?(?<!/)>"
 CLOSE_TAG = r"</(?P<close>[A-Za-z][\w.:-]*)\s*>"
@@ -290,7 +295,7 @@ def summary(kept, skipped, malformed):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="transform_chat.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="JSONL of {'messages': [...]} records")
     p.add_argument("--output", required=True, help="JSON list to write")
     p.add_argument("--spacy_model",

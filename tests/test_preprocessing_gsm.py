@@ -98,3 +98,13 @@ def test_bash_script_converts_files_already_downloaded(tmp_path):
         assert json.loads((tmp_path / f"gsm_{split}.json").read_text()) == EXPECTED
     assert "gsm_train.txt has 4 lines, expected 385620" in run.stderr
     assert "downloaded" not in run.stdout
+
+
+@pytest.mark.parametrize("script", ["gsm_icot", "prontoqa", "prosqa", "transform_chat", "tiny_model", "prosqa_stats"])
+def test_every_preprocessing_script_says_a_usage_error_in_one_line(script):
+    """argparse's own error is its usage, several lines, before the message."""
+    proc = subprocess.run([sys.executable, str(REPO / "preprocessing" / f"{script}.py"), "--no-such-flag"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: ") and lines[0].endswith("(see --help)"), lines
