@@ -101,6 +101,7 @@ __all__ = [
     "remove_checkpoints",
     "save_checkpoint",
     "state_path",
+    "run_folder_leftovers",
     "tidy_run_folder",
     "wandb_run_id",
     "write_launch_config",
@@ -127,8 +128,8 @@ _CHECKPOINT_RE = re.compile(r"checkpoint_(0|[1-9][0-9]*)")
 # `.checkpoint_3.state.tmp-...` (also the .state folders being written or deleted), the
 # small files' (`.progress.json.tmp-...`, ...), and, inside a .state folder, its plain
 # state's (mark_evaluated rewrites it).
-_SMALL_FILES = (PROGRESS_FILE, LAUNCH_CONFIG_FILE, WANDB_ID_FILE, PLAIN_STATE_FILE)
-_TEMP_RE = re.compile(r"\.(checkpoint_[0-9]+(\.state)?|" + "|".join(map(re.escape, _SMALL_FILES)) + r")\.tmp-.*",
+_ATOMIC_FILES = (PROGRESS_FILE, LAUNCH_CONFIG_FILE, WANDB_ID_FILE, PLAIN_STATE_FILE)
+_TEMP_RE = re.compile(r"\.(checkpoint_[0-9]+(\.state)?|" + "|".join(map(re.escape, _ATOMIC_FILES)) + r")\.tmp-.*",
                       re.DOTALL)
 
 
@@ -337,21 +338,37 @@ def _unlink(path: str) -> bool:
     return True
 
 
-def tidy_run_folder(save_dir: str | os.PathLike) -> None:
-    """Remove what stopped writes left in a run folder that no run writes now (its lock
-    held): temporary files in the folder, its .latest and their .state folders, and
-    .state folders whose model file is gone (a stop between deleting a checkpoint's
-    model file and its .state, or between writing the two). The next save would remove
-    only its own folder's, and a finished run saves no more."""
+def run_folder_leftovers(save_dir: str | os.PathLike) -> list[str]:
+    """What stopped writes left in a run folder: temporary files in the folder, its
+    .latest and their .state folders, and .state folders whose model file is gone (a
+    stop between deleting a checkpoint's model file and its .state, or between writing
+    the two). The next save removes only its own folder's, and a finished run saves no more."""
+    found = []
     for folder in (os.fspath(save_dir), latest_folder(save_dir)):
         if not os.path.isdir(folder):
             continue
-        _remove_temp_files(folder)
         saved = list_checkpoints(folder)
-        prune_train_states(folder, saved)
-        for epoch in saved:
-            if os.path.isdir(state_path(folder, epoch)):
-                _remove_temp_files(state_path(folder, epoch))
+        states = [state_path(folder, epoch) for epoch in saved if os.path.isdir(state_path(folder, epoch))]
+        for place in [folder, *states]:
+            found += [entry.path for entry in os.scandir(place) if _TEMP_RE.fullmatch(entry.name)]
+        for entry in os.scandir(folder):
+            match = entry.name.endswith(STATE_SUFFIX) and _CHECKPOINT_RE.fullmatch(entry.name[: -len(STATE_SUFFIX)])
+            if match and int(match.group(1)) not in saved:
+                found.append(entry.path)
+    return sorted(found)
+
+
+def tidy_run_folder(save_dir: str | os.PathLike) -> None:
+    """Remove run_folder_leftovers(save_dir), as far as the file system lets it (they are
+    harmless where they stay); only while no run writes the folder (its lock held)."""
+    for path in run_folder_leftovers(save_dir):
+        with contextlib.suppress(OSError):
+            if not _TEMP_RE.fullmatch(os.path.basename(path)):
+                _remove_state(path)  # a .state without its model file
+            elif os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _unlink(path)
 
 
 def _remove_temp_files(save_dir: str) -> None:
@@ -439,9 +456,11 @@ def _torch_load(path: str) -> Any:
         raise CheckpointError(path, "is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: unsafe, and not the fix
-        raise CheckpointError(path, "does not load: it holds objects other than tensors and plain values, which "
-                                    "torch.load(weights_only=True) refuses to run") from e
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # torch's message advises weights_only=False: unsafe, and not the fix
+            raise CheckpointError(path, "does not load: it holds objects other than tensors and plain values, "
+                                        "which torch.load(weights_only=True) refuses to run") from e
+        raise CheckpointError(path, f"does not load (damaged: {first_line(e)})") from e
     except Exception as e:  # truncated zip, I/O error, ...
         raise CheckpointError(path, f"does not load ({type(e).__name__}: {first_line(e)})") from e
 

@@ -125,8 +125,9 @@ def pass_mask(attention_mask: torch.Tensor, start: int, end: int) -> torch.Tenso
     return keys & (cols <= cols[start:end, None])  # (batch, 1, end - start, end)
 
 
-# Decoders Coconut cannot run pass by pass, and why; each was tried and fails or gives
-# other numbers than the naive reference (a shape error in every pass on a cache for Mamba).
+# Decoders Coconut cannot run pass by pass, and why: each was tried and fails or gives
+# other numbers than the naive reference (a shape error in every pass on a cache for
+# Mamba), except Reformer and xLSTM, which transformers' own generate gives no DynamicCache.
 _WHOLE_PREFIX_MASK = ("their decoder applies the whole prefix's attention mask to each pass, which Coconut's passes "
                       "on a cache (validation, generation) cannot give it")
 _NO_CACHE = ("they keep no state in transformers' cache (no key-value cache at all, or a state of their own), so a "
@@ -136,6 +137,9 @@ UNSUPPORTED_MODEL_TYPES = {
     "falcon_mamba": ("FalconMamba", _WHOLE_PREFIX_MASK),
     "openai-gpt": ("OpenAI GPT", _NO_CACHE),
     "rwkv": ("RWKV", _NO_CACHE),
+    "xlnet": ("XLNet", _NO_CACHE),
+    "reformer": ("Reformer", _NO_CACHE),
+    "xlstm": ("xLSTM", _NO_CACHE),
     "recurrent_gemma": ("RecurrentGemma", "their recurrent layers keep their state in the modules and start it again "
                                           "at every pass over several columns, so passes on a cache (validation, "
                                           "generation) cannot continue a prefix"),
@@ -650,11 +654,15 @@ class Coconut(nn.Module):
         (one_column: one column at a time from the first latent on).
 
         When other ranks need more passes, the tail is cut into more pieces (exact: the
-        cache makes the split invisible); what cannot be cut becomes empty passes (None).
+        cache makes the split invisible); one_column cuts the first piece's last columns
+        off one at a time instead, so that no piece after the first is wider than one
+        column. What cannot be cut becomes empty passes (None).
         """
         bounds = [0] + columns + [seq_len]
-        if one_column and columns:
-            bounds = [0] + list(range(columns[0], seq_len + 1))
+        if one_column:
+            first_end = columns[0] if columns else seq_len
+            first_end = max(1, first_end - max(0, n_passes - (1 + seq_len - first_end)))
+            bounds = [0] + list(range(first_end, seq_len + 1))
         while len(bounds) - 1 < n_passes and bounds[-1] - bounds[-2] > 1:
             bounds.insert(-1, bounds[-2] + 1)
         segments = list(zip(bounds[:-1], bounds[1:]))
@@ -677,7 +685,7 @@ class Coconut(nn.Module):
         # a cache: each pass runs the whole prefix again (see holds_recurrent_states)
         recompute = torch.is_grad_enabled() and self.recurrent_states
         one_column = self.one_column_continuation and not recompute  # see ONE_COLUMN_CONTINUATION_MODEL_TYPES
-        n_passes = 1 + input_ids.shape[1] - columns[0] if one_column and columns else len(columns) + 1
+        n_passes = len(self._segments(input_ids.shape[1], columns, 1, one_column))
         if sync:
             n_passes = _all_ranks_max(n_passes, input_ids.device)
         segments = self._segments(input_ids.shape[1], columns, n_passes, one_column)
@@ -772,8 +780,9 @@ class Coconut(nn.Module):
         """Whether a local-attention window could reach past a padding gap of the batch
         align_latents laid out (aligned_ids): some row's last new token lies `window` or
         more columns after its first column; or the model has recurrent states, which a
-        padding column between a prompt and its new tokens would run through. Decided
-        alike on every process under synced_gpus (their passes pair up)."""
+        padding column between a prompt and its new tokens would run through, or takes
+        its positions from the columns (MPT), which such a gap would shift. Decided alike
+        on every process under synced_gpus (their passes pair up)."""
         window = local_attention_window(self.base_causallm.config)
         always = self.recurrent_states or self.column_positions
         if window is None and not always:

@@ -84,9 +84,9 @@ def export(config_path: str, checkpoint_path: str, out_dir: str, log=_note) -> d
 def check_out_dir(out_dir: str, model_source: tuple = ("model_id", None)) -> None:
     """ConfigError unless out_dir is a folder, or can be made one, that this process
     can write (checked before the model is built; nothing is created here); and one that
-    holds nothing but an earlier export: the run's own model folder (model_source: the
-    key and the folder the config names) or another non-empty folder would have its
-    config, tokenizer and weights overwritten."""
+    is empty or an earlier export (it holds coconut_config.json): the run's own model
+    folder (model_source: the key and the folder the config names) or another folder of
+    files would have its config, tokenizer and weights overwritten."""
     path = os.path.abspath(out_dir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{out_dir}: exists and is not a folder")

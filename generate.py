@@ -72,7 +72,7 @@ def load_questions(path: str) -> list:
         if not isinstance(item, dict) or not isinstance(item.get("question"), str):
             raise UserError(f"{path}: example {i} has no string 'question'")
         # a reference answer of another type would leave the example out of the accuracy, silently
-        if "answer" in item and not isinstance(item["answer"], str):
+        if item.get("answer") is not None and not isinstance(item["answer"], str):  # null: no reference
             raise UserError(f"{path}: example {i}: 'answer' must be a string, got {type(item['answer']).__name__}")
         examples.append(item)
     return examples

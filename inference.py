@@ -12,6 +12,7 @@ with Coconut.generate, and answers are scored as run.py scores them (utils.extra
 Bad input raises cli.UserError with a one-line message.
 """
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -48,6 +49,11 @@ class Exported:
     @property
     def method(self):
         return METHODS[self.settings["method"]]
+
+    @functools.cached_property
+    def special_texts(self) -> set:
+        """The texts its tokenizer reads as special tokens (layout.special_token_texts)."""
+        return special_token_texts(self.tokenizer)
 
     @property
     def layout(self) -> PromptLayout:
@@ -142,7 +148,7 @@ def prompt_ids(exported: "Exported", question: str, stage: int, n_steps: Optiona
     if marker is not None:  # it would tokenize to a latent token the prompt does not place
         raise UserError(f"the question {shown!r} holds {marker}, a token of the prompt's latent block; "
                         "give the question alone")
-    spelled = [(question.index(t), t) for t in special_token_texts(exported.tokenizer) if t in question]
+    spelled = [(question.index(t), t) for t in exported.special_texts if t in question]
     if spelled:  # as run.py refuses such data (dataset.check_special_text)
         raise UserError(f"the question {shown!r} holds {min(spelled)[1]}, one of the tokenizer's special tokens: "
                         "it would be read as that token, not as text")

@@ -69,6 +69,7 @@ from distributed import transformer_blocks
 from layout import PromptLayout
 from modeling import build_tokenizer, has_weights, place_weights
 from startup import never_evaluated
+from utils import DEBUG_VAL_SIZE
 
 HUB_PROBE_SECONDS = 2.0
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -102,7 +103,8 @@ def check(config, data: dict, saves: bool) -> Preflight:
     check_tokenizer(config, data, tokenizer, f"{key} {name}")
     check_context(config, data, tokenizer, PromptLayout.for_config(config, tokens), context_length(hf_config), f"{key} {name}")
 
-    result = Preflight(warnings=answer_budget_warnings(config, data["val"], tokenizer))
+    evaluated = data["val"][:DEBUG_VAL_SIZE] if config.debug else data["val"]
+    result = Preflight(warnings=answer_budget_warnings(config, evaluated, tokenizer))
     state, state_path = None, None
     # as trainer.find_start: a training run resumes its own folder's newest checkpoint
     # (the run warns about the checkpoints it skips; here they are said only when the run
@@ -114,10 +116,9 @@ def check(config, data: dict, saves: bool) -> Preflight:
         state, state_path = found.model_state, found.path
         trained = max(found.epoch, checkpoint.read_progress(config.save_dir, found.newest_saved))
         if trained >= config.num_epochs and not never_evaluated(found.train_state):
-            # a skipped checkpoint may have been the best: the best accuracy so far is not the one found
-            train_state = None if skipped else found.train_state
-            result.finished = "\n".join(skipped + [finished_message(config, found.newest_saved, train_state,
-                                                                     found.path)])
+            # a skipped checkpoint may have been the best: neither its accuracy nor "its best" is said
+            result.finished = "\n".join(skipped + [finished_message(config, found.newest_saved, found.train_state,
+                                                                     found.path, skipped=bool(skipped))])
     elif not (config.only_eval or config.debug) and checkpoint.read_progress(config.save_dir, None) >= config.num_epochs:
         result.finished = finished_message(config, None, None)
         return result
@@ -126,6 +127,8 @@ def check(config, data: dict, saves: bool) -> Preflight:
         if os.path.isdir(state_path):  # an export.py folder, or a checkpoint's .state folder
             raise UserError(f"load_model_path {state_path}: is a folder; it names a checkpoint_N file (an exported "
                             "model folder goes in model_id)")
+        if os.path.exists(state_path) and not os.path.isfile(state_path):  # /dev/null, a pipe
+            raise UserError(f"load_model_path {state_path}: is not a regular file")
         if not os.path.isfile(state_path):
             raise UserError(f"load_model_path {state_path}: no such file")
         state = checkpoint.load_model_state(state_path)  # memory-mapped: no tensor data is read
@@ -215,7 +218,7 @@ def check_weight_files(key: str, name: str) -> None:
         return
     from safetensors import SafetensorError, safe_open
 
-    for path in sorted(glob.glob(os.path.join(name, "*.safetensors"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(name), "*.safetensors"))):
         try:
             with safe_open(path, framework="pt"):
                 pass
@@ -451,11 +454,12 @@ def answer_budget_warnings(config, examples: list, tokenizer) -> list:
 
 # ------------------------------------------------------------------ checkpoints
 def finished_message(config, epoch: Optional[int], train_state: Optional[dict],
-                     last_path: Optional[str] = None) -> str:
+                     last_path: Optional[str] = None, skipped: bool = False) -> str:
     """The line of a run with every epoch trained: its newest checkpoint `epoch` (a
     save_only_improve run's best, which may be older than its last epoch; None when no
     epoch beat accuracy 0, so none was saved: `last_path`, its last epoch's state in
-    .latest, if any, is named instead)."""
+    .latest, if any, is named instead). `skipped`: newer checkpoints did not load, so
+    `epoch` is only the newest usable one, and the best accuracy may have been theirs."""
     to_train_on = "to train on: a larger num_epochs; to start again: another name"
     if epoch is None:
         last = f" (its last epoch's weights: {last_path})" if last_path else ""
@@ -464,10 +468,13 @@ def finished_message(config, epoch: Optional[int], train_state: Optional[dict],
                 f"finished, nothing to train; {to_train_on}")
     path = checkpoint.checkpoint_path(config.save_dir, epoch)
     accuracy = ""
-    if config.save_only_improve and train_state and "best_acc" in train_state:
+    if config.save_only_improve and train_state and "best_acc" in train_state and not skipped:
         accuracy = f" (validation accuracy {train_state['best_acc']})"
     held = f"already holds {os.path.basename(path)}{accuracy} and num_epochs is {config.num_epochs}"
-    if epoch < config.num_epochs:  # its progress record says every epoch is trained
+    if skipped:
+        held = (f"has trained all {config.num_epochs} epochs (num_epochs); its newest usable checkpoint is "
+                f"{os.path.basename(path)} (the newer ones above do not load)")
+    elif epoch < config.num_epochs:  # its progress record says every epoch is trained
         held = (f"has trained all {config.num_epochs} epochs (num_epochs); its best, {os.path.basename(path)}{accuracy}, "
                 "is its newest checkpoint (save_only_improve)")
     return (f"run folder {config.save_dir} {held}: this run is finished, nothing to train. To evaluate it: "
@@ -510,7 +517,7 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
 
 # Encoders (bidirectional attention) that AutoModelForCausalLM builds with a language-model
 # head when their config's is_decoder is False; BART's family builds its decoder instead.
-ENCODER_MODEL_TYPES = {"bert", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
+ENCODER_MODEL_TYPES = {"bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
                        "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm", "xlm-roberta",
                        "xlm-roberta-xl", "xmod"}
 

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from cli import UserError, fail, main_guard, process_rank
+from cli import UserError, fail, first_line, main_guard, process_rank
 from utils import ConfigError, load_config, parse_overrides
 
 USAGE = ("usage: python run.py CONFIG.yaml [KEY=VALUE | --KEY VALUE ...]   "
@@ -96,16 +96,20 @@ def start(config_path: str, overrides: dict) -> int:
 
 
 def tidy_when_free(save_dir: str) -> None:
-    """A finished run's folder is tidied too (a stop during its last save), unless
-    another run holds it."""
+    """A finished run's folder is tidied too, when a stop during its last save left
+    something and no run holds it; one line when it cannot be (a read-only folder)."""
     import checkpoint
     import runlock
 
+    if not checkpoint.run_folder_leftovers(save_dir):
+        return
     try:
         with runlock.hold(save_dir, warn=lambda message: None):
             checkpoint.tidy_run_folder(save_dir)
     except runlock.RunFolderBusy:
         pass
+    except UserError as e:  # the lock file cannot be made: a read-only folder, say
+        log(f"warning: {save_dir}: what stopped writes left there was not removed ({first_line(e)})")
 
 
 def main(argv=None) -> int:

@@ -22,9 +22,8 @@ from dataset import MyCollator, Staging, get_dataset, question_dataset, training
 from evaluate import generation_accuracy, loss_only, report, validation_loss
 from layout import PromptLayout
 from startup import Start, build_and_place, evaluation_decoder, find_start, launch_record
-from utils import set_seed
+from utils import DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE, set_seed
 
-DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32
 # .state files (AdamW's moments: twice the model's size) kept for the newest checkpoints
 # only: the resume point and the one it falls back to if that does not load
 STATES_KEPT = 2

@@ -63,6 +63,8 @@ METHOD_FLAGS = tuple(METHODS)
 # we keep that as the default of the `max_new_tokens` key.
 GSM_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_NEW_TOKENS = 128
+# `debug: True` trains and validates on the first examples only (SPEC §5)
+DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32
 
 # keys that name files or folders: a leading ~ is the home folder
 PATH_KEYS = ("save_path", "train_path", "val_path", "load_model_path", "local_path", "model_id")

@@ -659,6 +659,10 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such_not_with_torchs_unsafe_ad
     with pytest.raises(CheckpointError, match="objects.pt: does not load: it holds objects other than tensors") as info:
         load_model_state(objects)
     assert "weights_only=False" not in str(info.value) and "weights_only set to False" not in str(info.value)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"\x80\x02not a pickle at all")  # a pickle's first bytes, then garbage: not blamed on objects
+    with pytest.raises(CheckpointError, match="damaged.pt: does not load .damaged: "):
+        load_model_state(damaged)
 
 
 def _tree(folder: Path) -> set:
@@ -670,7 +674,7 @@ def test_tidying_a_run_folder_removes_what_stopped_writes_left_and_nothing_else(
     state's inside a .state folder) and a .state whose model file is gone, in the run
     folder and its .latest; a save removed only its own folder's checkpoint files, and a
     finished run saves no more."""
-    from checkpoint import latest_folder, state_path, tidy_run_folder, write_progress
+    from checkpoint import latest_folder, run_folder_leftovers, state_path, tidy_run_folder, write_progress
 
     save_dir = tmp_path / "run"
     state = {"w": torch.zeros(2)}
@@ -689,6 +693,9 @@ def test_tidying_a_run_folder_removes_what_stopped_writes_left_and_nothing_else(
         path.write_bytes(b"half")
     (latest / ".checkpoint_6.state.tmp-saving").mkdir()
     assert Path(state_path(latest, 4)).is_dir()  # the premise: an orphan .state
+    assert run_folder_leftovers(save_dir) == sorted(
+        [str(p) for p in leftovers] + [str(latest / ".checkpoint_6.state.tmp-saving"), state_path(latest, 4)])
     tidy_run_folder(save_dir)
+    assert run_folder_leftovers(save_dir) == []
     assert _tree(save_dir) == {p for p in kept if not p.startswith(".latest/checkpoint_4.state")}
     tidy_run_folder(tmp_path / "no_such_run")  # nothing there: nothing to do

@@ -218,6 +218,23 @@ def test_models_with_column_positions_or_one_column_continuation_match_the_naive
     assert_trains_and_generates_as_the_naive_reference(make_model_with_odd_positions_or_states(kind))
 
 
+def test_jamba_passes_stay_one_column_wide_when_another_process_needs_more_passes(monkeypatch):
+    """Under torchrun a process runs as many passes as the one that needs most: a batch
+    without latents is cut into more pieces, and for Jamba none after the first may span
+    several columns (its validation loss moved by 3e-4 when the tail was cut in one)."""
+    import coconut as coconut_module
+
+    model = Coconut(make_model_with_odd_positions_or_states("jamba"), LATENT, START, END, EOS).eval()
+    rng = random.Random(3)
+    batch = collate([make_example(rng, 0, rng.randrange(4, 10), 1) for _ in range(2)])  # no latents
+    with torch.no_grad():
+        alone = model(**batch).loss
+        model.sync_passes_across_ranks = True
+        monkeypatch.setattr(coconut_module, "_all_ranks_max", lambda value, device: max(value, 6))
+        synced = model(**batch).loss
+    assert relative_difference(synced, alone) < 1e-6
+
+
 def test_models_coconut_cannot_run_are_refused_with_the_reason():
     """Each fails or computes other numbers on passes over a cache: refused by name, at
     build (and so in pre-flight, which asks unsupported_model)."""
@@ -235,6 +252,7 @@ def test_models_coconut_cannot_run_are_refused_with_the_reason():
             **small, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
             hidden_size_per_layer_input=8),
     }
+    configs["XLNet models"] = transformers.XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2)
     for name, config in configs.items():
         assert unsupported_model(config).startswith(f"{name} are not supported: "), config.model_type
     with pytest.raises(ValueError, match="^RWKV models are not supported"):

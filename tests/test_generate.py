@@ -204,7 +204,7 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
     elif case == "special_text":
         argv[2] = "Is Tom a wumpus?<|endoftext|> Or not?"  # read as EOS, not text
     elif case == "bad_answer":  # would leave the accuracy's count silently
-        (tmp_path / "q.json").write_text(json.dumps([{"question": "ok", "answer": "a"}, {"question": "q", "answer": 42}]))
+        (tmp_path / "q.json").write_text(json.dumps([{"question": "ok", "answer": None}, {"question": "q", "answer": 42}]))
         argv[1:3] = ["--questions", str(tmp_path / "q.json")]
     elif case == "bad_example":
         (tmp_path / "q.json").write_text(json.dumps([{"question": "ok"}, {"answer": "no question"}]))

@@ -351,6 +351,7 @@ def test_a_mamba_model_stops_the_run_before_it_trains_an_epoch(tmp_path, gpt2_fo
     ("string_width", "the model's config does not load"),  # "n_embd": "128": transformers' strict check
     ("negative_depth", "the gpt2 model its config describes does not work"),  # builds, then no pass runs
     ("bert", "bert is an encoder (bidirectional attention, is_decoder False)"),  # failed after the build
+    ("bert-generation", "bert-generation is an encoder (bidirectional attention, is_decoder False)"),
     ("damaged_weights", "its weights file model.safetensors is damaged (Error while deserializing header"),
 ])
 def test_a_model_folder_that_cannot_train_is_one_line_before_the_build(tmp_path, gpt2_folder, chain_data, kind,
@@ -359,7 +360,7 @@ def test_a_model_folder_that_cannot_train_is_one_line_before_the_build(tmp_path,
     ended in a head-mismatch error about something else)."""
     import shutil
 
-    from transformers import BertConfig
+    from transformers import BertConfig, BertGenerationConfig
 
     folder = tmp_path / kind
     shutil.copytree(gpt2_folder, folder)
@@ -368,9 +369,10 @@ def test_a_model_folder_that_cannot_train_is_one_line_before_the_build(tmp_path,
         settings["n_embd"] = "128"
     elif kind == "negative_depth":
         settings["n_layer"] = -1
-    elif kind == "bert":
-        settings = BertConfig(vocab_size=settings["vocab_size"], hidden_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, intermediate_size=64).to_dict()
+    elif kind in ("bert", "bert-generation"):
+        encoder = BertConfig if kind == "bert" else BertGenerationConfig
+        settings = encoder(vocab_size=settings["vocab_size"], hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=64).to_dict()
     else:
         (folder / "model.safetensors").write_bytes(b"a copy cut short")
     (folder / "config.json").write_text(json.dumps(settings))
@@ -578,6 +580,8 @@ def test_a_folder_where_a_file_belongs_is_named_as_a_folder(tmp_path, gpt2_folde
     if key == "load_model_path":
         assert_fails(tmp_path, [cfg], f"load_model_path {gpt2_folder}: is a folder; it names a checkpoint_N file "
                                       "(an exported model folder goes in model_id)")
+        cfg = config_file(tmp_path, gpt2_folder, chain_data, **{key: os.devnull})
+        assert_fails(tmp_path, [cfg], f"load_model_path {os.devnull}: is not a regular file")
     else:
         assert_fails(tmp_path, [cfg], f"key '{key}' names a folder, not a data file: {gpt2_folder}")
         cfg = config_file(tmp_path, gpt2_folder, chain_data, **{key: os.devnull})  # exists, but no file: not "no such"
@@ -669,6 +673,32 @@ def test_save_only_improve_says_when_it_skips_a_save(tmp_path, gpt2_folder, chai
         "larger num_epochs; to start again: another name"], (out, err[-2000:])
 
 
+def test_a_finished_run_in_a_folder_it_cannot_lock_still_says_so_and_exits_0(tmp_path, gpt2_folder, chain_data,
+                                                                              monkeypatch):
+    """A read-only (archived) run folder: the finished line, exit 0, and one line that
+    the leftovers of a stopped write stay; no lock file is made where nothing is left."""
+    import runlock
+    from cli import UserError
+
+    cfg = config_file(tmp_path, gpt2_folder, chain_data, num_epochs=1, save_only_improve=False)
+    assert run_in_process(cfg)[0] == 0
+    save_dir = tmp_path / "ckpt" / "run"
+    (save_dir / ".run.lock").unlink()
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0 and "this run is finished" in out and not (save_dir / ".run.lock").exists(), err[-2000:]
+    leftover = save_dir / ".progress.json.tmp-7-ab"
+    leftover.write_text("half")
+
+    def read_only(save_dir, warn=print):
+        raise UserError(f"cannot create the lock file {save_dir}/.run.lock: Read-only file system")
+
+    monkeypatch.setattr(runlock, "hold", read_only)
+    rc, out, err = run_in_process(cfg)
+    assert rc == 0 and "this run is finished" in out, (out, err[-2000:])
+    assert f"warning: {save_dir}: what stopped writes left there was not removed (cannot create the lock file" in out
+    assert leftover.exists()
+
+
 def test_the_progress_record_names_the_newest_usable_checkpoint(tmp_path, gpt2_folder, chain_data):
     """An unusable checkpoint file newer than the rest is skipped when the run resumes, so
     the progress record must not name it, or a finished run would not be seen as one."""
@@ -701,9 +731,9 @@ def test_a_resumed_run_takes_the_best_accuracy_its_progress_record_holds(tmp_pat
 
 def test_a_finished_run_whose_best_checkpoint_is_damaged_says_so_and_claims_no_accuracy(
         tmp_path, gpt2_folder, chain_data):
-    """The best (checkpoint_3) cut short: the newest usable one, checkpoint_2, is named,
-    without the best accuracy, which was checkpoint_3's (it used to be paired with
-    checkpoint_2, and nothing said checkpoint_3 was skipped)."""
+    """The best (checkpoint_3) cut short: checkpoint_2 is named as the newest usable one,
+    not as the best, and without the best accuracy, which was checkpoint_3's (it used to
+    be paired with checkpoint_2, and nothing said checkpoint_3 was skipped)."""
     save_dir = tmp_path / "ckpt" / "run"
     state = _state_of(gpt2_folder, coconut=True)
     checkpoint.save_checkpoint(str(save_dir), 2, state, {"best_acc": 0.25})
@@ -717,7 +747,9 @@ def test_a_finished_run_whose_best_checkpoint_is_damaged_says_so_and_claims_no_a
     lines = out.splitlines()[1:]
     assert rc == 0 and len(lines) == 2, (out, err[-2000:])
     assert lines[0].startswith(f"Skipping unusable checkpoint {damaged}: does not load"), lines
-    assert "its best, checkpoint_2, is its newest checkpoint" in lines[1] and "accuracy" not in lines[1], lines
+    assert lines[1].startswith(f"run folder {save_dir} has trained all 4 epochs (num_epochs); its newest usable "
+                               "checkpoint is checkpoint_2 (the newer ones above do not load): this run is finished")
+    assert "validation accuracy" not in lines[1] and "its best" not in lines[1], lines
 
 
 def test_a_save_only_improve_run_past_its_best_epoch_is_finished_or_says_what_it_trains_again(
