@@ -617,8 +617,11 @@ def _no_dist() -> bool:
 
 def read_sharded_state(folder: str | os.PathLike) -> dict[str, Any]:
     """The whole DCP part of a .state folder as plain tensors, in this one process
-    (for inspection and tests; it holds everything in memory)."""
+    (for inspection and tests; it holds everything in memory); {} for a folder without
+    one (the optimizer left out: the next epoch started a new AdamW)."""
     result: dict[str, Any] = {}
+    if not os.path.isfile(os.path.join(os.fspath(folder), ".metadata")):
+        return result
     # as torch's own dcp_to_torch_save does: an empty planner takes every saved key
     _load_state_dict(result, storage_reader=SafeReader(os.fspath(folder)), planner=SafeEmptyLoadPlanner(),
                      no_dist=True)

@@ -72,6 +72,14 @@ def _rank_share(n: int, env: DistEnv, batch_size: int) -> tuple:
 SAMPLES_SHOWN = 5  # rank 0's first answers printed at each evaluation, as published
 
 
+def _unpadded(output: torch.Tensor, prompt_length: int, eos_id: int) -> torch.Tensor:
+    """A generated row as decoding it alone gives it (the published log's): the prompt,
+    then the new tokens up to the first EOS after the first (always kept, as published;
+    a later EOS ends the row and is not part of it), without the batch's EOS padding."""
+    ends = (output[prompt_length + 1:] == eos_id).nonzero()
+    return output if len(ends) == 0 else output[: prompt_length + 1 + int(ends[0])]
+
+
 @torch.no_grad()
 def generation_accuracy(model, generator, dataset, collator, tokenizer, examples, config, env: DistEnv, log) -> dict:
     """Greedy answers for every question; returns counts summed over processes."""
@@ -97,7 +105,8 @@ def generation_accuracy(model, generator, dataset, collator, tokenizer, examples
                 cot_correct += extract_cot(text, examples[idx]["question"].count("\n") + 1) == cots[idx]
                 if env.is_main and b * batch_size + k < SAMPLES_SHOWN:
                     log(f"Question {idx}: Answer = '{answers[idx]}' CoT = '{cots[idx]}'")
-                    log(f"Full output: '{tokenizer.decode(output)}'")
+                    shown = _unpadded(output, int(batch["attention_mask"][k].sum()), tokenizer.eos_token_id)
+                    log(f"Full output: '{tokenizer.decode(shown)}'")
                     log(f"Extracted Output: '{extract_answer(text)}'")
             bar.update(1)
     bar.close()

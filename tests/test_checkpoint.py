@@ -124,6 +124,8 @@ def test_round_trip_model_and_train_state(tmp_path):
     assert loaded["optimizer"] == ShardedState(folder, "optimizer")
     # the sharded part comes back whole, or into a template laid out for the loader
     assert_same(read_sharded_state(folder), parts, ordered=False)
+    save_checkpoint(tmp_path / "run", 4, model, state)  # no sharded part (the optimizer left out)
+    assert read_sharded_state(tmp_path / "run" / "checkpoint_4.state") == {}
     template = {"value": torch.zeros(3)}
     assert load_sharded(loaded["marker"], template) is template
     assert torch.equal(template["value"], torch.full((3,), 7.0))

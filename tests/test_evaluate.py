@@ -81,3 +81,27 @@ def test_every_process_answers_its_share_in_as_many_whole_batches_no_larger_than
             assert size == min(batch_size, -(-n // world)) and len(padded) == n_batches * size
         # no batch that no process needs
         assert shares[0][2] == -(-max(len(own) for own, _, _, _ in shares) // shares[0][3])
+
+
+def test_the_logged_output_is_the_row_as_decoding_it_alone_gives_it(gpt2_folder, chain_data):
+    """The published log decoded one question at a time; a batch row carries EOS padding
+    as long as its longest neighbour's answer (which varied with the process count)."""
+    from evaluate import _unpadded
+
+    examples = json.load(open(chain_data["val"]))[:4]
+    config = Config.from_dict(dict(coconut=True, model_id=gpt2_folder, train_path="t", val_path=chain_data["val"],
+                                   max_new_tokens=12))
+    torch.manual_seed(0)
+    built = build_model(config, None, None, lambda message: None)
+    model, tokenizer, tokens = built.model.eval(), built.tokenizer, built.tokens
+    questions = question_dataset(get_dataset(config.val_path, tokenizer, 10**9, examples),
+                                 PromptLayout.for_config(config, tokens), 1)
+    batch = MyCollator(tokenizer, latent_id=tokens.latent_id)([questions[i] for i in range(len(examples))])
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        rows = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
+        alone = [model.generate(torch.tensor([questions[i]["input_ids"]]), max_new_tokens=12)[0]
+                 for i in range(len(examples))]
+    assert any(len(a) < rows.shape[1] for a in alone)  # the premise: some rows are padded
+    for k, single in enumerate(alone):
+        assert _unpadded(rows[k], int(batch["attention_mask"][k].sum()), eos).tolist() == single.tolist()
