@@ -223,7 +223,8 @@ def check_weight_files(key: str, name: str) -> None:
             with safe_open(path, framework="pt"):
                 pass
         except (SafetensorError, OSError) as e:
-            raise UserError(f"{key} {name}: its weights file {os.path.basename(path)} is damaged ({first_line(e)})") from None
+            raise UserError(f"{key} {name}: its weights file {os.path.basename(path)} is damaged "
+                            f"({first_line(e)})") from None
 
 
 def check_hub(key: str, name: str) -> None:
@@ -508,7 +509,7 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
                           add_token_rows=lambda b: b.resize_token_embeddings(len(tokenizer), mean_resizing=False))
         except UserError:
             raise
-        except (ValueError, TypeError, RuntimeError) as e:  # a config transformers builds but no pass runs on (n_layer: -1)
+        except (ValueError, TypeError, RuntimeError) as e:  # built, but no pass runs on it (n_layer: -1)
             raise UserError(f"{key} {name}: the {getattr(hf_config, 'model_type', '?')} model its config describes "
                             f"does not work ({type(e).__name__}: {first_line(e)})") from None
     check_blocks(config, base)
@@ -517,9 +518,9 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
 
 # Encoders (bidirectional attention) that AutoModelForCausalLM builds with a language-model
 # head when their config's is_decoder is False; BART's family builds its decoder instead.
-ENCODER_MODEL_TYPES = {"bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
-                       "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm", "xlm-roberta",
-                       "xlm-roberta-xl", "xmod"}
+ENCODER_MODEL_TYPES = {"bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie",
+                       "megatron-bert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm",
+                       "xlm-roberta", "xlm-roberta-xl", "xmod"}
 
 
 def encoder_model(hf_config) -> Optional[str]:

@@ -295,7 +295,8 @@ def summary(kept, skipped, malformed):
 
 
 def build_parser():
-    p = OneLineParser(prog="transform_chat.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="transform_chat.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="JSONL of {'messages': [...]} records")
     p.add_argument("--output", required=True, help="JSON list to write")
     p.add_argument("--spacy_model",

@@ -174,7 +174,8 @@ def test_cot_model_answers_without_latents(tmp_path_factory, tiny_val, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "not_coconut", "too_long", "stage", "bad_file", "bad_example",
-                                  "latent_marker", "device", "no_cuda", "damaged_weights", "special_text", "bad_answer"])
+                                  "latent_marker", "device", "no_cuda", "damaged_weights", "special_text",
+                                  "bad_answer"])
 def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
     import shutil
 
@@ -204,7 +205,8 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
     elif case == "special_text":
         argv[2] = "Is Tom a wumpus?<|endoftext|> Or not?"  # read as EOS, not text
     elif case == "bad_answer":  # would leave the accuracy's count silently
-        (tmp_path / "q.json").write_text(json.dumps([{"question": "ok", "answer": None}, {"question": "q", "answer": 42}]))
+        questions = [{"question": "ok", "answer": None}, {"question": "q", "answer": 42}]  # None: no reference
+        (tmp_path / "q.json").write_text(json.dumps(questions))
         argv[1:3] = ["--questions", str(tmp_path / "q.json")]
     elif case == "bad_example":
         (tmp_path / "q.json").write_text(json.dumps([{"question": "ok"}, {"answer": "no question"}]))
