@@ -896,8 +896,9 @@ class Coconut(nn.Module):
         the three latent tokens). The keyword arguments c_thought, max_latent_stage,
         pad_latent_to_max and method (and max_new_tokens, if given) are stored in
         `coconut_config.json` with the token ids; unset ones come from
-        `self.coconut_config` (set by from_pretrained), else 1, 1, False, "coconut". `AutoModelForCausalLM.from_pretrained(folder)`
-        loads the base model; `Coconut.from_pretrained(folder)` loads it all back.
+        `self.coconut_config` (set by from_pretrained), else 1, 1, False, "coconut".
+        `AutoModelForCausalLM.from_pretrained(folder)` loads the base model;
+        `Coconut.from_pretrained(folder)` loads it all back.
         """
         settings = {key: kwargs.pop(key) for key in self.COCONUT_SETTINGS + self.OPTIONAL_SETTINGS if key in kwargs}
         config = {

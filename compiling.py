@@ -6,8 +6,9 @@ state dict stay as they are), in one of two ways (startup.py picks):
 
 `compile_decoder(model)`, when the model runs whole (one process, or a replica per
 process for only_eval) without activation checkpointing: the decoder stack (the base
-model without its LM head) is one graph per pass shape, its KV cache update included, so a latent pass over one
-column is one call of compiled code instead of some 100 small operations per layer.
+model without its LM head) is one graph per pass shape, its KV cache update included,
+so a latent pass over one column is one call of compiled code instead of some 100
+small operations per layer.
 Shapes are dynamic, and training at any stage makes three graphs: the first pass, on
 an empty cache (a batch without latents runs with a cache too, to share it), every
 one-column pass whatever the cache length, and the longer passes after a latent

@@ -257,8 +257,8 @@ def fill_from_main(model, source, env: DistEnv) -> None:
 def autocast_forward(model, compute_dtype, device: torch.device) -> None:
     """Run the model's forward (and generate) under torch.autocast: mixed precision
     without FSDP (one process, or a replica per process for only_eval), parameters and
-    optimizer left in fp32. `model` is what the run calls: the Coconut wrapper, whose passes call the
-    base model's parts directly, or the base model itself."""
+    optimizer left in fp32. `model` is what the run calls: the Coconut wrapper, whose
+    passes call the base model's parts directly, or the base model itself."""
     for name in ("forward", "generate"):
         method = getattr(model, name, None)
         if method is not None:

@@ -81,7 +81,7 @@ def export(config_path: str, checkpoint_path: str, out_dir: str, log=_note) -> d
     return Coconut.read_coconut_config(out_dir)
 
 
-def check_out_dir(out_dir: str, model_source: tuple = ("model_id", None)) -> None:
+def check_out_dir(out_dir: str, model_source: tuple) -> None:
     """ConfigError unless out_dir is a folder, or can be made one, that this process
     can write (checked before the model is built; nothing is created here); and one that
     is empty or an earlier export (it holds coconut_config.json): the run's own model

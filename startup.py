@@ -80,7 +80,6 @@ def _find_start(config, log, processes: int = 1) -> Start:
         found = checkpoint.find_run_resume_point(config.save_dir, warn=log)
         if found is not None:
             say_config_changes(config, processes, found.epoch, log)
-        if found is not None:
             epoch = found.epoch
             log("Warning: found previous run and gonna resume from that. the inputted `resume` argument is ignored!")
             log(f"Loading from previous run epoch_{epoch}!")
