@@ -363,23 +363,26 @@ def tidy_run_folder(save_dir: str | os.PathLike) -> None:
     harmless where they stay); only while no run writes the folder (its lock held)."""
     for path in run_folder_leftovers(save_dir):
         with contextlib.suppress(OSError):
-            if not _TEMP_RE.fullmatch(os.path.basename(path)):
-                _remove_state(path)  # a .state without its model file
-            elif os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
+            if _TEMP_RE.fullmatch(os.path.basename(path)):
+                _remove_temp(path)
             else:
-                _unlink(path)
+                _remove_state(path)  # a .state without its model file
 
 
 def _remove_temp_files(save_dir: str) -> None:
     """Remove temporary checkpoint files and folders left by killed saves (one run per folder)."""
     for entry in os.scandir(save_dir):
-        if not _TEMP_RE.fullmatch(entry.name):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        elif entry.is_file(follow_symlinks=False):
-            _unlink(entry.path)
+        if _TEMP_RE.fullmatch(entry.name) and (entry.is_dir(follow_symlinks=False)
+                                               or entry.is_file(follow_symlinks=False)):
+            _remove_temp(entry.path)
+
+
+def _remove_temp(path: str) -> None:
+    """A temporary file or folder of an atomic write (a folder: a .state being written or deleted)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink(path)
 
 
 def _check_model_state(model_state: Any) -> None:
