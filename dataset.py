@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset, Features, List, Value
 
 from cli import UserError
-from layout import END, LATENT, START, PromptLayout, special_token_texts
+from layout import END, LATENT, START, PromptLayout, first_spelled, special_token_texts, spelled_tokens
 
 IGNORE_INDEX = -100
 # Below this many examples, worker start-up costs more than tokenizing in one process.
@@ -93,33 +93,15 @@ def check_special_text(path, examples: list, tokenizer) -> None:
     (and a token past the embeddings, such as an image token, crashes mid-epoch)."""
     specials = special_token_texts(tokenizer)
     joined = "\0".join(text for example in examples for _, text in _texts(example))
-    found = _spelled(joined, specials)
+    found = spelled_tokens(joined, specials)
     if not found:
         return
     for i, example in enumerate(examples):
         for key, text in _texts(example):
-            first = min(((text.index(token), -len(token), token) for token in found if token in text), default=None)
-            if first is not None:  # the first one the text spells
-                token = first[2]
+            token = first_spelled(text, found)
+            if token is not None:
                 raise DataError(f"{path}: example {i}: '{key}' contains {token}, one of the tokenizer's special "
                                 "tokens: it would be read as that token, not as text")
-
-
-def _spelled(text: str, tokens: set) -> set:
-    """The tokens that occur in `text`. Tokens are grouped by their first two characters,
-    and each occurrence of such a prefix is looked up by length: the cost follows the
-    prefixes' occurrences, not the number of tokens (Gemma names thousands, '<unusedN>'),
-    and is a few substring searches for text without them (GSM8k's 385k examples: 0.5 s)."""
-    groups = {}  # prefix -> {length: {token, ...}}
-    for token in tokens:
-        groups.setdefault(token[:2], {}).setdefault(len(token), set()).add(token)
-    found = set()
-    for prefix, by_length in groups.items():
-        at = text.find(prefix)
-        while at != -1:
-            found.update(text[at: at + length] for length, group in by_length.items() if text[at: at + length] in group)
-            at = text.find(prefix, at + 1)
-    return found
 
 
 def unscorable_warnings(path, examples: list) -> list:

@@ -21,7 +21,7 @@ import torch
 
 from cli import UserError, first_line
 from coconut import Coconut, align_latents, context_length
-from layout import END, LATENT, START, LatentTokens, PromptLayout, special_token_texts
+from layout import END, LATENT, START, LatentTokens, PromptLayout, first_spelled, special_token_texts
 from modeling import fuse_gelu
 from utils import METHODS, extract_answer
 
@@ -148,9 +148,9 @@ def prompt_ids(exported: "Exported", question: str, stage: int, n_steps: Optiona
     if marker is not None:  # it would tokenize to a latent token the prompt does not place
         raise UserError(f"the question {shown!r} holds {marker}, a token of the prompt's latent block; "
                         "give the question alone")
-    spelled = [(question.index(t), t) for t in exported.special_texts if t in question]
-    if spelled:  # as run.py refuses such data (dataset.check_special_text)
-        raise UserError(f"the question {shown!r} holds {min(spelled)[1]}, one of the tokenizer's special tokens: "
+    special = first_spelled(question, exported.special_texts)
+    if special is not None:  # as run.py refuses such data (dataset.check_special_text)
+        raise UserError(f"the question {shown!r} holds {special}, one of the tokenizer's special tokens: "
                         "it would be read as that token, not as text")
     question_ids = exported.tokenizer.encode(question + "\n", add_special_tokens=True)
     return exported.layout.question_prompt(question_ids, stage, n_steps)

@@ -99,3 +99,27 @@ def special_token_texts(tokenizer) -> set:
     specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
     specials.discard("")
     return specials
+
+
+def spelled_tokens(text: str, tokens: set) -> set:
+    """The tokens that occur in `text`. Tokens are grouped by their first two characters,
+    and each occurrence of such a prefix is looked up by length: the cost follows the
+    prefixes' occurrences, not the number of tokens (Gemma names thousands, '<unusedN>'),
+    and is a few substring searches for text without them (GSM8k's 385k examples: 0.5 s)."""
+    groups = {}  # prefix -> {length: {token, ...}}
+    for token in tokens:
+        groups.setdefault(token[:2], {}).setdefault(len(token), set()).add(token)
+    found = set()
+    for prefix, by_length in groups.items():
+        at = text.find(prefix)
+        while at != -1:
+            found.update(text[at: at + length] for length, group in by_length.items() if text[at: at + length] in group)
+            at = text.find(prefix, at + 1)
+    return found
+
+
+def first_spelled(text: str, tokens: set) -> Optional[str]:
+    """The token of `tokens` that `text` spells first (the longest of those at one place,
+    as the tokenizer reads it), None when it spells none."""
+    present = spelled_tokens(text, tokens)
+    return min(present, key=lambda token: (text.index(token), -len(token), token)) if present else None

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset as D  # noqa: E402
+from layout import first_spelled, spelled_tokens  # noqa: E402
 from tiny import make_tokenizer  # noqa: E402
 
 # Marker ids: any ints work for layouts; distinct from each other and from pieces' tokens.
@@ -256,13 +257,16 @@ def test_text_is_refused_exactly_where_the_tokenizer_reads_a_special_token_in_it
 
 
 def test_special_tokens_are_found_by_prefix_as_a_plain_substring_search_finds_them():
-    """_spelled against the naive search: every token, in the whole text."""
+    """layout.spelled_tokens against the naive search: every token, in the whole text."""
     rng = random.Random(3)
     tokens = {f"<unused{i}>" for i in range(300)} | {"<|endoftext|>", "<|eot_id|>", "<s>", "</s>", "[PAD]", "<u>"}
     alphabet = ["<unused", "<|", "<u", ">", "|>", "1", "17", "299", "s", "eot_id", "endoftext", " ", "[PAD]", "/"]
     for _ in range(200):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
-        assert D._spelled(text, tokens) == {token for token in tokens if token in text}, text
+        assert spelled_tokens(text, tokens) == {token for token in tokens if token in text}, text
+        # the first one, the longest of those starting at one place (as the tokenizer reads it)
+        naive = min(((text.index(t), -len(t), t) for t in tokens if t in text), default=(None, None, None))[2]
+        assert first_spelled(text, tokens) == naive, text
 
 
 def test_special_token_text_names_the_first_example_and_key_and_stops_get_dataset(tmp_path, tok):
