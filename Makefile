@@ -42,7 +42,8 @@ demo: venv
 	WANDB_MODE=disabled OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) run.py args/demo.yaml
 
 # `make bench`: CPU benchmarks against the naive algorithm (bench/bench.py: step time per
-# stage, memory, generation), the dispatch-bound proxy of a GPU step (bench/proxy.py), and,
+# stage, memory, generation), the dispatch-bound proxy of a GPU step (bench/proxy.py), FSDP's
+# weight gathers in latent passes on 2 processes (bench/fsdp_proxy.py), and,
 # after `make demo`, one epoch of args/demo.yaml (temporary checkpoints, wandb disabled);
 # last, the proxy with compile: True, in what is left of the 10 minutes.
 # Under 10 minutes on 2 cores; writes bench/results/ only.

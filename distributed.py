@@ -221,19 +221,38 @@ def transformer_blocks(base_causallm) -> list:
     return blocks
 
 
-def shard(model, base_causallm, compute_dtype=None):
+def shard(model, base_causallm, compute_dtype=None, reshard_after_forward=True):
     """FSDP2: each transformer block is one unit, the rest (embeddings, head) the root.
 
     compute_dtype (e.g. torch.bfloat16): FSDP2 mixed precision, parameters kept in their
     own dtype (fp32) and cast for compute, gradients reduced in fp32. `bf16: True`
     instead casts the whole model before this, as published.
+
+    reshard_after_forward=False: a block keeps the weights it gathered for its first pass
+    until reshard_blocks frees them (the trainer calls it before each optimizer step):
+    one all-gather per block and optimizer step, where FSDP's default gathers a block
+    again for every pass and again for every pass's backward (a stage-k step runs k + 1
+    passes). The cost: every block's whole weights, in the compute dtype, on every
+    process for the whole step.
     """
     policy = MixedPrecisionPolicy() if compute_dtype is None else \
         MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in transformer_blocks(base_causallm):
-        fully_shard(block, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        if not reshard_after_forward:  # the backward of the step's other passes needs them too
+            block.set_reshard_after_backward(False)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def reshard_blocks(model) -> None:
+    """Free the gathered weights that shard(reshard_after_forward=False) keeps. Due before
+    the optimizer changes the shards: the next forward would run on the kept, stale copy."""
+    if not isinstance(model, FSDPModule):  # one process: nothing is sharded
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def fill_from_main(model, source, env: DistEnv) -> None:

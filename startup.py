@@ -22,6 +22,10 @@ from coconut import Coconut
 from evaluate import generator_for
 from modeling import BuiltModel, ModelLoadError, build_empty_model, build_model, checkpoint_blocks, fuse_gelu
 
+REGATHER_NOTE = ("FSDP gathers each block's weights again for every latent pass and its backward; "
+                 "reshard_after_forward: False gathers them once per optimizer step, for every block's whole "
+                 "weights on each process during the step (README, Large models)")
+
 
 @dataclass
 class Start:
@@ -172,7 +176,10 @@ def build_and_place(config, start: Start, env, log) -> tuple:
     built = build_empty_model(config, dtype, rows)
     _prepare(built, config, env, sharded=True)
     log(f"Running FSDP on rank = {env.rank}, world size = {env.world_size}")
-    model = distributed.shard(built.model, built.base_causallm, distributed.COMPUTE_DTYPES[config.mixed_precision])
+    if config.method.fills_latents and config.reshard_after_forward:
+        log(REGATHER_NOTE)
+    model = distributed.shard(built.model, built.base_causallm, distributed.COMPUTE_DTYPES[config.mixed_precision],
+                              config.reshard_after_forward)
     distributed.fill_from_main(model, source and source.model, env)
     return built, model
 

@@ -175,7 +175,11 @@ class TrainingRun:
             val_loss = validation_loss(self.model, self.stager.validation(stage, epoch), self.collator,
                                        self.config.batch_size_training, self.env)
             self.log_metrics({"eval/loss": val_loss}, f"eval loss {val_loss}")
-        return self.evaluate(stage)
+        metrics = self.evaluate(stage)
+        # reshard_after_forward False: evaluation's passes leave the blocks' weights gathered,
+        # and a new optimizer or a save needs the model's parameters sharded again
+        distributed.reshard_blocks(self.model)
+        return metrics
 
     def finish_epoch(self, epoch: int, metrics: dict, saved: bool) -> None:
         """save_only_improve's save, the best accuracy, and the progress record. saved: the
@@ -223,8 +227,7 @@ class TrainingRun:
             loss = model(**distributed.to_device(batch, env.device), **forward_options).loss / accumulation
             loss.backward()
             if steps_now:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(model, optimizer, config.reshard_after_forward)
                 bar.update(1)
             shown = round(float(loss.detach().float() * accumulation), 4)
             if self.wandb is not None:
@@ -279,6 +282,16 @@ class TrainingRun:
             self.log(line)
         if self.wandb is not None:
             self.wandb.log(metrics)
+
+
+def optimizer_step(model, optimizer, reshard_after_forward: bool) -> None:
+    """One optimizer step, then the gradients cleared. With reshard_after_forward False,
+    FSDP's blocks first free the weights they kept gathered: the step changes the shards
+    those copies came from."""
+    if not reshard_after_forward:
+        distributed.reshard_blocks(model)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def new_optimizer(model, config, start: Start, epoch: int, env, log):

@@ -132,6 +132,9 @@ class Config:
     # the whole model as published; and recomputing each block's activations.
     mixed_precision: str = "none"
     activation_checkpointing: bool = False
+    # Under FSDP (torchrun training), False keeps each block's gathered weights for the
+    # whole step instead of gathering them again for every latent pass and its backward
+    reshard_after_forward: bool = True
     compile: bool = False  # torch.compile the decoder pass, or each block under FSDP (compiling.py)
     # GPT-2's gelu_new as one operation (modeling.fuse_gelu: the same formula, equal to rounding)
     fused_gelu: bool = True

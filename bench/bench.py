@@ -34,9 +34,13 @@ random weights, dropout off; ProsQA-shaped batches from bench/workload.py):
    training ratio again with `compile: True` (`bench/proxy.py --compile-only`), when
    at least COMPILED_PROXY_MIN_S of the run's 10-minute budget is left (its graphs
    take 1 to 3 minutes to compile), and stopped at the budget.
-5. One epoch of args/demo.yaml through run.py (temporary checkpoints, wandb disabled),
+5. FSDP's weight gathers in latent passes (bench/fsdp_proxy.py): the proxy's model on 2
+   processes (gloo, 1 thread each), a step with 6 latents and one with none, with FSDP's
+   default (each block gathered for every pass and its backward) and with
+   `reshard_after_forward: False` (once per step); step times and all-gathers per step.
+6. One epoch of args/demo.yaml through run.py (temporary checkpoints, wandb disabled),
    only when that config and its data exist (after `make demo`).
-6. Host memory (bench/host_memory.py): the peak RSS of the largest process of a
+7. Host memory (bench/host_memory.py): the peak RSS of the largest process of a
    2-process (FSDP) run.py run of a ~200M-parameter Llama over the 1-process run's
    (target <= 0.7), and a stage-6 step's peak with and without activation
    checkpointing and bf16 autocast.
@@ -71,7 +75,7 @@ if __name__ == "__main__":  # as a script, sys.path[0] is bench/, where this fil
 
 import torch  # noqa: E402
 
-from bench import host_memory, workload  # noqa: E402
+from bench import fsdp_proxy, host_memory, workload  # noqa: E402
 from bench.host_memory import reset_peak, status_bytes  # noqa: E402
 from bench.naive import DEFAULT_REBUILD, naive_generate_one, naive_train_step_forward  # noqa: E402
 from coconut import Coconut  # noqa: E402
@@ -488,6 +492,7 @@ def table(results) -> str:
     elif compiled is not None:
         tr = compiled["train_compiled"]
         lines.append(_proxy_train_line("training step, compile: True", tr) + f"; compiling took {tr['compile_s']:.0f} s")
+    lines += fsdp_lines(results.get("fsdp"))
     demo = results.get("demo")
     if demo is not None:
         lines.append("")
@@ -503,6 +508,20 @@ def _proxy_train_line(label: str, tr: dict) -> str:
     with_latents = tr[f"stage_{tr['latents']}_s"]
     return (f"  {label}: no latents {tr['stage_0_s'] * 1e3:.1f} ms, {tr['latents']} latents {with_latents * 1e3:.1f} ms: "
             f"{tr['ratio']:.2f}x (target <= {tr['target']}x) -> {'MET' if tr['target_met'] else 'MISSED'}")
+
+
+def fsdp_lines(fsdp) -> list:
+    if not fsdp:
+        return []
+    lines = ["", f"FSDP, {fsdp['processes']} processes x 1 thread (GPT-2 {fsdp['layers']} layers x {fsdp['width']}, "
+                 f"batch {fsdp['batch_per_process']} per process; forward, backward and AdamW step)"]
+    k = fsdp["latents"]
+    for flag, r in fsdp["reshard_after_forward"].items():
+        lines.append(f"  reshard_after_forward: {flag:>5}: no latents {r['stage_0_s'] * 1e3:5.0f} ms "
+                     f"({r['all_gathers_stage_0']:3} all-gathers), {k} latents {r[f'stage_{k}_s'] * 1e3:5.0f} ms "
+                     f"({r[f'all_gathers_stage_{k}']:3} all-gathers): {r['ratio']:.2f}x")
+    lines.append(f"  a step with {k} latents: {fsdp['latent_step_speedup']:.2f}x faster with reshard_after_forward: False")
+    return lines
 
 
 def host_memory_lines(results) -> list:
@@ -537,7 +556,7 @@ def main(argv=None):
                         help="naive training step's per-position list: 'index' is the published code's "
                              "embeds[b, p, :] (its backward is very slow), 'unbind' the same list made cheaply")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench.json and step_time.png")
-    section_names = ["training", "memory", "generation", "proxy", "demo", "sharding", "checkpointing", "proxy_compiled"]
+    section_names = ["training", "memory", "generation", "proxy", "fsdp", "demo", "sharding", "checkpointing", "proxy_compiled"]
     parser.add_argument("--skip", action="append", default=[], choices=section_names, help="leave a section out (repeatable)")
     parser.add_argument("--setup", choices=["full", "quick"], help=argparse.SUPPRESS)
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
@@ -571,6 +590,7 @@ def main(argv=None):
         "memory": lambda: bench_memory(setup, args.threads, log),
         "generation": lambda: bench_generation(setup, log),
         "proxy": lambda: {"skipped": "--quick"} if setup.name == "quick" else bench_proxy(log),
+        "fsdp": lambda: fsdp_proxy.run(quick=setup.name == "quick", log=log),
         "demo": lambda: {"skipped": "--quick"} if setup.name == "quick" else bench_demo(log),
         # host memory of sharded training and of a stage-6 step with activation checkpointing
         "sharding": lambda: host_memory.measure_sharding("quick" if setup.name == "quick" else "full", log),

@@ -124,6 +124,9 @@ def test_quick_bench_runs_every_section_and_agrees_with_the_naive_algorithm(tmp_
     assert (tmp_path / "step_time.png").stat().st_size > 10_000
     assert results["checkpointing"]["checkpointing_same_loss"]
     assert len(results["sharding"]["two_process_peak_bytes"]) == 2
+    # FSDP's default gathers the root once and each of 2 blocks for each of 7 passes and its backward
+    fsdp = results["fsdp"]["reshard_after_forward"]
+    assert (fsdp["True"]["all_gathers_stage_6"], fsdp["False"]["all_gathers_stage_6"]) == (1 + 2 * 2 * 7, 1 + 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+import startup
 import trainer
 from builders import (ACC_RE, COT_RE, FULL_RE, PREFIX, REPO, RUN_PY, acc_lines, assert_same_tensors,
                       assert_same_values, epochs_started, free_port, keys_for, load, makefile_demo_data_args,
@@ -240,6 +241,33 @@ def test_torchrun_two_processes(tmp_path, gpt2_folder, chain_data):
     assert list_checkpoints(save_dir) == [1, 2]
     state = load(save_dir / "checkpoint_2")
     assert all(k.startswith(PREFIX) for k in state)
+
+
+@pytest.mark.slow
+def test_torchrun_with_blocks_that_keep_their_gathered_weights(tmp_path, gpt2_folder, chain_data):
+    """reshard_after_forward: False under FSDP, over what follows an evaluation (whose
+    passes leave the blocks' weights gathered): a new AdamW (reset_optimizer, stage 0 ->
+    1) trains as FSDP's default does, the same lines and checkpoints; a save with the
+    optimizer state (save_only_improve, the optimizer carried over) finds the parameters
+    sharded."""
+    def launch(name, **over):
+        keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", name, coconut=True, batch_size_training=4,
+                        batch_size_eval=4, **over)
+        args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), RUN_PY,
+                write_cfg(tmp_path / f"{name}.yaml", keys)]
+        proc = run_sub(args, timeout=150)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert (startup.REGATHER_NOTE in proc.stdout) == keys["reshard_after_forward"]
+        return re.findall(r"^(?:eval loss|Accuracy|CoT match|Full output).*$", proc.stdout, re.M)
+
+    lines = {reshard: launch(f"reset_{reshard}", reset_optimizer=True, reshard_after_forward=reshard)
+             for reshard in (True, False)}
+    assert len([line for line in lines[True] if line.startswith("eval loss")]) == 2
+    assert lines[False] == lines[True]
+    for epoch in (1, 2):
+        assert_same_tensors(tmp_path / "ckpt" / "reset_False" / f"checkpoint_{epoch}",
+                            tmp_path / "ckpt" / "reset_True" / f"checkpoint_{epoch}")
+    launch("saved_after_evaluation", reset_optimizer=False, save_only_improve=True, reshard_after_forward=False)
 
 
 # ------------------------------------------------------------------ 3. only_eval reproduces the run's last evaluation

@@ -22,6 +22,7 @@ import checkpoint
 import distributed
 import startup
 import trainer
+from bench.fsdp_proxy import all_gathers
 from coconut import Coconut
 from distributed import DistEnv
 import modeling
@@ -303,10 +304,11 @@ def train(config, env, save_at=None):
     model.train()
     for step in range(start, STEPS):
         batch = rank_share(global_batch(built.tokens, step), env.rank, env.world_size)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            loss = model(**batch).loss
+            loss.backward()
+            trainer.optimizer_step(model, optimizer, config.reshard_after_forward)
+        result.setdefault("all_gathers", {})[step] = all_gathers(profile)
         result["losses"][step] = distributed.all_reduce_sum([loss.item()], env)[0] / env.world_size
         if step + 1 == save_at:
             trainer.save_run_state(model, optimizer, config.save_dir, step + 1, 0.0, env)
@@ -474,6 +476,9 @@ def runs(tmp_path_factory):
     two = spawn(2, {
         "plain": (dict(model=model, save_dir=str(tmp / "two")), SAVED_AFTER),
         "checkpointed": (dict(model=model, save_dir=str(tmp / "two_ac"), activation_checkpointing=True), None),
+        "gathered_once": (dict(model=model, save_dir=str(tmp / "two_gathered"), reshard_after_forward=False), SAVED_AFTER),
+        "gathered_once_checkpointed": (dict(model=model, save_dir=str(tmp / "two_gathered_ac"),
+                                            reshard_after_forward=False, activation_checkpointing=True), None),
         "bf16": (dict(model=model, save_dir=str(tmp / "two_bf16"), mixed_precision="bf16"), None),
         "one_to_two": (dict(model=model, save_dir=copy_run(tmp / "one", tmp / "one_to_two")), STEPS),
         "legacy_to_two": (dict(model=model, save_dir=legacy), None),
@@ -611,6 +616,22 @@ def test_a_cot_run_from_a_checkpoint_with_the_new_rows_shards_and_trains_alike(r
 @pytest.mark.slow  # the shared multi-process runs (~40 s)
 def test_two_processes_with_activation_checkpointing_give_the_same_curve(runs):
     assert_same_curve(runs["two"]["checkpointed"]["losses"], runs["one"]["plain"]["losses"], 1e-5)
+
+
+@pytest.mark.slow  # the shared multi-process runs (~40 s)
+def test_blocks_that_keep_their_gathered_weights_train_alike_and_gather_once_a_step(runs):
+    """reshard_after_forward: False. Each step runs 4 passes (3 latents) through 2 blocks:
+    FSDP's default gathers each block for every pass and every pass's backward, and the
+    root once; kept weights, each of the 3 units once. The kept copies are freed before
+    each optimizer step: a step on stale weights would change the curve."""
+    default, kept = runs["two"]["plain"], runs["two"]["gathered_once"]
+    passes, blocks = 4, 2
+    assert set(default["all_gathers"].values()) == {2 * passes * blocks + 1}, default["all_gathers"]
+    assert set(kept["all_gathers"].values()) == {blocks + 1}, kept["all_gathers"]
+    for name in ("gathered_once", "gathered_once_checkpointed"):
+        assert runs["two"][name]["losses"] == default["losses"], name
+        assert runs["two"][name]["generated"] == default["generated"], name
+    assert kept["file_is_the_model"]
 
 
 @pytest.mark.slow  # the shared multi-process runs (~40 s)
