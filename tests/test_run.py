@@ -247,7 +247,8 @@ def test_torchrun_two_processes(tmp_path, gpt2_folder, chain_data):
 def test_torchrun_with_blocks_that_keep_their_gathered_weights(tmp_path, gpt2_folder, chain_data):
     """reshard_after_forward: False under FSDP, over what follows an evaluation (whose
     passes leave the blocks' weights gathered): a new AdamW (reset_optimizer, stage 0 ->
-    1) trains as FSDP's default does, the same lines and checkpoints; a save with the
+    1) trains as FSDP's default does (the weights kept over accumulated micro-batches),
+    the same lines and checkpoints; a save with the
     optimizer state (save_only_improve, the optimizer carried over) finds the parameters
     sharded."""
     def launch(name, **over):
@@ -260,8 +261,8 @@ def test_torchrun_with_blocks_that_keep_their_gathered_weights(tmp_path, gpt2_fo
         assert (startup.REGATHER_NOTE in proc.stdout) == keys["reshard_after_forward"]
         return re.findall(r"^(?:eval loss|Accuracy|CoT match|Full output).*$", proc.stdout, re.M)
 
-    lines = {reshard: launch(f"reset_{reshard}", reset_optimizer=True, reshard_after_forward=reshard)
-             for reshard in (True, False)}
+    lines = {reshard: launch(f"reset_{reshard}", reset_optimizer=True, gradient_accumulation_steps=2,
+                             reshard_after_forward=reshard) for reshard in (True, False)}
     assert len([line for line in lines[True] if line.startswith("eval loss")]) == 2
     assert lines[False] == lines[True]
     for epoch in (1, 2):
