@@ -479,6 +479,8 @@ def runs(tmp_path_factory):
         "gathered_once": (dict(model=model, save_dir=str(tmp / "two_gathered"), reshard_after_forward=False), SAVED_AFTER),
         "gathered_once_checkpointed": (dict(model=model, save_dir=str(tmp / "two_gathered_ac"),
                                             reshard_after_forward=False, activation_checkpointing=True), None),
+        "gathered_once_bf16": (dict(model=model, save_dir=str(tmp / "two_gathered_bf16"), reshard_after_forward=False,
+                                    mixed_precision="bf16"), None),
         "bf16": (dict(model=model, save_dir=str(tmp / "two_bf16"), mixed_precision="bf16"), None),
         "one_to_two": (dict(model=model, save_dir=copy_run(tmp / "one", tmp / "one_to_two")), STEPS),
         "legacy_to_two": (dict(model=model, save_dir=legacy), None),
@@ -623,14 +625,16 @@ def test_blocks_that_keep_their_gathered_weights_train_alike_and_gather_once_a_s
     """reshard_after_forward: False. Each step runs 4 passes (3 latents) through 2 blocks:
     FSDP's default gathers each block for every pass and every pass's backward, and the
     root once; kept weights, each of the 3 units once. The kept copies are freed before
-    each optimizer step: a step on stale weights would change the curve."""
+    each optimizer step: a step on stale weights would change the curve. Also with
+    activation checkpointing, and with FSDP's bf16 policy (weights gathered in bf16)."""
     default, kept = runs["two"]["plain"], runs["two"]["gathered_once"]
     passes, blocks = 4, 2
     assert set(default["all_gathers"].values()) == {2 * passes * blocks + 1}, default["all_gathers"]
     assert set(kept["all_gathers"].values()) == {blocks + 1}, kept["all_gathers"]
-    for name in ("gathered_once", "gathered_once_checkpointed"):
-        assert runs["two"][name]["losses"] == default["losses"], name
-        assert runs["two"][name]["generated"] == default["generated"], name
+    for name, reference in (("gathered_once", "plain"), ("gathered_once_checkpointed", "plain"),
+                            ("gathered_once_bf16", "bf16")):
+        assert runs["two"][name]["losses"] == runs["two"][reference]["losses"], name
+        assert runs["two"][name]["generated"] == runs["two"][reference]["generated"], name
     assert kept["file_is_the_model"]
 
 
