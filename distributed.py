@@ -229,8 +229,8 @@ def shard(model, base_causallm, compute_dtype=None, reshard_after_forward=True):
     instead casts the whole model before this, as published.
 
     reshard_after_forward=False: a block keeps the weights it gathered for its first pass
-    until reshard_blocks frees them (the trainer calls it before each optimizer step):
-    one all-gather per block and optimizer step, where FSDP's default gathers a block
+    until reshard_blocks frees them (the trainer calls it before each optimizer step and
+    after each evaluation): one all-gather per block and optimizer step, where FSDP's default gathers a block
     again for every pass and again for every pass's backward (a stage-k step runs k + 1
     passes). The cost: every block's whole weights, in the compute dtype, on every
     process for the whole step.
@@ -246,8 +246,11 @@ def shard(model, base_causallm, compute_dtype=None, reshard_after_forward=True):
 
 
 def reshard_blocks(model) -> None:
-    """Free the gathered weights that shard(reshard_after_forward=False) keeps. Due before
-    the optimizer changes the shards: the next forward would run on the kept, stale copy."""
+    """Free the gathered weights that shard(reshard_after_forward=False) keeps (every FSDP
+    unit's; a sharded one is left as it is). Due before the optimizer changes the shards,
+    or the next forward would run on the kept, stale copy; and before a new optimizer or
+    an optimizer state dict reads model.parameters(), which name the gathered copies
+    while they are kept."""
     if not isinstance(model, FSDPModule):  # one process: nothing is sharded
         return
     for module in model.modules():

@@ -8,8 +8,8 @@
   broadcast to the others, which build it on the meta device). Sharded training (FSDP2): rank 0 builds the
   whole model as a lone process would, the others only its structure on the meta
   device (no memory); every rank shards it, then rank 0's weights fill the shards one
-  tensor at a time. `fused_gelu`, `activation_checkpointing`, `compile` and
-  `mixed_precision` apply here.
+  tensor at a time. `fused_gelu`, `activation_checkpointing`, `compile`,
+  `mixed_precision` and `reshard_after_forward` apply here.
 """
 
 from dataclasses import dataclass
@@ -23,8 +23,8 @@ from evaluate import generator_for
 from modeling import BuiltModel, ModelLoadError, build_empty_model, build_model, checkpoint_blocks, fuse_gelu
 
 REGATHER_NOTE = ("FSDP gathers each block's weights again for every latent pass and its backward; "
-                 "reshard_after_forward: False gathers them once per optimizer step, for every block's whole "
-                 "weights on each process during the step (README, Large models)")
+                 "reshard_after_forward: False gathers them once a step and keeps them, which takes the whole "
+                 "model's weights on each process (README, \"FSDP and latent passes\")")
 
 
 @dataclass

@@ -177,7 +177,7 @@ class TrainingRun:
             self.log_metrics({"eval/loss": val_loss}, f"eval loss {val_loss}")
         metrics = self.evaluate(stage)
         # reshard_after_forward False: evaluation's passes leave the blocks' weights gathered,
-        # and a new optimizer or a save needs the model's parameters sharded again
+        # and a new optimizer or a saved optimizer state needs the sharded parameters back
         distributed.reshard_blocks(self.model)
         return metrics
 
@@ -227,7 +227,7 @@ class TrainingRun:
             loss = model(**distributed.to_device(batch, env.device), **forward_options).loss / accumulation
             loss.backward()
             if steps_now:
-                optimizer_step(model, optimizer, config.reshard_after_forward)
+                optimizer_step(model, optimizer)
                 bar.update(1)
             shown = round(float(loss.detach().float() * accumulation), 4)
             if self.wandb is not None:
@@ -284,12 +284,11 @@ class TrainingRun:
             self.wandb.log(metrics)
 
 
-def optimizer_step(model, optimizer, reshard_after_forward: bool) -> None:
-    """One optimizer step, then the gradients cleared. With reshard_after_forward False,
-    FSDP's blocks first free the weights they kept gathered: the step changes the shards
-    those copies came from."""
-    if not reshard_after_forward:
-        distributed.reshard_blocks(model)
+def optimizer_step(model, optimizer) -> None:
+    """One optimizer step, then the gradients cleared. FSDP's blocks first free the weights
+    that reshard_after_forward False keeps gathered (nothing to do otherwise): the step
+    changes the shards those copies came from."""
+    distributed.reshard_blocks(model)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -10,10 +10,11 @@ until the optimizer step: one gather per block and step.
 
 The model and batches are bench/proxy.py's (a deep, very narrow GPT-2, where each pass
 costs about what its dispatch costs, as on a GPU), each process holding half of the
-batch and one thread. For each setting of reshard_after_forward, steps with 6 latents
-and with none alternate (barriers around each step, rank 0's wall clock, the median
-over the steps): the stage-6 step over the stage-0 step, and FSDP's all-gathers per
-step, counted from the profiler's `FSDP::all_gather` marks in one more step of each.
+batch and one thread. Both settings of reshard_after_forward train side by side, steps
+with 6 latents and with none, the four kinds of step in rotating order (barriers
+around each step, rank 0's wall clock, the median over the rounds): the stage-6 step
+over the stage-0 step, and FSDP's all-gathers per step, counted from the profiler's
+`FSDP::all_gather` marks in one more step of each kind.
 A step is what run.py's trainer runs: forward, backward, trainer.optimizer_step (AdamW).
 """
 
@@ -57,32 +58,38 @@ def _sharded_model(reshard_after_forward: bool, layers: int):
     return coconut, torch.optim.AdamW(coconut.parameters(), lr=1e-4)
 
 
-def _measure(env, reshard_after_forward: bool, layers: int, steps: int) -> dict:
-    coconut, optimizer = _sharded_model(reshard_after_forward, layers)
+def _measure(env, layers: int, steps: int) -> dict:
+    """{str(reshard_after_forward): its figures}: both models trained side by side, the
+    four (setting, stage) steps in an order that rotates from one round to the next."""
+    models = {flag: _sharded_model(flag, layers) for flag in (True, False)}
     batches = {k: {name: t[env.rank::WORLD_SIZE] for name, t in
                    workload.training_batch(proxy.SHAPE, WORLD_SIZE * proxy.BATCH, k).items()}
                for k in (0, proxy.LATENTS)}
 
-    def step(k):
+    def step(flag, k):
+        coconut, optimizer = models[flag]
         coconut(**batches[k], return_logits=False).loss.backward()
-        trainer.optimizer_step(coconut, optimizer, reshard_after_forward)
+        trainer.optimizer_step(coconut, optimizer)
 
-    result, times = {}, {0: [], proxy.LATENTS: []}
-    for k in (0, proxy.LATENTS):
-        step(k)  # warm-up
+    kinds = [(flag, k) for flag in (True, False) for k in (0, proxy.LATENTS)]
+    results, times = {flag: {} for flag in models}, {kind: [] for kind in kinds}
+    for flag, k in kinds:
+        step(flag, k)  # warm-up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            step(k)
-        result[f"all_gathers_stage_{k}"] = all_gathers(profile)
+            step(flag, k)
+        results[flag][f"all_gathers_stage_{k}"] = all_gathers(profile)
     for i in range(steps):
-        for k in ((0, proxy.LATENTS) if i % 2 == 0 else (proxy.LATENTS, 0)):
+        for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
             distributed.barrier(env)
             start = time.perf_counter()
-            step(k)
+            step(*kind)
             distributed.barrier(env)
-            times[k].append(time.perf_counter() - start)
-    result.update({f"stage_{k}_s": statistics.median(t) for k, t in times.items()})
-    result["ratio"] = result[f"stage_{proxy.LATENTS}_s"] / result["stage_0_s"]
-    return result
+            times[kind].append(time.perf_counter() - start)
+    for (flag, k), seconds in times.items():
+        results[flag][f"stage_{k}_s"] = statistics.median(seconds)
+    for result in results.values():
+        result["ratio"] = result[f"stage_{proxy.LATENTS}_s"] / result["stage_0_s"]
+    return {str(flag): result for flag, result in results.items()}
 
 
 def _worker(rank, port, layers, steps, out):
@@ -91,7 +98,7 @@ def _worker(rank, port, layers, steps, out):
     torch.set_num_threads(1)
     env = distributed.setup()
     try:
-        results = {str(flag): _measure(env, flag, layers, steps) for flag in (True, False)}
+        results = _measure(env, layers, steps)
     finally:
         distributed.teardown()
     if rank == 0:
