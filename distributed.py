@@ -230,10 +230,10 @@ def shard(model, base_causallm, compute_dtype=None, reshard_after_forward=True):
 
     reshard_after_forward=False: a block keeps the weights it gathered for its first pass
     until reshard_blocks frees them (the trainer calls it before each optimizer step and
-    after each evaluation): one all-gather per block and optimizer step, where FSDP's default gathers a block
-    again for every pass and again for every pass's backward (a stage-k step runs k + 1
-    passes). The cost: every block's whole weights, in the compute dtype, on every
-    process for the whole step.
+    after each evaluation): one all-gather per block and optimizer step, where FSDP's
+    default gathers a block again for every pass and for every pass's backward (a
+    stage-k step runs k + 1 passes). The cost: every block's whole weights, in the
+    compute dtype, on every process for the whole step.
     """
     policy = MixedPrecisionPolicy() if compute_dtype is None else \
         MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)

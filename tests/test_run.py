@@ -248,9 +248,8 @@ def test_torchrun_with_blocks_that_keep_their_gathered_weights(tmp_path, gpt2_fo
     """reshard_after_forward: False under FSDP, over what follows an evaluation (whose
     passes leave the blocks' weights gathered): a new AdamW (reset_optimizer, stage 0 ->
     1) trains as FSDP's default does (the weights kept over accumulated micro-batches),
-    the same lines and checkpoints; a save with the
-    optimizer state (save_only_improve, the optimizer carried over) finds the parameters
-    sharded."""
+    the same lines and checkpoints; a save with the optimizer state (save_only_improve,
+    the optimizer carried over) finds the parameters sharded."""
     def launch(name, **over):
         keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", name, coconut=True, batch_size_training=4,
                         batch_size_eval=4, **over)
