@@ -22,9 +22,7 @@ from coconut import Coconut
 from evaluate import generator_for
 from modeling import BuiltModel, ModelLoadError, build_empty_model, build_model, checkpoint_blocks, fuse_gelu
 
-REGATHER_NOTE = ("FSDP gathers each block's weights again for every latent pass and its backward; "
-                 "reshard_after_forward: False gathers them once a step and keeps them, which takes the whole "
-                 "model's weights on each process (README, \"FSDP and latent passes\")")
+REGATHER_NOTE = "FSDP gathers each block's weights again for every latent pass and its backward"
 
 
 @dataclass
@@ -176,12 +174,22 @@ def build_and_place(config, start: Start, env, log) -> tuple:
     built = build_empty_model(config, dtype, rows)
     _prepare(built, config, env, sharded=True)
     log(f"Running FSDP on rank = {env.rank}, world size = {env.world_size}")
+    compute_dtype = distributed.COMPUTE_DTYPES[config.mixed_precision]
     if config.method.fills_latents and config.reshard_after_forward:
-        log(REGATHER_NOTE)
-    model = distributed.shard(built.model, built.base_causallm, distributed.COMPUTE_DTYPES[config.mixed_precision],
-                              config.reshard_after_forward)
+        log(regather_note(built.base_causallm, compute_dtype or dtype))
+    model = distributed.shard(built.model, built.base_causallm, compute_dtype, config.reshard_after_forward)
     distributed.fill_from_main(model, source and source.model, env)
     return built, model
+
+
+def regather_note(base_causallm, compute_dtype) -> str:
+    """The startup line under FSDP for a method with latent passes, with what keeping the
+    gathered weights would cost this model (its blocks' weights in the compute dtype)."""
+    params = sum(p.numel() for block in distributed.transformer_blocks(base_causallm) for p in block.parameters())
+    size = params * compute_dtype.itemsize
+    shown = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+    return (f"{REGATHER_NOTE}; reshard_after_forward: False gathers them once a step and keeps them: the blocks' "
+            f"whole weights, {shown}, on each process during the step (README, \"FSDP and latent passes\")")
 
 
 def _prepare(built: BuiltModel, config, env, sharded: bool) -> None:

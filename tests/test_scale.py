@@ -642,6 +642,17 @@ def test_blocks_that_keep_their_gathered_weights_train_alike_and_gather_once_a_s
     assert kept["file_is_the_model"]
 
 
+def test_the_fsdp_startup_note_says_what_keeping_the_gathered_weights_costs():
+    """The blocks' weights in the compute dtype: GPT-2's blocks (not its embeddings),
+    counted here layer by layer."""
+    model = make_gpt2(VOCAB, n_layer=3, n_embd=512)
+    block_bytes = sum(p.numel() for layer in model.transformer.h for p in layer.parameters()) * 4
+    assert 2**20 < block_bytes < 2**30  # premise: shown in MiB
+    assert f"the blocks' whole weights, {block_bytes / 2**20:.0f} MiB," in startup.regather_note(model, torch.float32)
+    assert f"weights, {block_bytes / 2 / 2**20:.0f} MiB," in startup.regather_note(model, torch.bfloat16)
+    assert startup.regather_note(model, torch.float32).startswith(startup.REGATHER_NOTE)
+
+
 @pytest.mark.slow  # the shared multi-process runs (~40 s)
 def test_fsdp_bf16_mixed_precision_stays_within_bf16_tolerance(runs):
     mixed, reference = runs["two"]["bf16"]["losses"], runs["one"]["plain"]["losses"]
