@@ -3,6 +3,7 @@
     python bench/host_memory.py            # both measurements (~5 minutes on 2 cores)
     python bench/host_memory.py --quick    # tiny models, to check that it runs (tests)
     python bench/host_memory.py --only sharding   # or: --only checkpointing
+    python bench/host_memory.py --only kept_weights   # not in the default run (~3 minutes)
 
 Writes bench/results/host_memory.json and prints the figures. `measure_sharding` and
 `measure_checkpointing` can also be called from bench/bench.py.
@@ -22,6 +23,11 @@ Writes bench/results/host_memory.json and prints the figures. `measure_sharding`
    bf16` does in one process), each in a fresh process: peak RSS during the step over
    the RSS just before it, and the bytes of the tensors autograd keeps for the backward
    pass (deterministic).
+3. Kept weights (`--only kept_weights`; README, "FSDP and latent passes"): the Llama of
+   1 on 2 processes for an epoch at stage 1 (one latent pass), with FSDP's default and
+   with `reshard_after_forward: False`, which keeps every block's gathered weights
+   through each step: the largest process's peak of each, and the startup line's
+   estimate of the difference (startup.regather_note: the blocks' fp32 weights).
 """
 
 import argparse
@@ -100,13 +106,14 @@ def write_run(folder: Path, size: str) -> Path:
     return model
 
 
-def config_for(folder: Path, model: Path, name: str, per_process_batch: int) -> Path:
+def config_for(folder: Path, model: Path, name: str, per_process_batch: int, **over) -> Path:
     import yaml
 
     keys = dict(coconut=True, model_id=str(model), train_path=str(folder / "train.json"),
                 val_path=str(folder / "val.json"), save_path=str(folder / "runs"), name=name, num_epochs=1,
                 batch_size_training=per_process_batch, batch_size_eval=2, max_new_tokens=4, c_thought=1,
                 max_latent_stage=1, seed=0, lr=1e-4)
+    keys.update(over)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(keys))
     return path
@@ -163,6 +170,28 @@ def measure_sharding(size: str = "full", log=print) -> dict:
     return {"method": "VmHWM of every process at the end of a 1-epoch run.py run (build, train, save, evaluate)",
             "parameters": n_params, "size": size, "one_process_peak_bytes": one[0],
             "two_process_peak_bytes": two, "ratio": ratio, "target": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO}
+
+
+def measure_kept_weights(size: str = "full", log=print) -> dict:
+    """Largest process's peak RSS of a 2-process stage-1 epoch, FSDP's default against
+    reshard_after_forward: False."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import startup
+
+    with tempfile.TemporaryDirectory(prefix="host_memory_") as tmp:
+        folder = Path(tmp)
+        model = write_run(folder, size)
+        with torch.device("meta"):
+            note = startup.regather_note(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)),
+                                         torch.float32)
+        log(f"kept weights: Llama {LLAMA_SIZES[size][:2]}, 2 processes, an epoch at stage 1; startup: {note}")
+        peaks = {str(flag): max(run_peaks(config_for(folder, model, f"kept_{flag}", 2, reshard_after_forward=flag,
+                                                     resume=1, num_epochs=2), 2, folder / f"kept_{flag}", log))
+                 for flag in (True, False)}
+    return {"method": "VmHWM of the largest of 2 processes over a stage-1 epoch of run.py", "size": size,
+            "largest_peak_bytes": peaks, "difference_bytes": peaks["False"] - peaks["True"], "startup_note": note}
 
 
 # ----------------------------------------------------------------------------- 2. checkpointing
@@ -241,7 +270,7 @@ def measure_checkpointing(quick: bool = False, log=print) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models: seconds, to check that it runs")
-    parser.add_argument("--only", choices=["sharding", "checkpointing"])
+    parser.add_argument("--only", choices=["sharding", "checkpointing", "kept_weights"])
     parser.add_argument("--output", default=str(RESULTS / "host_memory.json"))
     parser.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_step-probe", choices=list(STEP_VARIANTS), help=argparse.SUPPRESS)
@@ -263,6 +292,12 @@ def main(argv=None) -> int:
             print(f"stage-6 step, {name}: peak {v['peak_ratio']:.2f}x, held after the forward "
                   f"{v['forward_held_ratio']:.2f}x, saved-tensor hooks {v['saved_activation_ratio']:.2f}x of plain")
         print(f"activation checkpointing gives the same loss: {c['checkpointing_same_loss']}")
+    if args.only == "kept_weights":
+        results["kept_weights"] = k = measure_kept_weights("quick" if args.quick else "full")
+        peaks = k["largest_peak_bytes"]
+        print(f"kept weights: largest process {peaks['True'] / 2**20:.0f} MiB with FSDP's default, "
+              f"{peaks['False'] / 2**20:.0f} MiB with reshard_after_forward: False "
+              f"({k['difference_bytes'] / 2**20:+.0f} MiB)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -800,3 +800,24 @@ def test_host_memory_bench_runs(tmp_path):
     variants = steps["variants"]
     assert variants["checkpointing"]["saved_activation_bytes"] < variants["plain"]["saved_activation_bytes"]
     assert all(v["forward_held_bytes"] > 0 and v["forward_held_ratio"] > 0 for v in variants.values())
+
+
+@pytest.mark.slow
+def test_host_memory_bench_measures_kept_weights(tmp_path):
+    """bench/host_memory.py --quick --only kept_weights (~20 s): both settings run on 2
+    processes, and the startup line's estimate is the one run.py prints."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "host_memory.json"
+    proc = subprocess.run([sys.executable, "bench/host_memory.py", "--quick", "--only", "kept_weights", "--output",
+                           str(out)], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = json.loads(out.read_text())["kept_weights"]
+    peaks = kept["largest_peak_bytes"]
+    assert set(peaks) == {"True", "False"} and all(peak > 0 for peak in peaks.values())
+    assert kept["difference_bytes"] == peaks["False"] - peaks["True"]
+    assert kept["startup_note"].startswith(startup.REGATHER_NOTE)
