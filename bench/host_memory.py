@@ -3,7 +3,7 @@
     python bench/host_memory.py            # both measurements (~5 minutes on 2 cores)
     python bench/host_memory.py --quick    # tiny models, to check that it runs (tests)
     python bench/host_memory.py --only sharding   # or: --only checkpointing
-    python bench/host_memory.py --only kept_weights   # not in the default run (~3 minutes)
+    python bench/host_memory.py --only kept_weights   # not in the default run (~1.5 minutes)
 
 Writes bench/results/host_memory.json and prints the figures. `measure_sharding` and
 `measure_checkpointing` can also be called from bench/bench.py.
