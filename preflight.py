@@ -488,19 +488,18 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
     order). Returns the rows of that model's input embeddings."""
     from transformers import AutoModelForCausalLM
 
+    key, name = model_source(config)
+    model_type = getattr(hf_config, "model_type", "?")
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "copying ... to a meta parameter ... is a no-op": that is the point
         try:
             base = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))  # resizing sets the config's vocab_size
         except (ValueError, KeyError) as e:
-            key, name = model_source(config)
-            model_type = getattr(hf_config, "model_type", "?")
             if "Unrecognized configuration class" in str(e):  # a vision-language or encoder-decoder config, say
                 raise UserError(f"{key} {name}: transformers builds no causal language model from its config "
                                 f"({model_type}): Coconut needs a decoder-only causal LM") from None
             raise UserError(f"{key} {name}: transformers cannot build the {model_type} model its config describes "
                             f"({type(e).__name__}: {first_line(e)})") from None
-        key, name = model_source(config)
         unsupported = unsupported_model(hf_config) or encoder_model(hf_config)
         if unsupported is not None:
             raise UserError(f"{key} {name}: {unsupported}")
@@ -510,7 +509,7 @@ def check_checkpoint_fits(config, hf_config, tokenizer, tokens, state: Optional[
         except UserError:
             raise
         except (ValueError, TypeError, RuntimeError) as e:  # built, but no pass runs on it (n_layer: -1)
-            raise UserError(f"{key} {name}: the {getattr(hf_config, 'model_type', '?')} model its config describes "
+            raise UserError(f"{key} {name}: the {model_type} model its config describes "
                             f"does not work ({type(e).__name__}: {first_line(e)})") from None
     check_blocks(config, base)
     return base.get_input_embeddings().weight.shape[0]
