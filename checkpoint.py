@@ -352,10 +352,16 @@ def run_folder_leftovers(save_dir: str | os.PathLike) -> list[str]:
         for place in [folder, *states]:
             found += [entry.path for entry in os.scandir(place) if _TEMP_RE.fullmatch(entry.name)]
         for entry in os.scandir(folder):
-            match = entry.name.endswith(STATE_SUFFIX) and _CHECKPOINT_RE.fullmatch(entry.name[: -len(STATE_SUFFIX)])
-            if match and int(match.group(1)) not in saved:
+            epoch = _state_epoch(entry.name)
+            if epoch is not None and epoch not in saved:
                 found.append(entry.path)
     return sorted(found)
+
+
+def _state_epoch(name: str) -> Optional[int]:
+    """N for a `checkpoint_N.state` name, None for any other."""
+    match = name.endswith(STATE_SUFFIX) and _CHECKPOINT_RE.fullmatch(name[: -len(STATE_SUFFIX)])
+    return int(match.group(1)) if match else None
 
 
 def tidy_run_folder(save_dir: str | os.PathLike) -> None:
@@ -793,10 +799,8 @@ def prune_train_states(save_dir: str | os.PathLike, keep_epochs: Iterable[int]) 
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if not entry.name.endswith(STATE_SUFFIX):
-            continue
-        match = _CHECKPOINT_RE.fullmatch(entry.name[: -len(STATE_SUFFIX)])
-        if match and int(match.group(1)) not in keep and (entry.is_file() or entry.is_dir()):
+        epoch = _state_epoch(entry.name)
+        if epoch is not None and epoch not in keep and (entry.is_file() or entry.is_dir()):
             _remove_state(entry.path)
             removed.append(entry.path)
     return sorted(removed)
