@@ -36,6 +36,7 @@ import torch.multiprocessing as mp  # noqa: E402
 import distributed  # noqa: E402
 import trainer  # noqa: E402
 from bench import proxy, workload  # noqa: E402
+from bench.host_memory import free_port  # noqa: E402
 from coconut import Coconut  # noqa: E402
 
 WORLD_SIZE = 2
@@ -106,15 +107,10 @@ def _worker(rank, port, layers, steps, out):
 
 
 def run(quick: bool = False, log=print) -> dict:
-    import socket
-
     layers, steps = (2, 2) if quick else (proxy.LAYERS, 12)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "fsdp.json"
-        mp.spawn(_worker, args=(port, layers, steps, str(out)), nprocs=WORLD_SIZE)
+        mp.spawn(_worker, args=(free_port(), layers, steps, str(out)), nprocs=WORLD_SIZE)
         by_setting = json.loads(out.read_text())
     result = {"processes": WORLD_SIZE, "threads_per_process": 1, "layers": layers, "width": proxy.WIDTH,
               "batch_per_process": proxy.BATCH, "latents": proxy.LATENTS, "steps": steps,

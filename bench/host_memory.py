@@ -129,7 +129,7 @@ def worker(cfg: str, out_dir: str) -> int:
     return status
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -140,7 +140,7 @@ def run_peaks(cfg: Path, nproc: int, out_dir: Path, log) -> list:
     out_dir.mkdir()
     me = [str(Path(__file__).resolve()), "--_worker", str(cfg), str(out_dir)]
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                      "--master_port", str(_free_port())]
+                                      "--master_port", str(free_port())]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, *launcher, *me], cwd=ROOT, env=env, capture_output=True, text=True)
