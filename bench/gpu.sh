@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Coconut on one CUDA GPU, the rows of issue 13's table: bf16 training steps at stages 0
 # and 6 (ours, ours with `fused_gelu: False`, and the published algorithm; ms, tokens/s,
-# MFU, stage 6 / stage 0), the same with `compile: True`, and generation questions/s at
-# batch 1 and 64 against the naive batch-1 loop, with the eager decoding loop and with
-# the CUDA-graph step.
+# MFU, stage 6 / stage 0), eager steps with cuDNN attention on and off, the same training
+# steps with `compile: True`, and generation questions/s at batch 1 and 64 against the
+# naive batch-1 loop, with the eager decoding loop and with the CUDA-graph step.
 # Nothing is downloaded (random-weight GPT-2 124M, generated ProsQA-shaped batches).
 # Needs torch with CUDA and transformers only: uses $PYTHON when set, else .venv/bin/python
 # when present, else python3. Extra arguments go to bench/gpu_bench.py (--help).
-# Without a CUDA GPU it prints one line and exits 2. About 3 minutes on one H100 before
-# the fused_gelu: False row (some 30 s more, by our estimate), plus about 5 for the
-# compile section (3 to 4 graphs of a minute each), which runs only if it starts within
-# --budget-s; --skip compile and --skip generation split the run in two.
+# Without a CUDA GPU it prints one line and exits 2. On one H100 host: training 30 s,
+# attention 25 s, generation 80 s (capturing the CUDA graphs), then the compile section,
+# about 6 minutes (5 graphs of a minute each), which runs only if it starts within
+# --budget-s; --skip training|attention|generation|compile splits the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then

@@ -16,7 +16,11 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
    arithmetic as stage 0 by design, so its MFU shows what the 7 passes cost. Peak: 989
    TFLOP/s dense bf16 for H100/H200 (detected by name), else COCONUT_PEAK_TFLOPS.
    Ours again with GPT-2's Python gelu_new (`fused_gelu: False`), on a copy.
-2. the same two training steps of ours with `compile: True` as one process runs it
+2. attention: eager steps of ours at stages 0 and 6 with PyTorch's default attention
+   kernels (cuDNN's on an H100) and with cuDNN attention off, on the fixed batches and
+   at stage 6 on batches of new shapes (cuDNN builds a graph per attention shape), and
+   the host's top operations by self CPU time in a stage-6 step (launches, syncs).
+3. the same two training steps of ours with `compile: True` as one process runs it
    (compiling.compile_decoder: the decoder pass one graph per shape, on a copy of the
    model), after a warm-up that compiles; compile seconds, graphs and graph breaks
    reported. --compile-mode reduce-overhead also replays each pass shape as a CUDA graph
@@ -24,14 +28,14 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
    Each training row also profiles one step (torch.profiler): GPU operations launched,
    the milliseconds the GPU was busy (the rest of the step is the host's dispatch), and
    the operations that took the most of it.
-3. generation (64 new tokens max, natural EOS): questions/s at batch 1 and batch 64
+4. generation (64 new tokens max, natural EOS): questions/s at batch 1 and batch 64
    vs the naive batch-1 loop without a KV cache, with the eager decoding loop and with
    the CUDA-graph step (compiling.CapturedDecoder; the path that actually ran is
    reported, with the error if it fell back). Rows equal to the naive outputs are
    counted (bf16 results depend on the batch layout, so near-ties may differ).
 
-Sections run as training, generation, compile (the compile section compiles for about
-5 minutes on an H100 host); the compile section, and CUDA-graph decoding, are skipped
+Sections run as training, attention, generation, compile (the compile section
+compiles for about 5 minutes on an H100 host); the compile section, and CUDA-graph decoding, are skipped
 when they would start after --budget-s seconds, and say so. The JSON is rewritten after
 each section, so a run stopped midway keeps what it measured. Without CUDA it prints
 one line and exits 2; `--cpu-smoke` runs the same code on the CPU with a tiny model
@@ -262,6 +266,57 @@ def section_compiled_training(b: Bench) -> dict:
     return result
 
 
+TOP_HOST_OPS = 15
+
+
+def host_profile(b: Bench, coconut, k) -> dict:
+    """Where the host's time goes in one training step at stage k: the operations with
+    the most self CPU time (launches, syncs, cuDNN calls), {name: [count, ms]}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.dev.type == "cuda" else [])
+    b.sync()
+    with profile(activities=activities) as prof:
+        b.step(coconut, k)
+        b.sync()
+    averages = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:TOP_HOST_OPS]
+    return {a.key[:120]: [a.count, a.self_cpu_time_total / 1e3] for a in averages}
+
+
+def section_attention(b: Bench) -> dict:
+    """Eager training steps with PyTorch's default attention kernels against the same
+    with cuDNN attention switched off (torch.backends.cuda.enable_cudnn_sdp(False)): the
+    bench's fixed batches, then batches of shapes not seen before (new seeds), as a real
+    run meets them: cuDNN builds a graph for each new attention shape."""
+    cuda = b.torch.backends.cuda
+    default_cudnn = cuda.cudnn_sdp_enabled()
+    settings = {"default": default_cudnn, "cudnn_off": False}
+    result = {"cudnn_sdp_default": default_cudnn}
+    try:
+        for i, (label, enabled) in enumerate(settings.items()):
+            cuda.enable_cudnn_sdp(enabled)
+            for k in (0, 6, 0, 6):  # warm-up
+                b.step(b.coconut, k)
+            fixed = {k: statistics.median(timed(lambda: b.step(b.coconut, k), b.sync, b.args.steps)) for k in (0, 6)}
+            new_shapes = []
+            for seed in range(1000 * (i + 1), 1000 * (i + 1) + b.args.steps):  # each batch a new width and layout
+                batch = {n: t.to(b.dev) for n, t in b.workload.training_batch(b.shape, b.args.batch, 6, seed=seed).items()}
+                saved, b.batches[6] = b.batches[6], batch
+                new_shapes.extend(timed(lambda: b.step(b.coconut, 6), b.sync, 1))
+                b.batches[6] = saved
+            result[label] = {"stage_0_s": fixed[0], "stage_6_s": fixed[6], "stage_6_new_shapes_s": new_shapes,
+                             "host_top_stage_6": host_profile(b, b.coconut, 6)}
+            print(f"attention {label} (cuDNN {'on' if enabled else 'off'}): stage 0 {fixed[0] * 1e3:.1f} ms, "
+                  f"stage 6 {fixed[6] * 1e3:.1f} ms, stage 6 on new shapes median "
+                  f"{statistics.median(new_shapes) * 1e3:.1f} ms (first {new_shapes[0] * 1e3:.0f} ms)", flush=True)
+            for name, (count, ms) in result[label]["host_top_stage_6"].items():
+                print(f"    host {ms:8.2f} ms {count:5d}x {name[:100]}", flush=True)
+    finally:
+        cuda.enable_cudnn_sdp(default_cudnn)
+    b.model.zero_grad(set_to_none=True)
+    return result
+
+
 # ----------------------------------------------------------------------------- generation
 def section_generation(b: Bench) -> dict:
     from bench.naive import naive_generate_one
@@ -340,6 +395,7 @@ def completed(section):
 def markdown_table(result) -> str:
     """Issue 13's table: published algorithm, ours, ours compiled."""
     tr, comp, gen = result.get("training"), completed(result.get("compile")), completed(result.get("generation"))
+    attention = completed(result.get("attention"))
     ms = lambda e: f"{e['s_per_step'] * 1e3:.0f} ms (MFU {fmt_mfu(e)})"  # noqa: E731
     lines = [f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}",
              "", "| measure | published algorithm | ours | ours, compile: True"
@@ -358,6 +414,11 @@ def markdown_table(result) -> str:
         for k in (0, 6):
             lines.append(f"| profiled step, stage {k}: GPU operations, GPU busy | - | {busy(tr['ours'][f'stage_{k}'])} | "
                          + (busy(comp[f"stage_{k}"]) if comp else "-") + " |")
+    if attention:
+        cells = [f"{label} {a['stage_0_s'] * 1e3:.0f} ms, {a['stage_6_s'] * 1e3:.0f} ms, "
+                 f"{statistics.median(a['stage_6_new_shapes_s']) * 1e3:.0f} ms"
+                 for label, a in (("on:", attention["default"]), ("off:", attention["cudnn_off"]))]
+        lines.append("| cuDNN attention on, off: stage 0, stage 6, stage 6 on new shapes | - | " + "; ".join(cells) + " | - |")
     if gen:
         for bs in sorted({bs for p in gen["paths"].values() for bs in p.get("batches", {})}, key=int, reverse=True):
             cells = []
@@ -386,7 +447,7 @@ def main(argv=None):
                         help="optional sections (CUDA-graph decoding, compiled training) that would start later are skipped")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile mode of the compile section (compile: True uses the default)")
-    parser.add_argument("--skip", action="append", default=[], choices=["training", "generation", "compile"])
+    parser.add_argument("--skip", action="append", default=[], choices=["training", "attention", "generation", "compile"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     # tests only: the same code on the CPU with a tiny model, to check it without a GPU
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -407,7 +468,7 @@ def main(argv=None):
           f"peak {b.peak or 'unknown (set COCONUT_PEAK_TFLOPS)'} TFLOP/s", flush=True)
     result = {"device": b.name, "peak_tflops": b.peak, "torch": torch.__version__,
               "transformers": transformers.__version__, "section_s": {}}
-    sections = [("training", section_training), ("generation", section_generation),
+    sections = [("training", section_training), ("attention", section_attention), ("generation", section_generation),
                 ("compile", section_compiled_training)]
     for name, run in sections:
         if name in args.skip:

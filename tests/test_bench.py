@@ -162,6 +162,10 @@ def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
     assert result["compile"]["graphs"] == 3 and result["compile"]["graph_breaks"] == 0
     for section in (result["training"]["ours"], result["compile"]):  # no CUDA: no GPU operations to count
         assert section["stage_6"]["profile"] == {"gpu_ops": 0, "gpu_busy_ms": 0.0, "top": {}}
+    for setting in ("default", "cudnn_off"):  # timed on the fixed batches and on one batch of a new shape
+        attention = result["attention"][setting]
+        assert attention["stage_0_s"] > 0 and attention["stage_6_s"] > 0 and len(attention["stage_6_new_shapes_s"]) == 1
+        assert attention["host_top_stage_6"]["aten::mm"][0] > 0  # the host profile names the step's operations
     for path in ("eager", "cuda_graph"):
         entry = result["generation"]["paths"][path]
         assert set(entry["batches"]) == {"1", "4"} and entry["decode_path"] == "eager"  # no CUDA: eager
@@ -178,14 +182,19 @@ def test_mfu_peaks_by_card_and_a_failed_optional_section_keeps_the_table(monkeyp
         return {"s_per_step": ms / 1e3, "mfu": 0.1, "profile": {"gpu_ops": 7, "gpu_busy_ms": 1.0}}
 
     training = {algo: {"stage_0": step(70), "stage_6": step(140), "stage_6_over_0": 2.0} for algo in ("naive", "ours")}
+    attention = {setting: {"stage_0_s": s0, "stage_6_s": s6, "stage_6_new_shapes_s": [s6, 2 * s6, 3 * s6]}
+                 for setting, s0, s6 in (("default", 0.033, 0.168), ("cudnn_off", 0.040, 0.202))}
     table = gpu_bench.markdown_table({"device": "x", "torch": "t", "transformers": "v", "training": training,
-                                      "compile": {"error": "RuntimeError: boom"}, "generation": {"error": "e"}})
+                                      "attention": attention, "compile": {"error": "RuntimeError: boom"},
+                                      "generation": {"error": "e"}})
     lines = table.splitlines()
     assert lines[0] == "x, torch t, transformers v"
     # the training rows stay, with "-" where the failed compile section would be
     assert "| train step, stage 6 (fwd+bwd) | 140 ms (MFU 10.0%) | 140 ms (MFU 10.0%) | - |" in lines
     assert "| stage 6 / stage 0 | 2.0x | 2.00x | - |" in lines
     assert not any(line.startswith("| generation") for line in lines)
+    assert ("| cuDNN attention on, off: stage 0, stage 6, stage 6 on new shapes | - | on: 33 ms, 168 ms, 336 ms; "
+            "off: 40 ms, 202 ms, 404 ms | - |") in lines  # the median of the new shapes' steps
 
 
 def test_profile_summary_counts_and_ranks_operations():
