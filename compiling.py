@@ -14,9 +14,10 @@ an empty cache (a batch without latents runs with a cache too, to share it), eve
 one-column pass whatever the cache length, and the longer passes after a latent
 (the cache keeps its tensors contiguous, ContiguousCache, so the strides that graphs
 guard on stay the same); no-grad decoding makes its own. No graph break. Each graph
-took about a minute to compile on an H100 host (torch 2.11), where inductor's
-mix-order reduction heuristic can add one more: it guards on a pass's size (batch x
-length x width against 5 Mi).
+took about a minute to compile on an H100 host (torch 2.11), which makes four: on CUDA
+the one-column passes' attention mask is padded for the attention kernel or not by
+whether the cache length plus one is a multiple of 8 (a guard, so two graphs). It made
+five before inductor's mix-order reductions were switched off (_bound_recompiles).
 
 `compile_blocks(model)`, under FSDP2 or with activation checkpointing, compiles each
 transformer block of the base model, as torchtitan does (regional compilation): FSDP2
@@ -86,8 +87,18 @@ class ContiguousCache(DynamicCache):
         return super().update(key_states.contiguous(), value_states.contiguous(), *args, **kwargs)
 
 
-def _raise_recompile_limit() -> None:
+def _bound_recompiles() -> None:
+    """Dynamo's and inductor's process-wide settings for Coconut's pass shapes: a higher
+    recompile limit, and no mix-order reductions. Inductor (GPU only, torch 2.11 at
+    least) fuses a layer norm backward's two reductions when a pass is large enough and
+    guards on that size (batch x length x width against 5 Mi), so a short first piece and
+    a long one compiled a graph each (about a minute on an H100 host). Switched off, as
+    in PyTorch's own internal builds, that guard and its graph are gone."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False
 
 
 def compile_decoder(model, **compile_kwargs) -> None:
@@ -96,7 +107,7 @@ def compile_decoder(model, **compile_kwargs) -> None:
     models (use compile_blocks). compile_kwargs go to torch.compile (default dynamic=True;
     tests pass backend=...)."""
     base = getattr(model, "base_causallm", model)
-    _raise_recompile_limit()
+    _bound_recompiles()
     # one graph holds every layer, so layer indices stay constants (dynamo's default);
     # compile_blocks unspecialises them, which made compiling the decoder 3.7x slower
     torch._dynamo.config.allow_unspec_int_on_nn_module = False
@@ -112,7 +123,7 @@ def compile_blocks(model, **compile_kwargs) -> int:
     torch.compile (default dynamic=True; tests pass backend=...)."""
     base = getattr(model, "base_causallm", model)
     torch._dynamo.config.allow_unspec_int_on_nn_module = True  # layer_idx: no recompile per layer
-    _raise_recompile_limit()
+    _bound_recompiles()
     blocks = transformer_blocks(base)
     for block in blocks:
         block.compile(**{"dynamic": True, **compile_kwargs})
@@ -146,7 +157,7 @@ class CapturedDecoder:
     """
 
     def __init__(self, coconut, capture: bool = True):
-        _raise_recompile_limit()  # one graph per (batch, cache bucket): evaluation meets a few
+        _bound_recompiles()  # one graph per (batch, cache bucket): evaluation meets a few
         self.coconut = coconut
         self.capture = capture
         self.enabled = True

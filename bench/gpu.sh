@@ -9,8 +9,9 @@
 # when present, else python3. Extra arguments go to bench/gpu_bench.py (--help).
 # Without a CUDA GPU it prints one line and exits 2. On one H100 host: training 30 s,
 # attention 25 s, generation 80 s (capturing the CUDA graphs), then the compile section,
-# about 6 minutes (5 graphs of a minute each), which runs only if it starts within
-# --budget-s; --skip training|attention|generation|compile splits the run.
+# about 5 minutes (4 graphs of a minute each; --layers 2: about a minute), which runs
+# only if it starts within --budget-s; --skip training|attention|generation|compile
+# splits the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then

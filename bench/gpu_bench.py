@@ -98,7 +98,7 @@ class Bench:
             sizes = dict(n_layer=2, n_embd=64, n_head=4)
         else:
             self.dev, self.shape, self.sync = torch.device("cuda"), workload.FULL, torch.cuda.synchronize
-            sizes = dict(n_layer=12, n_embd=768, n_head=12)  # GPT2Config()'s
+            sizes = dict(n_layer=args.layers, n_embd=768, n_head=12)  # GPT2Config()'s
             self.name = torch.cuda.get_device_name(self.dev)
         self.peak = peak_tflops(self.name)
         self.ids = workload.ids_for(self.shape.vocab)
@@ -447,6 +447,8 @@ def main(argv=None):
                         help="optional sections (CUDA-graph decoding, compiled training) that would start later are skipped")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile mode of the compile section (compile: True uses the default)")
+    parser.add_argument("--layers", type=int, default=12,
+                        help="GPT-2's 12 layers, or fewer: graphs and graph breaks are the same, compiled in less time")
     parser.add_argument("--skip", action="append", default=[], choices=["training", "attention", "generation", "compile"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     # tests only: the same code on the CPU with a tiny model, to check it without a GPU
@@ -463,10 +465,10 @@ def main(argv=None):
     import transformers
 
     b = Bench(args)
-    print(f"gpu_bench: {b.name}, torch {torch.__version__}, transformers {transformers.__version__}, GPT-2 "
+    print(f"gpu_bench: {b.name}, torch {torch.__version__}, transformers {transformers.__version__}, GPT-2 ({b.cfg.n_layer} layers) "
           f"{sum(p.numel() for p in b.model.parameters()) / 1e6:.1f}M params, bf16 autocast, "
           f"peak {b.peak or 'unknown (set COCONUT_PEAK_TFLOPS)'} TFLOP/s", flush=True)
-    result = {"device": b.name, "peak_tflops": b.peak, "torch": torch.__version__,
+    result = {"device": b.name, "layers": b.cfg.n_layer, "peak_tflops": b.peak, "torch": torch.__version__,
               "transformers": transformers.__version__, "section_s": {}}
     sections = [("training", section_training), ("attention", section_attention), ("generation", section_generation),
                 ("compile", section_compiled_training)]

@@ -89,6 +89,7 @@ def test_compiled_decoder_trains_every_stage_in_three_graphs(backend):
     counters.clear()
     coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
     compile_decoder(coconut, backend=backend)
+    assert not torch._inductor.config.triton.mix_order_reduction  # its size guard made a graph more on GPUs
     rng = random.Random(3)
     without_latents = collate([make_example(rng, 0, rng.randrange(3, 9), 2) for _ in range(3)])
     with_latents = collate([make_example(rng, k, rng.randrange(3, 9), 2) for k in (1, 3, 2)])
