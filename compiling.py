@@ -13,11 +13,11 @@ Shapes are dynamic, and training at any stage makes three graphs: the first pass
 an empty cache (a batch without latents runs with a cache too, to share it), every
 one-column pass whatever the cache length, and the longer passes after a latent
 (the cache keeps its tensors contiguous, ContiguousCache, so the strides that graphs
-guard on stay the same); no-grad decoding makes its own. No graph break. Each graph
-took about a minute to compile on an H100 host (torch 2.11), which makes four: on CUDA
-the one-column passes' attention mask is padded for the attention kernel or not by
-whether the cache length plus one is a multiple of 8 (a guard, so two graphs). It made
-five before inductor's mix-order reductions were switched off (_bound_recompiles).
+guard on stay the same); no-grad decoding makes its own. No graph break. On CUDA it
+makes four, about a minute each on an H100 host (torch 2.11): the one-column passes'
+attention mask is padded for the attention kernel or not by whether the cache length
+plus one is a multiple of 8 (a guard, so two graphs). It made five before inductor's
+mix-order reductions were switched off (_no_mix_order_reductions).
 
 `compile_blocks(model)`, under FSDP2 or with activation checkpointing, compiles each
 transformer block of the base model, as torchtitan does (regional compilation): FSDP2
@@ -87,14 +87,19 @@ class ContiguousCache(DynamicCache):
         return super().update(key_states.contiguous(), value_states.contiguous(), *args, **kwargs)
 
 
-def _bound_recompiles() -> None:
-    """Dynamo's and inductor's process-wide settings for Coconut's pass shapes: a higher
-    recompile limit, and no mix-order reductions. Inductor (GPU only, torch 2.11 at
-    least) fuses a layer norm backward's two reductions when a pass is large enough and
-    guards on that size (batch x length x width against 5 Mi), so a short first piece and
-    a long one compiled a graph each (about a minute on an H100 host). Switched off, as
-    in PyTorch's own internal builds, that guard and its graph are gone."""
+def _raise_recompile_limit() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+
+
+def _no_mix_order_reductions() -> None:
+    """Inductor's mix-order reductions off, for the whole process (an inductor setting).
+
+    On GPUs (torch 2.11 here) inductor fuses a layer norm backward's two reductions when
+    a pass is large enough, and guards on that size (batch x length x width against
+    5 Mi): a short first piece and a long one then compiled a graph each, about a minute
+    apiece on an H100 host. Off, as in PyTorch's own internal builds, that guard and its
+    graph are gone. Whether the unfused reductions cost the large passes time is not
+    measured."""
     import torch._inductor.config as inductor_config
 
     if hasattr(inductor_config.triton, "mix_order_reduction"):
@@ -107,7 +112,8 @@ def compile_decoder(model, **compile_kwargs) -> None:
     models (use compile_blocks). compile_kwargs go to torch.compile (default dynamic=True;
     tests pass backend=...)."""
     base = getattr(model, "base_causallm", model)
-    _bound_recompiles()
+    _raise_recompile_limit()
+    _no_mix_order_reductions()
     # one graph holds every layer, so layer indices stay constants (dynamo's default);
     # compile_blocks unspecialises them, which made compiling the decoder 3.7x slower
     torch._dynamo.config.allow_unspec_int_on_nn_module = False
@@ -123,7 +129,8 @@ def compile_blocks(model, **compile_kwargs) -> int:
     torch.compile (default dynamic=True; tests pass backend=...)."""
     base = getattr(model, "base_causallm", model)
     torch._dynamo.config.allow_unspec_int_on_nn_module = True  # layer_idx: no recompile per layer
-    _bound_recompiles()
+    _raise_recompile_limit()
+    _no_mix_order_reductions()
     blocks = transformer_blocks(base)
     for block in blocks:
         block.compile(**{"dynamic": True, **compile_kwargs})
@@ -157,7 +164,7 @@ class CapturedDecoder:
     """
 
     def __init__(self, coconut, capture: bool = True):
-        _bound_recompiles()  # one graph per (batch, cache bucket): evaluation meets a few
+        _raise_recompile_limit()  # one graph per (batch, cache bucket): evaluation meets a few
         self.coconut = coconut
         self.capture = capture
         self.enabled = True

@@ -8,7 +8,7 @@
 # Needs torch with CUDA and transformers only: uses $PYTHON when set, else .venv/bin/python
 # when present, else python3. Extra arguments go to bench/gpu_bench.py (--help).
 # Without a CUDA GPU it prints one line and exits 2. On one H100 host: training 30 s,
-# attention 25 s, generation 80 s (capturing the CUDA graphs), then the compile section,
+# attention 25 s, generation 80 s (half of it warming up), then the compile section,
 # about 5 minutes (4 graphs of a minute each; --layers 2: about a minute), which runs
 # only if it starts within --budget-s; --skip training|attention|generation|compile
 # splits the run.

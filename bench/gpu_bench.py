@@ -44,6 +44,7 @@ one line and exits 2; `--cpu-smoke` runs the same code on the CPU with a tiny mo
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -106,10 +107,13 @@ class Bench:
         self.model = workload.make_model(**sizes, vocab=self.shape.vocab, seed=0).to(self.dev)
         self.cfg = self.model.config
         self.coconut = Coconut(self.model, self.ids.latent, self.ids.start, self.ids.end, self.ids.eos)
-        self.batches = {k: {n: t.to(self.dev) for n, t in workload.training_batch(self.shape, args.batch, k).items()}
-                        for k in (0, 6)}
+        self.batches = {k: self.batch(self.shape, k) for k in (0, 6)}
         self.start = time.perf_counter()
         self.mark_cudagraph_steps = False  # set while timing a model compiled with mode="reduce-overhead"
+
+    def batch(self, shape, k: int) -> dict:
+        """A training batch of `shape` at stage k, on the device."""
+        return {n: t.to(self.dev) for n, t in self.workload.training_batch(shape, self.args.batch, k).items()}
 
     def autocast(self):
         return self.torch.autocast(self.dev.type, dtype=self.torch.bfloat16)
@@ -117,18 +121,20 @@ class Bench:
     def elapsed(self):
         return time.perf_counter() - self.start
 
-    def step(self, coconut, k, algo="coconut"):
+    def step(self, coconut, k, algo="coconut", batch=None):
+        """One forward and backward at stage k, on the fixed batch unless `batch` is given."""
         from bench.naive import naive_train_step_forward
 
+        batch = self.batches[k] if batch is None else batch
         model = coconut.base_causallm
         model.zero_grad(set_to_none=True)
         if self.mark_cudagraph_steps:  # a new step: the graphs' outputs of the last one are dead
             self.torch.compiler.cudagraph_mark_step_begin()
         with self.autocast():
             if algo == "coconut":
-                loss = coconut(**self.batches[k], return_logits=False).loss
+                loss = coconut(**batch, return_logits=False).loss
             else:
-                loss = naive_train_step_forward(model, self.batches[k], self.ids.latent)
+                loss = naive_train_step_forward(model, batch, self.ids.latent)
         loss.backward()
 
     def entry(self, k, seconds):
@@ -148,10 +154,8 @@ def fmt_mfu(e):
 TOP_GPU_OPS = 12
 
 
-def profile_step(b: Bench, coconut, k) -> dict:
-    """GPU operations (kernels, copies) and the milliseconds they kept the GPU busy in one
-    training step at stage k, read with torch.profiler (none on the CPU)."""
-    from torch.autograd import DeviceType
+def profiled_step(b: Bench, coconut, k):
+    """torch.profiler's record of one training step at stage k (host and, on CUDA, GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.dev.type == "cuda" else [])
@@ -159,7 +163,15 @@ def profile_step(b: Bench, coconut, k) -> dict:
     with profile(activities=activities) as prof:
         b.step(coconut, k)
         b.sync()
-    return summarize_ops(prof.events(), DeviceType.CUDA)
+    return prof
+
+
+def profile_step(b: Bench, coconut, k) -> dict:
+    """GPU operations (kernels, copies) and the milliseconds they kept the GPU busy in one
+    training step at stage k (none on the CPU)."""
+    from torch.autograd import DeviceType
+
+    return summarize_ops(profiled_step(b, coconut, k).events(), DeviceType.CUDA)
 
 
 def summarize_ops(events, device_type) -> dict:
@@ -272,48 +284,45 @@ TOP_HOST_OPS = 15
 def host_profile(b: Bench, coconut, k) -> dict:
     """Where the host's time goes in one training step at stage k: the operations with
     the most self CPU time (launches, syncs, cuDNN calls), {name: [count, ms]}."""
-    from torch.profiler import ProfilerActivity, profile
+    averages = sorted(profiled_step(b, coconut, k).key_averages(), key=lambda a: -a.self_cpu_time_total)
+    return {a.key[:120]: [a.count, a.self_cpu_time_total / 1e3] for a in averages[:TOP_HOST_OPS]}
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.dev.type == "cuda" else [])
-    b.sync()
-    with profile(activities=activities) as prof:
-        b.step(coconut, k)
-        b.sync()
-    averages = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:TOP_HOST_OPS]
-    return {a.key[:120]: [a.count, a.self_cpu_time_total / 1e3] for a in averages}
+
+def new_shape_batches(b: Bench, n: int, offset: int) -> list:
+    """n stage-6 batches, each wider than the fixed batch and than each other (questions
+    8 tokens longer each time, `offset` more for all): shapes a run meets for the first time."""
+    return [b.batch(dataclasses.replace(b.shape, question=b.shape.question + offset + 8 * (j + 1)), 6) for j in range(n)]
 
 
 def section_attention(b: Bench) -> dict:
-    """Eager training steps with PyTorch's default attention kernels against the same
-    with cuDNN attention switched off (torch.backends.cuda.enable_cudnn_sdp(False)): the
-    bench's fixed batches, then batches of shapes not seen before (new seeds), as a real
-    run meets them: cuDNN builds a graph for each new attention shape."""
+    """Eager training steps with PyTorch's default attention kernels (cuDNN's on an H100)
+    against the same with cuDNN attention switched off
+    (torch.backends.cuda.enable_cudnn_sdp(False)): on the bench's fixed batches, then at
+    stage 6 on batches of shapes not seen before, as a run with batches of varying width
+    meets them (cuDNN builds an execution plan for each new attention shape)."""
     cuda = b.torch.backends.cuda
     default_cudnn = cuda.cudnn_sdp_enabled()
-    settings = {"default": default_cudnn, "cudnn_off": False}
-    result = {"cudnn_sdp_default": default_cudnn}
+    result = {"cudnn_sdp_default": default_cudnn, "fixed_shape_stage_6": list(b.batches[6]["input_ids"].shape)}
     try:
-        for i, (label, enabled) in enumerate(settings.items()):
+        for offset, (label, enabled) in enumerate((("default", default_cudnn), ("cudnn_off", False))):
             cuda.enable_cudnn_sdp(enabled)
             for k in (0, 6, 0, 6):  # warm-up
                 b.step(b.coconut, k)
             fixed = {k: statistics.median(timed(lambda: b.step(b.coconut, k), b.sync, b.args.steps)) for k in (0, 6)}
-            new_shapes = []
-            for seed in range(1000 * (i + 1), 1000 * (i + 1) + b.args.steps):  # each batch a new width and layout
-                batch = {n: t.to(b.dev) for n, t in b.workload.training_batch(b.shape, b.args.batch, 6, seed=seed).items()}
-                saved, b.batches[6] = b.batches[6], batch
-                new_shapes.extend(timed(lambda: b.step(b.coconut, 6), b.sync, 1))
-                b.batches[6] = saved
+            batches = new_shape_batches(b, b.args.steps, offset=4 * offset)  # other widths for each setting
+            new_shapes = [timed(lambda: b.step(b.coconut, 6, batch=batch), b.sync, 1)[0] for batch in batches]
             result[label] = {"stage_0_s": fixed[0], "stage_6_s": fixed[6], "stage_6_new_shapes_s": new_shapes,
+                             "new_shapes": [list(batch["input_ids"].shape) for batch in batches],
                              "host_top_stage_6": host_profile(b, b.coconut, 6)}
-            print(f"attention {label} (cuDNN {'on' if enabled else 'off'}): stage 0 {fixed[0] * 1e3:.1f} ms, "
-                  f"stage 6 {fixed[6] * 1e3:.1f} ms, stage 6 on new shapes median "
-                  f"{statistics.median(new_shapes) * 1e3:.1f} ms (first {new_shapes[0] * 1e3:.0f} ms)", flush=True)
+            print(f"attention {label} (cuDNN attention {'allowed' if enabled else 'off'}): stage 0 {fixed[0] * 1e3:.1f} ms, "
+                  f"stage 6 {fixed[6] * 1e3:.1f} ms; stage 6 on {len(batches)} new shapes: median "
+                  f"{statistics.median(new_shapes) * 1e3:.1f} ms, mean {statistics.mean(new_shapes) * 1e3:.1f} ms, "
+                  f"max {max(new_shapes) * 1e3:.0f} ms", flush=True)
             for name, (count, ms) in result[label]["host_top_stage_6"].items():
                 print(f"    host {ms:8.2f} ms {count:5d}x {name[:100]}", flush=True)
-    finally:
+    finally:  # a failed step leaves neither the setting nor gradients behind for the next section
         cuda.enable_cudnn_sdp(default_cudnn)
-    b.model.zero_grad(set_to_none=True)
+        b.model.zero_grad(set_to_none=True)
     return result
 
 
@@ -397,7 +406,8 @@ def markdown_table(result) -> str:
     tr, comp, gen = result.get("training"), completed(result.get("compile")), completed(result.get("generation"))
     attention = completed(result.get("attention"))
     ms = lambda e: f"{e['s_per_step'] * 1e3:.0f} ms (MFU {fmt_mfu(e)})"  # noqa: E731
-    lines = [f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}",
+    layers = f", GPT-2 with {result['layers']} layers" if result.get("layers", 12) != 12 else ""
+    lines = [f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}{layers}",
              "", "| measure | published algorithm | ours | ours, compile: True"
              + (f" (mode {comp['mode']})" if comp and comp.get("mode", "default") != "default" else "") + " |", "|---|---|---|---|"]
     if tr:
@@ -417,8 +427,9 @@ def markdown_table(result) -> str:
     if attention:
         cells = [f"{label} {a['stage_0_s'] * 1e3:.0f} ms, {a['stage_6_s'] * 1e3:.0f} ms, "
                  f"{statistics.median(a['stage_6_new_shapes_s']) * 1e3:.0f} ms"
-                 for label, a in (("on:", attention["default"]), ("off:", attention["cudnn_off"]))]
-        lines.append("| cuDNN attention on, off: stage 0, stage 6, stage 6 on new shapes | - | " + "; ".join(cells) + " | - |")
+                 for label, a in (("default:", attention["default"]), ("cuDNN off:", attention["cudnn_off"]))]
+        lines.append("| attention kernels, default and cuDNN off: stage 0, stage 6, stage 6 on new shapes (median) | - | "
+                     + "; ".join(cells) + " | - |")
     if gen:
         for bs in sorted({bs for p in gen["paths"].values() for bs in p.get("batches", {})}, key=int, reverse=True):
             cells = []
@@ -436,7 +447,14 @@ def write_result(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def main(argv=None):
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Coconut on one CUDA GPU: training MFU and generation throughput")
     parser.add_argument("--batch", type=int, default=32, help="training batch size")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per stage and round")
@@ -447,13 +465,18 @@ def main(argv=None):
                         help="optional sections (CUDA-graph decoding, compiled training) that would start later are skipped")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile mode of the compile section (compile: True uses the default)")
-    parser.add_argument("--layers", type=int, default=12,
-                        help="GPT-2's 12 layers, or fewer: graphs and graph breaks are the same, compiled in less time")
+    parser.add_argument("--layers", type=positive_int, default=12,
+                        help="GPT-2's 12 layers, or fewer: graphs and graph breaks are the same, compiled in less time "
+                             "(on CUDA; the CPU smoke test has 2)")
     parser.add_argument("--skip", action="append", default=[], choices=["training", "attention", "generation", "compile"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     # tests only: the same code on the CPU with a tiny model, to check it without a GPU
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     import torch
 

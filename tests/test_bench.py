@@ -162,14 +162,46 @@ def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
     assert result["compile"]["graphs"] == 3 and result["compile"]["graph_breaks"] == 0
     for section in (result["training"]["ours"], result["compile"]):  # no CUDA: no GPU operations to count
         assert section["stage_6"]["profile"] == {"gpu_ops": 0, "gpu_busy_ms": 0.0, "top": {}}
+    new_widths = []
     for setting in ("default", "cudnn_off"):  # timed on the fixed batches and on one batch of a new shape
         attention = result["attention"][setting]
         assert attention["stage_0_s"] > 0 and attention["stage_6_s"] > 0 and len(attention["stage_6_new_shapes_s"]) == 1
-        assert attention["host_top_stage_6"]["aten::mm"][0] > 0  # the host profile names the step's operations
+        new_widths += [width for _, width in attention["new_shapes"]]
+        host_top = attention["host_top_stage_6"]  # the step's operations with their counts
+        assert host_top and all(count > 0 and ms >= 0 for count, ms in host_top.values())
+    fixed_width = result["attention"]["fixed_shape_stage_6"][1]
+    assert len(set(new_widths + [fixed_width])) == 3  # shapes neither the fixed batch nor the other setting had
     for path in ("eager", "cuda_graph"):
         entry = result["generation"]["paths"][path]
         assert set(entry["batches"]) == {"1", "4"} and entry["decode_path"] == "eager"  # no CUDA: eager
         assert entry["rows_equal_to_naive"].split("/")[0] == entry["rows_equal_to_naive"].split("/")[1]
+
+
+def test_attention_section_leaves_the_attention_setting_and_no_gradients_when_a_step_fails():
+    """A failed optional section must not change what the next sections time."""
+    from bench import gpu_bench
+
+    b = gpu_bench.Bench(gpu_bench.build_parser().parse_args(["--cpu-smoke", "--batch", "2", "--steps", "1"]))
+    cuda = torch.backends.cuda
+    original = cuda.cudnn_sdp_enabled()
+    real_step, settings_seen = b.step, []
+
+    def step_failing_under_the_second_setting(coconut, k, algo="coconut", batch=None):
+        settings_seen.append(cuda.cudnn_sdp_enabled())
+        real_step(coconut, k, algo, batch)
+        if not settings_seen[-1]:  # after its backward: gradients are there
+            raise RuntimeError("CUDA out of memory")
+
+    b.step = step_failing_under_the_second_setting
+    try:
+        cuda.enable_cudnn_sdp(True)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            gpu_bench.section_attention(b)
+        assert settings_seen[0] is True and settings_seen[-1] is False  # it failed with cuDNN attention off
+        assert cuda.cudnn_sdp_enabled() is True
+        assert all(p.grad is None for p in b.model.parameters())
+    finally:
+        cuda.enable_cudnn_sdp(original)
 
 
 def test_mfu_peaks_by_card_and_a_failed_optional_section_keeps_the_table(monkeypatch):
@@ -193,8 +225,8 @@ def test_mfu_peaks_by_card_and_a_failed_optional_section_keeps_the_table(monkeyp
     assert "| train step, stage 6 (fwd+bwd) | 140 ms (MFU 10.0%) | 140 ms (MFU 10.0%) | - |" in lines
     assert "| stage 6 / stage 0 | 2.0x | 2.00x | - |" in lines
     assert not any(line.startswith("| generation") for line in lines)
-    assert ("| cuDNN attention on, off: stage 0, stage 6, stage 6 on new shapes | - | on: 33 ms, 168 ms, 336 ms; "
-            "off: 40 ms, 202 ms, 404 ms | - |") in lines  # the median of the new shapes' steps
+    assert ("| attention kernels, default and cuDNN off: stage 0, stage 6, stage 6 on new shapes (median) | - | "
+            "default: 33 ms, 168 ms, 336 ms; cuDNN off: 40 ms, 202 ms, 404 ms | - |") in lines
 
 
 def test_profile_summary_counts_and_ranks_operations():

@@ -76,7 +76,7 @@ def test_compiled_model_matches_eager(whole_decoder, make_model):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_decoder_trains_every_stage_in_three_graphs(backend):
+def test_compiled_decoder_trains_every_stage_in_three_graphs(backend, monkeypatch):
     """Each graph costs about a minute to compile on a GPU host, so their number is the
     start-up cost: the first pass, with an empty cache (a batch without latents, or the
     piece before a batch's first latent), one-column passes, and longer passes after
@@ -88,8 +88,13 @@ def test_compiled_decoder_trains_every_stage_in_three_graphs(backend):
     torch._dynamo.reset()
     counters.clear()
     coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    from torch._inductor import config as inductor_config
+
+    triton_config = inductor_config.triton
+    if hasattr(triton_config, "mix_order_reduction"):  # as a process starts; an earlier compile turned it off
+        monkeypatch.setattr(triton_config, "mix_order_reduction", True)
     compile_decoder(coconut, backend=backend)
-    assert not torch._inductor.config.triton.mix_order_reduction  # its size guard made a graph more on GPUs
+    assert not getattr(triton_config, "mix_order_reduction", False)  # its size guard made a graph more on GPUs
     rng = random.Random(3)
     without_latents = collate([make_example(rng, 0, rng.randrange(3, 9), 2) for _ in range(3)])
     with_latents = collate([make_example(rng, k, rng.randrange(3, 9), 2) for k in (1, 3, 2)])
