@@ -18,7 +18,7 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
    Ours again with GPT-2's Python gelu_new (`fused_gelu: False`), on a copy.
 2. attention: eager steps of ours at stages 0 and 6 with PyTorch's default attention
    kernels (cuDNN's on an H100) and with cuDNN attention off, on the fixed batches and
-   at stage 6 on batches of new shapes (cuDNN builds a graph per attention shape), and
+   at stage 6 on batches of new widths (cuDNN plans each new attention shape), and
    the host's top operations by self CPU time in a stage-6 step (launches, syncs).
 3. the same two training steps of ours with `compile: True` as one process runs it
    (compiling.compile_decoder: the decoder pass one graph per shape, on a copy of the
@@ -35,11 +35,12 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
    counted (bf16 results depend on the batch layout, so near-ties may differ).
 
 Sections run as training, attention, generation, compile (the compile section
-compiles for about 5 minutes on an H100 host); the compile section, and CUDA-graph decoding, are skipped
-when they would start after --budget-s seconds, and say so. The JSON is rewritten after
-each section, so a run stopped midway keeps what it measured. Without CUDA it prints
-one line and exits 2; `--cpu-smoke` runs the same code on the CPU with a tiny model
-(tests), compiling with the "eager" backend.
+compiles for about 5 minutes on an H100 host; --layers 2, about 1); the compile
+section, and CUDA-graph decoding, are skipped when they would start after --budget-s
+seconds, and say so. The JSON is rewritten after each section, so a run stopped
+midway keeps what it measured. Without CUDA it prints one line and exits 2;
+`--cpu-smoke` runs the same code on the CPU with a tiny model (tests), compiling with
+the "eager" backend.
 """
 
 import argparse
