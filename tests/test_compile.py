@@ -8,6 +8,7 @@ backend (dynamo's tracing and AOT autograd, without code generation); the slow o
 inductor, what `compile: True` uses, and no-grad decoding too (minutes on one CPU core).
 """
 
+import contextlib
 import random
 
 import pytest
@@ -76,7 +77,7 @@ def test_compiled_model_matches_eager(whole_decoder, make_model):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_decoder_trains_every_stage_in_three_graphs(backend, monkeypatch):
+def test_compiled_decoder_trains_every_stage_in_three_graphs(backend):
     """Each graph costs about a minute to compile on a GPU host, so their number is the
     start-up cost: the first pass, with an empty cache (a batch without latents, or the
     piece before a batch's first latent), one-column passes, and longer passes after
@@ -90,11 +91,12 @@ def test_compiled_decoder_trains_every_stage_in_three_graphs(backend, monkeypatc
     coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
     from torch._inductor import config as inductor_config
 
-    triton_config = inductor_config.triton
-    if hasattr(triton_config, "mix_order_reduction"):  # as a process starts; an earlier compile turned it off
-        monkeypatch.setattr(triton_config, "mix_order_reduction", True)
-    compile_decoder(coconut, backend=backend)
-    assert not getattr(triton_config, "mix_order_reduction", False)  # its size guard made a graph more on GPUs
+    # mix-order reductions on, as a process starts (an earlier test's compile turned them off);
+    # inductor's own patch restores the setting (pytest's monkeypatch would delete it)
+    has_setting = hasattr(inductor_config.triton, "mix_order_reduction")
+    with inductor_config.patch({"triton.mix_order_reduction": True}) if has_setting else contextlib.nullcontext():
+        compile_decoder(coconut, backend=backend)
+        assert not (has_setting and inductor_config.triton.mix_order_reduction)  # their size guard: a graph more on GPUs
     rng = random.Random(3)
     without_latents = collate([make_example(rng, 0, rng.randrange(3, 9), 2) for _ in range(3)])
     with_latents = collate([make_example(rng, k, rng.randrange(3, 9), 2) for k in (1, 3, 2)])
