@@ -204,6 +204,19 @@ def test_attention_section_leaves_the_attention_setting_and_no_gradients_when_a_
         cuda.enable_cudnn_sdp(original)
 
 
+def test_gpu_bench_layers_option_is_checked_and_named_in_the_table(capsys):
+    from bench import gpu_bench
+
+    parser = gpu_bench.build_parser()
+    assert parser.parse_args([]).layers == 12 and parser.parse_args(["--layers", "2"]).layers == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--layers", "0"])
+    assert "--layers: must be at least 1, got 0" in capsys.readouterr().err
+    header = {"device": "x", "torch": "t", "transformers": "v"}
+    assert gpu_bench.markdown_table({**header, "layers": 2}).splitlines()[0] == "x, torch t, transformers v, GPT-2 with 2 layers"
+    assert gpu_bench.markdown_table({**header, "layers": 12}).splitlines()[0] == "x, torch t, transformers v"
+
+
 def test_mfu_peaks_by_card_and_a_failed_optional_section_keeps_the_table(monkeypatch):
     from bench import gpu_bench
 
