@@ -492,7 +492,8 @@ def table(results) -> str:
     elif compiled is not None:
         tr = compiled["train_compiled"]
         lines.append(_proxy_train_line("training step, compile: True", tr) + f"; compiling took {tr['compile_s']:.0f} s")
-    lines += fsdp_lines(results.get("fsdp"))
+    if results.get("fsdp"):
+        lines += ["", *fsdp_proxy.summary_lines(results["fsdp"])]
     demo = results.get("demo")
     if demo is not None:
         lines.append("")
@@ -508,20 +509,6 @@ def _proxy_train_line(label: str, tr: dict) -> str:
     with_latents = tr[f"stage_{tr['latents']}_s"]
     return (f"  {label}: no latents {tr['stage_0_s'] * 1e3:.1f} ms, {tr['latents']} latents {with_latents * 1e3:.1f} ms: "
             f"{tr['ratio']:.2f}x (target <= {tr['target']}x) -> {'MET' if tr['target_met'] else 'MISSED'}")
-
-
-def fsdp_lines(fsdp) -> list:
-    if not fsdp:
-        return []
-    lines = ["", f"FSDP, {fsdp['processes']} processes x 1 thread (GPT-2 {fsdp['layers']} layers x {fsdp['width']}, "
-                 f"batch {fsdp['batch_per_process']} per process; forward, backward and AdamW step)"]
-    k = fsdp["latents"]
-    for flag, r in fsdp["reshard_after_forward"].items():
-        lines.append(f"  reshard_after_forward: {flag:>5}: no latents {r['stage_0_s'] * 1e3:5.0f} ms "
-                     f"({r['all_gathers_stage_0']:3} all-gathers), {k} latents {r[f'stage_{k}_s'] * 1e3:5.0f} ms "
-                     f"({r[f'all_gathers_stage_{k}']:3} all-gathers): {r['ratio']:.2f}x")
-    lines.append(f"  a step with {k} latents: {fsdp['latent_step_speedup']:.2f}x faster with reshard_after_forward: False")
-    return lines
 
 
 def host_memory_lines(results) -> list:

@@ -106,6 +106,19 @@ def _worker(rank, port, layers, steps, out):
         Path(out).write_text(json.dumps(results))
 
 
+def summary_lines(result: dict) -> list:
+    """The measured figures as lines: the setup, each setting's steps, the speedup."""
+    k = result["latents"]
+    lines = [f"FSDP, {result['processes']} processes x 1 thread (GPT-2 {result['layers']} layers x {result['width']}, "
+             f"batch {result['batch_per_process']} per process; forward, backward and AdamW step)"]
+    for flag, r in result["reshard_after_forward"].items():
+        lines.append(f"  reshard_after_forward: {flag:>5}: no latents {r['stage_0_s'] * 1e3:5.0f} ms "
+                     f"({r['all_gathers_stage_0']:3} all-gathers), {k} latents {r[f'stage_{k}_s'] * 1e3:5.0f} ms "
+                     f"({r[f'all_gathers_stage_{k}']:3} all-gathers): {r['ratio']:.2f}x")
+    lines.append(f"  a step with {k} latents: {result['latent_step_speedup']:.2f}x faster with reshard_after_forward: False")
+    return lines
+
+
 def run(quick: bool = False, log=print) -> dict:
     layers, steps = (2, 2) if quick else (proxy.LAYERS, 12)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,13 +130,8 @@ def run(quick: bool = False, log=print) -> dict:
               "reshard_after_forward": by_setting,
               "latent_step_speedup": (by_setting["True"][f"stage_{proxy.LATENTS}_s"]
                                       / by_setting["False"][f"stage_{proxy.LATENTS}_s"])}
-    for flag, r in by_setting.items():
-        log(f"fsdp proxy, reshard_after_forward: {flag}: no latents {r['stage_0_s'] * 1e3:.0f} ms "
-            f"({r['all_gathers_stage_0']} all-gathers), {proxy.LATENTS} latents "
-            f"{r[f'stage_{proxy.LATENTS}_s'] * 1e3:.0f} ms ({r[f'all_gathers_stage_{proxy.LATENTS}']} all-gathers): "
-            f"{r['ratio']:.2f}x")
-    log(f"fsdp proxy: a step with {proxy.LATENTS} latents {result['latent_step_speedup']:.2f}x faster with "
-        "reshard_after_forward: False")
+    for line in summary_lines(result):
+        log(line)
     return result
 
 

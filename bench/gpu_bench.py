@@ -305,12 +305,12 @@ def section_attention(b: Bench) -> dict:
     default_cudnn = cuda.cudnn_sdp_enabled()
     result = {"cudnn_sdp_default": default_cudnn, "fixed_shape_stage_6": list(b.batches[6]["input_ids"].shape)}
     try:
-        for offset, (label, enabled) in enumerate((("default", default_cudnn), ("cudnn_off", False))):
+        for i, (label, enabled) in enumerate((("default", default_cudnn), ("cudnn_off", False))):
             cuda.enable_cudnn_sdp(enabled)
             for k in (0, 6, 0, 6):  # warm-up
                 b.step(b.coconut, k)
             fixed = {k: statistics.median(timed(lambda: b.step(b.coconut, k), b.sync, b.args.steps)) for k in (0, 6)}
-            batches = new_shape_batches(b, b.args.steps, offset=4 * offset)  # other widths for each setting
+            batches = new_shape_batches(b, b.args.steps, offset=4 * i)  # other widths for each setting
             new_shapes = [timed(lambda: b.step(b.coconut, 6, batch=batch), b.sync, 1)[0] for batch in batches]
             result[label] = {"stage_0_s": fixed[0], "stage_6_s": fixed[6], "stage_6_new_shapes_s": new_shapes,
                              "new_shapes": [list(batch["input_ids"].shape) for batch in batches],
