@@ -7,6 +7,8 @@
   exit 2, and Ctrl-C into one line and exit 130. Under torchrun only rank 0 prints
   (every rank meets the same bad input; the others exit quietly with the same status),
   and the line also goes to torchrun's error file, so its failure report names it.
+- `exit_after_main(status)`: how a script that may have joined a process group ends
+  (run.py, and bench scripts that call its main).
 - `OneLineParser`: argparse whose usage errors are one line, exit status 2.
 - `read_json_list`: a non-empty JSON list from a file, or a UserError.
 
@@ -64,6 +66,15 @@ def _tell_torchrun(line: str) -> None:
             json.dump(record, f)
     except OSError:
         pass  # the line is on stderr anyway
+
+
+def exit_after_main(status: int) -> None:
+    """End a script whose main may have joined a process group: through
+    distributed.exit_process when distributed was imported (Python's finalization can
+    abort a process after gloo, see there), else sys.exit. Importing distributed here
+    would import torch after a bad config."""
+    distributed = sys.modules.get("distributed")
+    (distributed.exit_process if distributed else sys.exit)(status)
 
 
 def main_guard(main: Callable[[], int]) -> int:

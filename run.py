@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from cli import UserError, fail, first_line, main_guard, process_rank
+from cli import UserError, exit_after_main, fail, first_line, main_guard, process_rank
 from utils import ConfigError, load_config, parse_overrides
 
 USAGE = ("usage: python run.py CONFIG.yaml [KEY=VALUE | --KEY VALUE ...]   "
@@ -123,8 +123,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    # a run that got as far as a process group ends through distributed.exit_process;
-    # importing it here would import torch after a bad config
-    distributed = sys.modules.get("distributed")
-    (distributed.exit_process if distributed else sys.exit)(status)
+    exit_after_main(main())

@@ -104,6 +104,7 @@ def _worker(rank, port, layers, steps, out):
         distributed.teardown()
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    distributed.exit_process(0)  # as run.py ends: Python's finalization can abort after gloo (see exit_process)
 
 
 def summary_lines(result: dict) -> list:

@@ -304,4 +304,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cli import exit_after_main
+
+    exit_after_main(main())  # a --_worker process ran run.py's main: it ends as run.py does
