@@ -9,7 +9,9 @@ with N latents costs one forward over the sequence split into N + 1 pieces.
 
 The passes run the transformer stack alone (`decoder_of(base_causallm)`): a latent
 needs only the last hidden state, so no LM head and no per-layer hidden states there.
-The loss applies the LM head only where labels are supervised, in chunks.
+The loss applies the LM head only where labels are supervised, in chunks. A pass over
+one column (a latent, a decoded token) of a GPT-2 runs in fewer operations
+(lean_passes.py), with the same results bit for bit.
 
     model = Coconut(AutoModelForCausalLM.from_pretrained(...), latent_id, start_id, end_id, eos_id)
     out = model(**batch)            # out.loss, out.logits, out.inputs_embeds
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+import lean_passes
 from utils import METHODS
 
 
@@ -604,6 +607,11 @@ class Coconut(nn.Module):
         model_type = getattr(text_config(base_causallm.config), "model_type", None)
         self.column_positions = model_type in COLUMN_POSITION_MODEL_TYPES
         self.one_column_continuation = model_type in ONE_COLUMN_CONTINUATION_MODEL_TYPES
+        # one-column passes in the fewest operations, for the families lean_passes writes out
+        self.lean_family = lean_passes.family_for(model_type, self.decoder)
+        if self.lean_family is not None:
+            lean_passes.install(self.lean_family, self.decoder)
+        self.lean_passes = True  # False: every pass through Hugging Face's forward
 
     @property
     def embedding(self) -> nn.Module:
@@ -633,6 +641,13 @@ class Coconut(nn.Module):
             **{self._cache_kwarg: cache},
         )
         return out.last_hidden_state
+
+    def _column_pass(self, embeds, mask, position_ids, cache) -> torch.Tensor:
+        """_decoder_pass of one column on a cache this module made, with pass_mask's mask:
+        lean_passes' where the model's family is written out there."""
+        if self.lean_family is not None and self.lean_passes:
+            return lean_passes.run_pass(self.lean_family, self.decoder, embeds, mask, position_ids, cache)
+        return self._decoder_pass(embeds, mask, position_ids, cache)
 
     def _builds_own_masks(self) -> bool:
         """Whether passes on a cache this module made get pass_mask's masks. Not when the
@@ -721,8 +736,13 @@ class Coconut(nn.Module):
                 hiddens = [self._decoder_pass(prefix, attention_mask[:, :end], position_ids[:, :end], None)]
                 filled = hiddens[0][:, -1:]
                 continue
-            run_pass = one_column_pass if (one_column_pass is not None and end - start == 1) else self._decoder_pass
-            mask = pass_mask(attention_mask, start, end) if own_masks and start > 0 else attention_mask[:, :end]
+            ready_mask = own_masks and start > 0
+            run_pass = self._decoder_pass
+            if end - start == 1 and one_column_pass is not None:
+                run_pass = one_column_pass
+            elif end - start == 1 and ready_mask:
+                run_pass = self._column_pass
+            mask = pass_mask(attention_mask, start, end) if ready_mask else attention_mask[:, :end]
             with self._pass_mode(end - start):
                 hidden = run_pass(chunk, mask, position_ids[:, start:end], cache)
             chunks.append(chunk)
@@ -855,8 +875,9 @@ class Coconut(nn.Module):
             positions = (lengths + step)[:, None]
             width = attention_mask.shape[1]
             mask = pass_mask(attention_mask, width - 1, width) if own_masks else attention_mask
+            run_pass = self._column_pass if own_masks else self._decoder_pass
             with self._pass_mode(1):
-                hidden = self._decoder_pass(self.embedding(token[:, None]), mask, positions, cache)
+                hidden = run_pass(self.embedding(token[:, None]), mask, positions, cache)
             next_token = self.lm_head(hidden[:, -1]).argmax(-1)
             step += 1
         return state.generated, state.n_kept

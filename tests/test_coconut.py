@@ -480,7 +480,8 @@ def test_generation_stops_when_every_row_hit_eos():
         base.transformer.wte.weight[EOS] = 50 * base.transformer.ln_f.bias
     coconut = Coconut(base, LATENT, START, END, EOS).eval()
     calls = []
-    coconut.decoder.register_forward_hook(lambda *args: calls.append(1))  # the stack, without the LM head
+    # a pass calls every block (a lean pass, lean_passes, calls no decoder module)
+    base.transformer.h[0].register_forward_hook(lambda *args: calls.append(1))
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     with torch.no_grad():
         out = coconut.generate(ids, torch.ones_like(ids), max_new_tokens=50)
@@ -647,7 +648,7 @@ def test_passes_matched_to_other_ranks_keep_the_naive_loss_and_gradients(monkeyp
     rng = random.Random(5)
     examples = [make_example(rng, 2, 4, 3), make_example(rng, 2, 5, 2)]  # 3 passes, 14 columns
     calls = []
-    base.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    base.transformer.h[0].register_forward_pre_hook(lambda module, args: calls.append(1))  # once a pass
     out = coconut(**collate(examples))
     assert len(calls) == other_ranks_passes
     grads = torch.autograd.grad(out.loss, list(base.parameters()))

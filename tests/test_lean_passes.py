@@ -1,0 +1,179 @@
+"""Lean one-column passes (lean_passes.py) against Hugging Face's forward.
+
+The lean passes run the same operations on the same values in the same order, so the
+reference is the same Coconut with `lean_passes = False`, where every pass goes through
+Hugging Face's modules, and the comparison is exact: losses and gradients bit for bit,
+with dropout on (the same random numbers in the same order) and under bf16 autocast
+(the same casts), and the same greedy tokens. That Coconut itself equals the naive
+algorithm is tests/test_coconut.py's work (lean passes on, by default).
+"""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_coconut import END, EOS, LATENT, START, VOCAB, collate, make_example
+from tiny import make_gpt2, make_llama
+from transformers.pytorch_utils import Conv1D
+
+import lean_passes
+from coconut import Coconut
+from modeling import checkpoint_blocks, fuse_gelu
+
+GPT2_VARIANTS = {  # GPT2Config's dropout is 0.1 unless set
+    "dropout": dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1),
+    "scaled by layer, wider mlp, relu": dict(scale_attn_by_inverse_layer_idx=True, n_inner=96,
+                                             activation_function="relu"),
+    "unscaled attention, no dropout": dict(scale_attn_weights=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
+
+
+def latent_batch(seed=0):
+    """Rows with 6 and 3 latents: the passes are the first piece, 5 one-column passes, the rest."""
+    rng = random.Random(seed)
+    return collate([make_example(rng, 6, 5, 2), make_example(rng, 3, 7, 3), make_example(rng, 6, 3, 4)])
+
+
+def loss_and_grads(coconut, batch, lean: bool, seed=0):
+    coconut.lean_passes = lean
+    coconut.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # dropout: both runs draw from the same state
+    loss = coconut(**batch, return_logits=False).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in coconut.parameters()]
+
+
+def assert_bitwise_equal(got, want):
+    (got_loss, got_grads), (want_loss, want_grads) = got, want
+    assert torch.equal(got_loss, want_loss), (got_loss.item(), want_loss.item())
+    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+
+
+@pytest.mark.parametrize("variant", GPT2_VARIANTS)
+def test_lean_passes_train_as_hugging_faces_forward_bit_for_bit(variant):
+    coconut = Coconut(make_gpt2(VOCAB, **GPT2_VARIANTS[variant]), LATENT, START, END, EOS).train()
+    assert coconut.lean_family is lean_passes.GPT2
+    batch = latent_batch()
+    lean = loss_and_grads(coconut, batch, lean=True)
+    assert_bitwise_equal(lean, loss_and_grads(coconut, batch, lean=False))
+    if variant == "dropout":  # premise: dropout drew random numbers (another seed, another loss)
+        assert not torch.equal(lean[0], loss_and_grads(coconut, batch, lean=True, seed=1)[0])
+
+
+def test_lean_passes_under_bf16_autocast_cast_as_hugging_faces_forward():
+    coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).train()
+    fuse_gelu(coconut.base_causallm)  # as run.py trains: the activation is the module the lean pass calls
+    batch = latent_batch(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean = loss_and_grads(coconut, batch, lean=True)
+        assert_bitwise_equal(lean, loss_and_grads(coconut, batch, lean=False))
+    assert not torch.equal(lean[0], loss_and_grads(coconut, batch, lean=True)[0])  # premise: bf16 changed it
+
+
+@pytest.mark.parametrize("variant", GPT2_VARIANTS)
+def test_lean_decoding_gives_hugging_faces_tokens(variant):
+    coconut = Coconut(make_gpt2(VOCAB, seed=2, **GPT2_VARIANTS[variant]), LATENT, START, END, EOS).eval()
+    rng = random.Random(4)
+    prompts = [make_example(rng, n, q, 1)[0][:-2] for n, q in ((6, 4), (3, 7), (0, 5))]  # question and thoughts
+    batch = collate([(p, p) for p in prompts])
+    outputs = {}
+    for lean in (True, False):
+        coconut.lean_passes = lean
+        with torch.no_grad():
+            outputs[lean] = coconut.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
+    assert torch.equal(outputs[True], outputs[False])
+    assert outputs[True].shape[1] > batch["input_ids"].shape[1] + 4  # premise: it decoded tokens
+
+
+@pytest.mark.parametrize("keys", [5, 8, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_attention_bias_is_sdpas_own_conversion_in_aligned_rows(keys, dtype):
+    mask = torch.rand(3, 1, 1, keys, generator=torch.Generator().manual_seed(keys)) > 0.4
+    mask[..., -1] = True  # each query sees a key (its own column), as in every pass
+    bias = lean_passes.AttentionBias(mask)
+    additive = bias.of(dtype)
+    assert additive.dtype == dtype and additive.shape == mask.shape and additive.stride(-2) % 8 == 0
+    assert torch.equal(additive, torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf")))
+    assert bias.of(dtype) is additive  # made once a pass
+    q, k, v = (torch.randn(3, 2, 1 if i == 0 else keys, 4, dtype=dtype) for i in range(3))
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=additive),
+                       F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def block_calls(coconut, run) -> dict:
+    """How often run() calls each GPT-2 block, and Hugging Face's attention inside it."""
+    counts = {"block": 0, "attention": 0}
+    block = coconut.base_causallm.transformer.h[0]
+    hooks = [block.register_forward_pre_hook(lambda *args: counts.__setitem__("block", counts["block"] + 1)),
+             block.attn.register_forward_pre_hook(lambda *args: counts.__setitem__("attention", counts["attention"] + 1))]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_one_column_passes_call_the_blocks_but_not_hugging_faces_block_forward(lean):
+    """Training with 6 latents: 7 passes call every block as a module (its hooks, FSDP's
+    included, run); Hugging Face's block forward runs only in the first piece and the rest
+    (the one-column passes are lean). Decoding: each new token's pass is lean too."""
+    coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)
+    coconut.lean_passes = lean
+    rng = random.Random(7)
+    batch = collate([make_example(rng, 6, 5, 2)])
+    assert block_calls(coconut, lambda: coconut(**batch).loss.backward()) == {"block": 7, "attention": 7 - 5 * lean}
+    prompt = batch["input_ids"][:, :-3]  # the question and its thoughts
+    coconut.eval()
+    with torch.no_grad():
+        counts = block_calls(coconut, lambda: coconut.generate(prompt, max_new_tokens=4))
+    # the prompt's 7 passes, as in training, then one pass per new token after the first
+    assert counts == {"block": 7 + 3, "attention": 10 - 8 * lean}
+
+
+def test_checkpointed_blocks_recompute_their_lean_passes_too(monkeypatch):
+    """modeling.checkpoint_blocks wraps the block forward the lean path runs in: the backward
+    recomputes every pass, the one-column ones included (4 projections per block and pass),
+    and the gradients stay Hugging Face's."""
+    plain = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).train()
+    checkpointed = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).train()
+    checkpoint_blocks(checkpointed.base_causallm)
+    rng = random.Random(7)
+    batch = collate([make_example(rng, 6, 5, 2)])  # 7 passes
+    checkpointed.lean_passes = True
+    loss = checkpointed(**batch).loss
+    calls, addmm = [], torch.addmm  # every projection, Hugging Face's (Conv1D) and the lean pass's
+    monkeypatch.setattr(torch, "addmm", lambda *args, **kwargs: calls.append(1) or addmm(*args, **kwargs))
+    loss.backward()
+    monkeypatch.undo()
+    assert len(calls) == 4 * 2 * 7  # 2 blocks
+    assert_bitwise_equal(loss_and_grads(checkpointed, batch, lean=True), loss_and_grads(plain, batch, lean=False))
+
+
+def test_models_outside_the_lean_families_keep_hugging_faces_forward():
+    assert Coconut(make_llama(VOCAB), LATENT, START, END, EOS).lean_family is None
+    # a projection that is not the plain Conv1D (a LoRA wrapper, say) computes something else
+    base = make_gpt2(VOCAB)
+
+    class Wrapped(Conv1D):
+        pass
+
+    wrapped = Wrapped(3 * 64, 64)
+    wrapped.load_state_dict(base.transformer.h[1].attn.c_attn.state_dict())
+    base.transformer.h[1].attn.c_attn = wrapped
+    assert Coconut(base, LATENT, START, END, EOS).lean_family is None
+    assert Coconut(make_gpt2(VOCAB, add_cross_attention=True), LATENT, START, END, EOS).lean_family is None
+    assert Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).lean_family is lean_passes.GPT2  # premise
+
+
+def test_wrapping_one_base_model_twice_installs_the_lean_path_once():
+    """Evaluation wraps the run's base model in a second Coconut (the plain decoder of the
+    methods without latents): the blocks keep one lean dispatch, inside checkpointing."""
+    base = make_gpt2(VOCAB)
+    Coconut(base, LATENT, START, END, EOS)
+    checkpoint_blocks(base)
+    forward = base.transformer.h[0].forward
+    Coconut(base, None, START, END, EOS)
+    assert base.transformer.h[0].forward is forward
