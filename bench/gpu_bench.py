@@ -15,7 +15,9 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
    padded batch counted, whatever an implementation skips. Stage 6 does the same
    arithmetic as stage 0 by design, so its MFU shows what the 7 passes cost. Peak: 989
    TFLOP/s dense bf16 for H100/H200 (detected by name), else COCONUT_PEAK_TFLOPS.
-   Ours again with GPT-2's Python gelu_new (`fused_gelu: False`), on a copy.
+   Ours again with GPT-2's Python gelu_new (`fused_gelu: False`), on a copy, and with
+   every pass through Hugging Face's forward (`lean_passes` off: no lean one-column
+   passes, lean_passes.py).
 2. attention: eager steps of ours at stages 0 and 6 with PyTorch's default attention
    kernels (cuDNN's on an H100) and with cuDNN attention off, on the fixed batches and
    at stage 6 on batches of new widths (cuDNN plans each new attention shape), and
@@ -233,6 +235,11 @@ def section_training(b: Bench) -> dict:
         b.step(unfused, k)
     result["ours_gelu_new"] = train_ours(b, unfused, "ours, fused_gelu: False")
     del unfused
+    b.coconut.lean_passes = False
+    try:
+        result["ours_hf_passes"] = train_ours(b, b.coconut, "ours, Hugging Face's passes (lean_passes off)")
+    finally:
+        b.coconut.lean_passes = True
     b.step(b.coconut, 0, "naive")  # warm-up, both stages: stage 6's first step meets new shapes
     b.step(b.coconut, 6, "naive")
     naive = {0: statistics.median(timed(lambda: b.step(b.coconut, 0, "naive"), b.sync, b.args.steps)),
@@ -421,6 +428,10 @@ def markdown_table(result) -> str:
             unfused = tr["ours_gelu_new"]
             lines.append(f"| the same, fused_gelu: False: stage 0, stage 6 | - | {ms(unfused['stage_0'])}, "
                          f"{ms(unfused['stage_6'])} | - |")
+        if "ours_hf_passes" in tr:
+            plain = tr["ours_hf_passes"]
+            lines.append(f"| the same, Hugging Face's passes (lean_passes off): stage 0, stage 6, stage 6 / stage 0 | - | "
+                         f"{ms(plain['stage_0'])}, {ms(plain['stage_6'])}, {plain['stage_6_over_0']:.2f}x | - |")
         busy = lambda e: f"{e['profile']['gpu_ops']:,} ops, busy {e['profile']['gpu_busy_ms']:.0f} ms"  # noqa: E731
         for k in (0, 6):
             lines.append(f"| profiled step, stage {k}: GPU operations, GPU busy | - | {busy(tr['ours'][f'stage_{k}'])} | "

@@ -154,8 +154,9 @@ def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
         env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(blocked)},
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "| the same, Hugging Face's passes (lean_passes off)" in out.stdout  # the table's row
     result = json.loads((tmp_path / "gpu.json").read_text())
-    for algo in ("ours", "ours_gelu_new", "naive"):
+    for algo in ("ours", "ours_gelu_new", "ours_hf_passes", "naive"):
         assert result["training"][algo]["stage_0"]["tokens_per_s"] > 0
         assert result["training"][algo]["stage_6_over_0"] > 0
     assert result["compile"]["compiled"] == "decoder" and result["compile"]["stage_6"]["tokens_per_s"] > 0
