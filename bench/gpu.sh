@@ -2,8 +2,9 @@
 # Coconut on one CUDA GPU, the rows of issue 13's table: bf16 training steps at stages 0
 # and 6 (ours, ours with `fused_gelu: False`, ours with `lean_passes` off, and the
 # published algorithm; ms, tokens/s, MFU, stage 6 / stage 0), eager steps with cuDNN
-# attention on and off, the same training steps with `compile: True`, and generation questions/s at batch 1 and 64 against the
-# naive batch-1 loop, with the eager decoding loop and with the CUDA-graph step.
+# attention on and off, the same training steps with `compile: True`, and generation
+# questions/s at batch 1 and 64 against the naive batch-1 loop, with the eager decoding
+# loop and with the CUDA-graph step.
 # Nothing is downloaded (random-weight GPT-2 124M, generated ProsQA-shaped batches).
 # Needs torch with CUDA and transformers only: uses $PYTHON when set, else .venv/bin/python
 # when present, else python3. Extra arguments go to bench/gpu_bench.py (--help).
