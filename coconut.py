@@ -23,6 +23,7 @@ when several processes must run the same number of forward passes (FSDP).
 """
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -642,12 +643,15 @@ class Coconut(nn.Module):
         )
         return out.last_hidden_state
 
-    def _column_pass(self, embeds, mask, position_ids, cache) -> torch.Tensor:
-        """_decoder_pass of one column on a cache this module made, with pass_mask's mask:
-        lean_passes' where the model's family is written out there."""
-        if self.lean_family is not None and self.lean_passes:
-            return lean_passes.run_pass(self.lean_family, self.decoder, embeds, mask, position_ids, cache)
-        return self._decoder_pass(embeds, mask, position_ids, cache)
+    def _column_pass(self) -> Callable:
+        """What runs a pass over one column on a cache this module made, with pass_mask's
+        mask: lean_passes' where the model's family is written out there and its modules
+        are still the plain ones (checked at each call: modules swapped after wrapping,
+        LoRA say, count), else _decoder_pass."""
+        family = self.lean_family if self.lean_passes else None
+        if family is None or not lean_passes.fits(family, self.decoder):
+            return self._decoder_pass
+        return functools.partial(lean_passes.run_pass, family, self.decoder)
 
     def _builds_own_masks(self) -> bool:
         """Whether passes on a cache this module made get pass_mask's masks. Not when the
@@ -716,6 +720,7 @@ class Coconut(nn.Module):
         # one split, not a slice per pass: the backward then joins the pieces' gradients
         # once instead of zero-filling and adding a whole (batch, seq, hidden) per pass;
         # the whole width is passed as it is, not as a view (a compiled decoder would copy it)
+        column_pass = self._column_pass() if own_masks else None
         spans = [segment for segment in segments if segment is not None]
         pieces = iter(token_embeds.split([end - start for start, end in spans], dim=1) if len(spans) > 1
                       else [token_embeds])
@@ -741,7 +746,7 @@ class Coconut(nn.Module):
             if end - start == 1 and one_column_pass is not None:
                 run_pass = one_column_pass
             elif end - start == 1 and ready_mask:
-                run_pass = self._column_pass
+                run_pass = column_pass
             mask = pass_mask(attention_mask, start, end) if ready_mask else attention_mask[:, :end]
             with self._pass_mode(end - start):
                 hidden = run_pass(chunk, mask, position_ids[:, start:end], cache)
@@ -866,6 +871,7 @@ class Coconut(nn.Module):
                             torch.zeros(batch, dtype=torch.bool, device=input_ids.device))
         attention_mask = prompt_mask
         own_masks = self._builds_own_masks()
+        run_pass = self._column_pass() if own_masks else self._decoder_pass
         step = 0
         while True:  # under synced_gpus a finished process keeps stepping until all are done
             token = state.record(step, next_token, max_new_tokens, self.eos_token_id)
@@ -875,7 +881,6 @@ class Coconut(nn.Module):
             positions = (lengths + step)[:, None]
             width = attention_mask.shape[1]
             mask = pass_mask(attention_mask, width - 1, width) if own_masks else attention_mask
-            run_pass = self._column_pass if own_masks else self._decoder_pass
             with self._pass_mode(1):
                 hidden = run_pass(self.embedding(token[:, None]), mask, positions, cache)
             next_token = self.lm_head(hidden[:, -1]).argmax(-1)

@@ -48,6 +48,7 @@ the "eager" backend.
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -235,6 +236,7 @@ def section_training(b: Bench) -> dict:
         b.step(unfused, k)
     result["ours_gelu_new"] = train_ours(b, unfused, "ours, fused_gelu: False")
     del unfused
+    gc.collect()  # its blocks' forwards hold the blocks (lean_passes.install): a cycle only the collector frees
     b.coconut.lean_passes = False
     try:
         result["ours_hf_passes"] = train_ours(b, b.coconut, "ours, Hugging Face's passes (lean_passes off)")

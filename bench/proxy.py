@@ -20,6 +20,8 @@ cores disturb least; wall-clock figures beside it):
 - the time per generated token at batch 1 of `Coconut.generate` and of the naive
   no-cache loop (bench/naive.py), from the difference of two generation lengths (so
   the prompt's passes cancel out).
+- both again with every pass through Hugging Face's forward (`lean_passes` off: no
+  lean one-column passes, lean_passes.py), in the same process after them.
 - the process keeps the memory it frees (glibc's mallopt), as a GPU's caching allocator
   does: by default glibc hands the LM head's large buffers back to the system after
   each step and page-faults them in again on the next, a cost no GPU step has, and an
@@ -91,8 +93,9 @@ def train_ratio(coconut, pairs: int) -> dict:
             "wall_ratio": statistics.median(b / a for a, b in zip(wall[0], wall[LATENTS]))}
 
 
-def decode_per_token(model, coconut, repeats: int, short=1, long=33) -> dict:
-    """Seconds per generated token at batch 1: (time(long) - time(short)) / (long - short)."""
+def decode_per_token(model, coconut, repeats: int, short=1, long=33, naive_too=True) -> dict:
+    """Seconds per generated token at batch 1: (time(long) - time(short)) / (long - short);
+    of the naive loop too, unless naive_too is False."""
     ids = workload.ids_for(SHAPE.vocab)
     prompt = workload.prompts(SHAPE, 1, n_latents=LATENTS)[0]
     mask = torch.ones_like(prompt[None])
@@ -106,11 +109,12 @@ def decode_per_token(model, coconut, repeats: int, short=1, long=33) -> dict:
 
     assert ours(long) == naive(long) + [ids.eos] * (len(ours(long)) - len(naive(long))), "decoding differs from naive"
     result = {"prompt_tokens": len(prompt), "new_tokens": long - short}
-    for name, fn in (("ours", ours), ("naive", naive)):
+    for name, fn in (("ours", ours), ("naive", naive))[:2 if naive_too else 1]:
         t_long = _median_time(lambda: fn(long), repeats)
         t_short = _median_time(lambda: fn(short), repeats)
         result[f"{name}_s_per_token"] = (t_long - t_short) / (long - short)
-    result["naive_over_ours"] = result["naive_s_per_token"] / result["ours_s_per_token"]
+    if naive_too:
+        result["naive_over_ours"] = result["naive_s_per_token"] / result["ours_s_per_token"]
     return result
 
 
@@ -130,6 +134,22 @@ def make_coconut():
     model = workload.make_model(LAYERS, WIDTH, HEADS, vocab=SHAPE.vocab, n_positions=256)
     ids = workload.ids_for(SHAPE.vocab)
     return model, Coconut(model, ids.latent, ids.start, ids.end, ids.eos)
+
+
+def hugging_faces_passes(model, coconut, repeats: int, pairs: int, log) -> dict:
+    """The training ratio and decoding time with lean_passes off: every pass through
+    Hugging Face's forward, what lean one-column passes are measured against."""
+    coconut.lean_passes = False
+    try:
+        model.train()
+        train = train_ratio(coconut, pairs)
+        log_train(log, train, ", Hugging Face's passes (lean_passes off)")
+        model.eval()
+        decode = decode_per_token(model, coconut, repeats, naive_too=False)
+        log(f"proxy decoding at batch 1, Hugging Face's passes: {decode['ours_s_per_token'] * 1e3:.2f} ms/token")
+    finally:
+        coconut.lean_passes = True
+    return {"train_hf_passes": train, "decode_hf_passes": decode}
 
 
 def log_train(log, train, how):
@@ -168,6 +188,7 @@ def run(repeats: int = 5, pairs: int = 30, log=print, eager=True, compiled=False
             decode = result["decode"] = decode_per_token(model, coconut, repeats)
             log(f"proxy decoding at batch 1: ours {decode['ours_s_per_token'] * 1e3:.2f} ms/token, naive "
                 f"{decode['naive_s_per_token'] * 1e3:.2f} ms/token ({decode['naive_over_ours']:.1f}x)")
+            result.update(hugging_faces_passes(model, coconut, repeats, pairs, log))
         if compiled:
             result["train_compiled"] = compiled_train_ratio(pairs, log, **compile_kwargs)
             log_train(log, result["train_compiled"], ", compile: True")

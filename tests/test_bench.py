@@ -284,6 +284,28 @@ def test_gpu_benchmarks_collator_equals_mycollator():
     assert set(got) == set(want) and all(torch.equal(got[key], want[key]) for key in want)
 
 
+def test_proxy_times_lean_passes_and_hugging_faces_side_by_side(monkeypatch):
+    """bench/proxy.py's eager section: the ratio and decoding time with lean one-column
+    passes (the target's row), then with Hugging Face's passes (reported, not judged)."""
+    from bench import bench, proxy
+
+    monkeypatch.setattr(proxy, "LAYERS", 2)
+    threads = torch.get_num_threads()
+    lines = []
+    try:
+        result = proxy.run(repeats=1, pairs=1, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    for train in (result["train"], result["train_hf_passes"]):
+        assert train["ratio"] > 0 and train["pairs"] == 1
+    assert result["decode_hf_passes"]["ours_s_per_token"] > 0 and "naive_s_per_token" not in result["decode_hf_passes"]
+    assert any("Hugging Face's passes (lean_passes off)" in line for line in lines)
+    table = bench.table({"proxy": result}).splitlines()
+    hf_line = next(line for line in table if "Hugging Face's passes (lean_passes off)" in line)
+    assert f"{result['train_hf_passes']['ratio']:.2f}x" in hf_line and "target" not in hf_line
+    assert any("training step: " in line and "target <= 1.5x" in line for line in table)
+
+
 @pytest.mark.slow
 def test_proxy_times_the_compiled_decoder(monkeypatch):
     """bench/proxy.py --compile times steps of a model whose decoder really is compiled

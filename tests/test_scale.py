@@ -145,10 +145,11 @@ def test_evaluation_decodes_in_the_runs_precision(gpt2_folder, method):
     generator = startup.evaluation_decoder(model, built, config, DistEnv())
     assert (generator is model) == (method == "coconut")
     seen = []
-    built.base_causallm.base_model.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+    block = distributed.transformer_blocks(built.base_causallm)[0]  # every pass calls it, lean ones too
+    block.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
     ids = torch.tensor([[5, 6, 7, 8]])
-    generator.generate(ids, torch.ones_like(ids), max_new_tokens=2)
-    assert seen and all(seen)
+    generator.generate(ids, torch.ones_like(ids), max_new_tokens=3)
+    assert len(seen) == 3 and all(seen)  # the prompt's pass and two decoding passes
 
 
 # ------------------------------------------------------------------ optimizer state, one process
