@@ -717,10 +717,10 @@ class Coconut(nn.Module):
             buffered = not torch.is_grad_enabled() and not self.compiled_decoder
             cache = new_cache(self.base_causallm.config, buffered, self.cache_class)
             own_masks = self._builds_own_masks()
+        column_pass = self._column_pass() if own_masks else None
         # one split, not a slice per pass: the backward then joins the pieces' gradients
         # once instead of zero-filling and adding a whole (batch, seq, hidden) per pass;
         # the whole width is passed as it is, not as a view (a compiled decoder would copy it)
-        column_pass = self._column_pass() if own_masks else None
         spans = [segment for segment in segments if segment is not None]
         pieces = iter(token_embeds.split([end - start for start, end in spans], dim=1) if len(spans) > 1
                       else [token_embeds])
