@@ -49,10 +49,10 @@ class LeanFamily(NamedTuple):
     """How one model family runs a one-column pass. Each function takes the decoder
     stack (decoder_of's module) or one of its blocks."""
 
-    embed: Callable  # (decoder, embeds (batch, 1, hidden), position_ids (batch, 1)) -> block input
+    embed: Callable  # (decoder, embeds (batch, 1, hidden), position_ids (batch, 1)) -> the first block's input
     blocks: Callable  # decoder -> its blocks, in order
-    block: Callable  # (block, hidden (batch, 1, hidden), cache, mask (batch, 1, 1, keys) bool) -> hidden
-    final: Callable  # (decoder, hidden) -> last hidden state (after the final norm)
+    block: Callable  # (block, its input, cache, mask (batch, 1, 1, keys) bool) -> the next block's input
+    final: Callable  # (decoder, the last block's output) -> last hidden state (batch, 1, hidden), after the final norm
     fits: Callable  # decoder -> whether its modules are the plain ones the functions are written for
 
 
@@ -68,25 +68,24 @@ def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- GPT-2
 def _gpt2_embed(decoder, embeds, position_ids):
-    return _dropout(decoder.drop, embeds + decoder.wpe(position_ids))
+    hidden = embeds + decoder.wpe(position_ids)  # (batch, 1, width)
+    return _dropout(decoder.drop, hidden.view(hidden.shape[0], -1))
 
 
 def _gpt2_block(block, hidden, cache, mask):
-    """GPT2Block.forward with sdpa attention, for one column: hidden (batch, 1, width)."""
+    """GPT2Block.forward with sdpa attention, for one column: hidden (batch, width), kept
+    two-dimensional from block to block (no view before and after each projection)."""
     attn, mlp = block.attn, block.mlp
-    batch, _, width = hidden.shape
-    x = _layer_norm(block.ln_1, hidden).view(batch, width)
-    qkv = torch.addmm(attn.c_attn.bias, x, attn.c_attn.weight)  # (batch, 3 * width): queries, keys, values
+    batch, width = hidden.shape
+    qkv = torch.addmm(attn.c_attn.bias, _layer_norm(block.ln_1, hidden), attn.c_attn.weight)  # (batch, 3 * width)
     query, key, value = qkv.view(batch, 3, attn.num_heads, 1, attn.head_dim).unbind(1)  # (batch, heads, 1, head_dim)
     key, value = cache.update(key, value, attn.layer_idx)  # (batch, heads, keys, head_dim)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling,
                                          dropout_p=attn.attn_dropout.p if attn.training else 0.0)
     out = torch.addmm(attn.c_proj.bias, out.reshape(batch, width), attn.c_proj.weight)
-    hidden = _dropout(attn.resid_dropout, out.view(batch, 1, width)) + hidden
-    x = _layer_norm(block.ln_2, hidden).view(batch, width)
-    x = mlp.act(torch.addmm(mlp.c_fc.bias, x, mlp.c_fc.weight))  # (batch, inner)
-    x = torch.addmm(mlp.c_proj.bias, x, mlp.c_proj.weight).view(batch, 1, width)
-    return hidden + _dropout(mlp.dropout, x)
+    hidden = _dropout(attn.resid_dropout, out) + hidden
+    x = mlp.act(torch.addmm(mlp.c_fc.bias, _layer_norm(block.ln_2, hidden), mlp.c_fc.weight))  # (batch, inner)
+    return hidden + _dropout(mlp.dropout, torch.addmm(mlp.c_proj.bias, x, mlp.c_proj.weight))
 
 
 def _gpt2_fits(decoder) -> bool:
@@ -119,7 +118,7 @@ def _gpt2_blocks(decoder):
 
 
 def _gpt2_final(decoder, hidden):
-    return _layer_norm(decoder.ln_f, hidden)
+    return _layer_norm(decoder.ln_f, hidden)[:, None]  # (batch, 1, width), as the decoder returns it
 
 
 GPT2 = LeanFamily(embed=_gpt2_embed, blocks=_gpt2_blocks, block=_gpt2_block, final=_gpt2_final, fits=_gpt2_fits)
