@@ -649,7 +649,7 @@ class Coconut(nn.Module):
         are still the plain ones (checked at each call: modules swapped after wrapping,
         LoRA say, count), else _decoder_pass."""
         family = self.lean_family if self.lean_passes else None
-        if family is None or not lean_passes.fits(family, self.decoder):
+        if family is None or not lean_passes.usable(family, self.decoder):
             return self._decoder_pass
         return functools.partial(lean_passes.run_pass, family, self.decoder)
 

@@ -35,6 +35,7 @@ through Hugging Face's forward.
 """
 
 import functools
+import inspect
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -51,8 +52,8 @@ class LeanFamily(NamedTuple):
 
     embed: Callable  # (decoder, embeds (batch, 1, hidden), position_ids (batch, 1)) -> the first block's input
     blocks: Callable  # decoder -> its blocks, in order
-    block: Callable  # (block, its input, cache, mask (batch, 1, 1, keys) bool) -> the next block's input
-    final: Callable  # (decoder, the last block's output) -> last hidden state (batch, 1, hidden), after the final norm
+    block: Callable  # (block, hidden (batch, 1, hidden), cache, mask (batch, 1, 1, keys) bool) -> hidden
+    final: Callable  # (decoder, hidden) -> last hidden state (after the final norm)
     fits: Callable  # decoder -> whether its modules are the plain ones the functions are written for
 
 
@@ -68,15 +69,16 @@ def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- GPT-2
 def _gpt2_embed(decoder, embeds, position_ids):
-    hidden = embeds + decoder.wpe(position_ids)  # (batch, 1, width)
-    return _dropout(decoder.drop, hidden.view(hidden.shape[0], -1))
+    return _dropout(decoder.drop, embeds + decoder.wpe(position_ids))
 
 
 def _gpt2_block(block, hidden, cache, mask):
-    """GPT2Block.forward with sdpa attention, for one column: hidden (batch, width), kept
-    two-dimensional from block to block (no view before and after each projection)."""
+    """GPT2Block.forward with sdpa attention, for one column: hidden (batch, 1, width), as
+    Hugging Face's blocks take and return it (hooks on a block see the same shapes);
+    two-dimensional inside (no view before and after each projection)."""
     attn, mlp = block.attn, block.mlp
-    batch, width = hidden.shape
+    batch, _, width = hidden.shape
+    hidden = hidden.view(batch, width)
     qkv = torch.addmm(attn.c_attn.bias, _layer_norm(block.ln_1, hidden), attn.c_attn.weight)  # (batch, 3 * width)
     query, key, value = qkv.view(batch, 3, attn.num_heads, 1, attn.head_dim).unbind(1)  # (batch, heads, 1, head_dim)
     key, value = cache.update(key, value, attn.layer_idx)  # (batch, heads, keys, head_dim)
@@ -85,7 +87,8 @@ def _gpt2_block(block, hidden, cache, mask):
     out = torch.addmm(attn.c_proj.bias, out.reshape(batch, width), attn.c_proj.weight)
     hidden = _dropout(attn.resid_dropout, out) + hidden
     x = mlp.act(torch.addmm(mlp.c_fc.bias, _layer_norm(block.ln_2, hidden), mlp.c_fc.weight))  # (batch, inner)
-    return hidden + _dropout(mlp.dropout, torch.addmm(mlp.c_proj.bias, x, mlp.c_proj.weight))
+    hidden = hidden + _dropout(mlp.dropout, torch.addmm(mlp.c_proj.bias, x, mlp.c_proj.weight))
+    return hidden.view(batch, 1, width)
 
 
 def _gpt2_fits(decoder) -> bool:
@@ -96,8 +99,10 @@ def _gpt2_fits(decoder) -> bool:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2MLP
 
-    def plain(module, cls):  # cls, or a subclass that keeps its forward (FSDP2's for a sharded block)
-        return isinstance(module, cls) and type(module).forward is cls.forward
+    def plain(module, cls):
+        """cls, or a subclass that keeps its forward: FSDP2's class for a sharded block, whose
+        forward transformers wraps again (GradientCheckpointingLayer), as it wraps cls's."""
+        return isinstance(module, cls) and inspect.unwrap(type(module).forward) is inspect.unwrap(cls.forward)
 
     def plain_block(block):
         attn, mlp = block.attn, block.mlp
@@ -118,7 +123,7 @@ def _gpt2_blocks(decoder):
 
 
 def _gpt2_final(decoder, hidden):
-    return _layer_norm(decoder.ln_f, hidden)[:, None]  # (batch, 1, width), as the decoder returns it
+    return _layer_norm(decoder.ln_f, hidden)
 
 
 GPT2 = LeanFamily(embed=_gpt2_embed, blocks=_gpt2_blocks, block=_gpt2_block, final=_gpt2_final, fits=_gpt2_fits)
@@ -133,6 +138,13 @@ def fits(family: LeanFamily, decoder) -> bool:
         return family.fits(decoder)
     except (AttributeError, ImportError, KeyError):
         return False
+
+
+def usable(family: LeanFamily, decoder) -> bool:
+    """Whether a pass may be lean now: the decoder still fits and every block has the lean
+    forward (a block put in after install would not)."""
+    return fits(family, decoder) and all(getattr(block, "coconut_lean_installed", False)
+                                         for block in family.blocks(decoder))
 
 
 def family_for(model_type: Optional[str], decoder) -> Optional[LeanFamily]:

@@ -8,15 +8,20 @@ with dropout on (the same random numbers in the same order) and under bf16 autoc
 algorithm is tests/test_coconut.py's work (lean passes on, by default).
 """
 
+import os
 import pickle
 import random
+import traceback
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from builders import free_port
 from test_coconut import END, EOS, LATENT, START, VOCAB, collate, make_example
 from tiny import make_gpt2, make_llama
 from transformers.pytorch_utils import Conv1D
 
+import distributed
 import lean_passes
 from coconut import Coconut
 from modeling import checkpoint_blocks, fuse_gelu
@@ -210,3 +215,81 @@ def test_another_function_registered_as_sdpa_runs_in_every_pass(monkeypatch):
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", registered)
     coconut(**collate([make_example(random.Random(7), 6, 5, 2)]))
     assert len(calls) == 2 * 7  # 2 layers, 7 passes
+
+
+def test_a_block_put_in_after_wrapping_sends_the_passes_back_to_hugging_faces_forward():
+    """Its forward has no lean path: every pass goes through Hugging Face's blocks."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).train()
+    transformer = coconut.base_causallm.transformer
+    fresh = GPT2Block(transformer.config, layer_idx=1)
+    fresh.load_state_dict(transformer.h[1].state_dict())
+    transformer.h[1] = fresh
+    batch = latent_batch()
+    assert_bitwise_equal(loss_and_grads(coconut, batch, lean=True), loss_and_grads(coconut, batch, lean=False))
+    coconut.lean_passes = True
+    assert block_calls(coconut, lambda: coconut(**batch))["attention"] == 7
+
+
+def test_hooks_on_a_block_see_the_shapes_hugging_faces_passes_give_them():
+    coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).eval()
+    shapes = {True: [], False: []}
+    batch = latent_batch()
+    for lean in (True, False):
+        coconut.lean_passes = lean
+        hook = coconut.base_causallm.transformer.h[1].register_forward_hook(
+            lambda module, args, output: shapes[lean].append((tuple(args[0].shape), tuple(output.shape))))  # noqa: B023
+        try:
+            with torch.no_grad():
+                coconut(**batch)
+                coconut.generate(batch["input_ids"][:1, :12], max_new_tokens=3)
+        finally:
+            hook.remove()
+    assert shapes[True] == shapes[False] and ((3, 1, 64), (3, 1, 64)) in shapes[True]
+
+
+def _sharded_worker(rank, world_size, port, out):
+    """Both passes' loss and whole gradients, and the attention's calls, of a Coconut
+    sharded with FSDP2 (bf16 compute, checkpointed blocks, as run.py builds it)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    distributed.setup()
+    try:
+        coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).train()
+        checkpoint_blocks(coconut.base_causallm)
+        distributed.shard(coconut, coconut.base_causallm, torch.bfloat16)
+        coconut.sync_passes_across_ranks = True
+        calls = []
+        coconut.base_causallm.transformer.h[0].attn.register_forward_pre_hook(lambda *args: calls.append(1))
+        results = {}
+        for lean in (True, False):
+            calls.clear()
+            loss, grads = loss_and_grads(coconut, latent_batch(rank), lean)
+            results[lean] = (loss, [g.full_tensor() for g in grads], len(calls), lean_passes.usable(
+                lean_passes.GPT2, coconut.decoder))
+    except BaseException:
+        with open(f"{out}.rank{rank}.error", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        distributed.teardown()
+    if rank == 0:
+        torch.save(results, out)
+    distributed.exit_process(0)
+
+
+def test_lean_passes_run_under_fsdp2_as_hugging_faces_bit_for_bit(tmp_path):
+    """fully_shard gives each block a class of its own, whose forward transformers wraps
+    again: the blocks are still GPT-2's, and the lean passes run there, on the gathered
+    weights, forward and recomputed in the backward."""
+    out = str(tmp_path / "sharded.pt")
+    mp.spawn(_sharded_worker, args=(2, free_port(), out), nprocs=2)
+    results = torch.load(out, weights_only=False)
+    (lean_loss, lean_grads, lean_calls, usable), (loss, grads, calls, _) = results[True], results[False]
+    assert usable
+    assert torch.equal(lean_loss, loss) and all(torch.equal(a, b) for a, b in zip(lean_grads, grads))
+    # rank 0's 7 passes (latent_batch(0)), each recomputed in the backward: Hugging Face's
+    # attention runs in the first piece and the rest only when the passes are lean
+    assert (lean_calls, calls) == (2 * 2, 2 * 7)
