@@ -17,7 +17,8 @@ Prints, and writes to --out (default bench/results/gpu.json), the rows of issue 
    TFLOP/s dense bf16 for H100/H200 (detected by name), else COCONUT_PEAK_TFLOPS.
    Ours again with GPT-2's Python gelu_new (`fused_gelu: False`), on a copy, and with
    every pass through Hugging Face's forward (`lean_passes` off: no lean one-column
-   passes, lean_passes.py).
+   passes, lean_passes.py); a stage-6 step's loss and gradients with lean passes against
+   Hugging Face's, beside Hugging Face's against a second run of themselves.
 2. attention: eager steps of ours at stages 0 and 6 with PyTorch's default attention
    kernels (cuDNN's on an H100) and with cuDNN attention off, on the fixed batches and
    at stage 6 on batches of new widths (cuDNN plans each new attention shape), and
@@ -140,6 +141,7 @@ class Bench:
             else:
                 loss = naive_train_step_forward(model, batch, self.ids.latent)
         loss.backward()
+        return loss.detach()
 
     def entry(self, k, seconds):
         rows, cols = self.batches[k]["input_ids"].shape
@@ -212,6 +214,32 @@ def train_ours(b: Bench, coconut, label: str) -> dict:
     return result
 
 
+def lean_against_hugging_face(b: Bench) -> dict:
+    """A stage-6 step's loss and gradients with lean passes, with Hugging Face's, and with
+    Hugging Face's again: the lean passes are Hugging Face's bit for bit on a CPU
+    (tests/test_lean_passes.py); this says how they compare on this device, beside what
+    two runs of the same passes differ by (kernels that sum in a varying order)."""
+    runs = []
+    try:
+        for lean in (True, False, False):
+            b.coconut.lean_passes = lean
+            loss = b.step(b.coconut, 6)
+            runs.append((loss, [p.grad.detach().clone() for p in b.model.parameters() if p.grad is not None]))
+    finally:
+        b.coconut.lean_passes = True
+        b.model.zero_grad(set_to_none=True)
+
+    def compare(x, y):
+        diff = max(float((g.float() - h.float()).abs().max()) for g, h in zip(x[1], y[1]))
+        return {"loss_equal": bool(b.torch.equal(x[0], y[0])), "grads_equal": diff == 0.0, "max_grad_abs_diff": diff}
+
+    result = {"lean_vs_hf": compare(runs[0], runs[1]), "hf_vs_hf": compare(runs[2], runs[1]),
+              "losses": [float(loss) for loss, _ in runs]}
+    print(f"lean passes against Hugging Face's, stage 6: {result['lean_vs_hf']}; Hugging Face's against itself: "
+          f"{result['hf_vs_hf']}", flush=True)
+    return result
+
+
 def with_gelu_new(model):
     """A copy of `model` with GPT-2's Python gelu_new back in place of the fused
     activation: what `fused_gelu: False` trains."""
@@ -239,9 +267,12 @@ def section_training(b: Bench) -> dict:
     gc.collect()  # its blocks' forwards hold the blocks (lean_passes.install): a cycle only the collector frees
     b.coconut.lean_passes = False
     try:
+        for k in (0, 6):  # warm-up
+            b.step(b.coconut, k)
         result["ours_hf_passes"] = train_ours(b, b.coconut, "ours, Hugging Face's passes (lean_passes off)")
     finally:
         b.coconut.lean_passes = True
+    result["lean_vs_hf"] = lean_against_hugging_face(b)
     b.step(b.coconut, 0, "naive")  # warm-up, both stages: stage 6's first step meets new shapes
     b.step(b.coconut, 6, "naive")
     naive = {0: statistics.median(timed(lambda: b.step(b.coconut, 0, "naive"), b.sync, b.args.steps)),
@@ -434,6 +465,11 @@ def markdown_table(result) -> str:
             plain = tr["ours_hf_passes"]
             lines.append(f"| the same, Hugging Face's passes (lean_passes off): stage 0, stage 6, stage 6 / stage 0 | - | "
                          f"{ms(plain['stage_0'])}, {ms(plain['stage_6'])}, {plain['stage_6_over_0']:.2f}x | - |")
+        if "lean_vs_hf" in tr:
+            same = lambda c: ("bit for bit" if c["loss_equal"] and c["grads_equal"]  # noqa: E731
+                              else f"loss {'equal' if c['loss_equal'] else 'differs'}, gradients within {c['max_grad_abs_diff']:.1e}")
+            lines.append(f"| lean passes against Hugging Face's, stage 6 loss and gradients | - | "
+                         f"{same(tr['lean_vs_hf']['lean_vs_hf'])} (Hugging Face's run twice: {same(tr['lean_vs_hf']['hf_vs_hf'])}) | - |")
         busy = lambda e: f"{e['profile']['gpu_ops']:,} ops, busy {e['profile']['gpu_busy_ms']:.0f} ms"  # noqa: E731
         for k in (0, 6):
             lines.append(f"| profiled step, stage {k}: GPU operations, GPU busy | - | {busy(tr['ours'][f'stage_{k}'])} | "

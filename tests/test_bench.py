@@ -155,7 +155,11 @@ def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| the same, Hugging Face's passes (lean_passes off)" in out.stdout  # the table's row
+    assert "| lean passes against Hugging Face's, stage 6 loss and gradients | - | bit for bit" in out.stdout  # a CPU
     result = json.loads((tmp_path / "gpu.json").read_text())
+    lean_vs_hf = result["training"]["lean_vs_hf"]
+    assert lean_vs_hf["lean_vs_hf"] == {"loss_equal": True, "grads_equal": True, "max_grad_abs_diff": 0.0}
+    assert len(set(lean_vs_hf["losses"])) == 1 and lean_vs_hf["hf_vs_hf"]["loss_equal"]
     for algo in ("ours", "ours_gelu_new", "ours_hf_passes", "naive"):
         assert result["training"][algo]["stage_0"]["tokens_per_s"] > 0
         assert result["training"][algo]["stage_6_over_0"] > 0
