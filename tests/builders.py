@@ -232,6 +232,32 @@ def free_port():
         return s.getsockname()[1]
 
 
+def run_as_rank(rank, world_size, port, out, work):
+    """The body of an mp.spawn worker: join a gloo group as torchrun's process `rank`
+    would, run work(env), save rank 0's result to `out`, and end as run.py does
+    (distributed.exit_process). What a rank raises goes to out.rank{rank}.error before
+    the teardown: should the process then die by a signal, mp.spawn reports only that."""
+    import traceback
+
+    import distributed
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    env = distributed.setup()
+    try:
+        result = work(env)
+    except BaseException:
+        with open(f"{out}.rank{rank}.error", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        distributed.teardown()
+    if rank == 0:
+        torch.save(result, out)
+    distributed.exit_process(0)
+
+
 
 def run_main(argv):
     import run

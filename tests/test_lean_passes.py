@@ -8,15 +8,13 @@ with dropout on (the same random numbers in the same order) and under bf16 autoc
 algorithm is tests/test_coconut.py's work (lean passes on, by default).
 """
 
-import os
 import pickle
 import random
-import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from builders import free_port
+from builders import free_port, run_as_rank
 from test_coconut import END, EOS, LATENT, START, VOCAB, collate, make_example
 from tiny import make_gpt2, make_llama
 from transformers.pytorch_utils import Conv1D
@@ -252,11 +250,8 @@ def test_hooks_on_a_block_see_the_shapes_hugging_faces_passes_give_them():
 def _sharded_worker(rank, world_size, port, out):
     """Both passes' loss and whole gradients, and the attention's calls, of a Coconut
     sharded with FSDP2 (bf16 compute, checkpointed blocks, as run.py builds it)."""
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    distributed.setup()
-    try:
+
+    def work(env):
         coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).train()
         checkpoint_blocks(coconut.base_causallm)
         distributed.shard(coconut, coconut.base_causallm, torch.bfloat16)
@@ -267,17 +262,11 @@ def _sharded_worker(rank, world_size, port, out):
         for lean in (True, False):
             calls.clear()
             loss, grads = loss_and_grads(coconut, latent_batch(rank), lean)
-            results[lean] = (loss, [g.full_tensor() for g in grads], len(calls), lean_passes.usable(
-                lean_passes.GPT2, coconut.decoder))
-    except BaseException:
-        with open(f"{out}.rank{rank}.error", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        distributed.teardown()
-    if rank == 0:
-        torch.save(results, out)
-    distributed.exit_process(0)
+            results[lean] = (loss, [g.full_tensor() for g in grads], len(calls),
+                             lean_passes.usable(lean_passes.GPT2, coconut.decoder))
+        return results
+
+    run_as_rank(rank, world_size, port, out, work)
 
 
 def test_lean_passes_run_under_fsdp2_as_hugging_faces_bit_for_bit(tmp_path):

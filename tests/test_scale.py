@@ -11,12 +11,11 @@ counts are comparable step by step.
 
 import contextlib
 import os
-import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from builders import free_port
+from builders import free_port, run_as_rank
 from torch.utils._pytree import tree_map
 
 import checkpoint
@@ -355,21 +354,8 @@ def join_group(rank, world_size, port) -> DistEnv:
 
 
 def _worker(rank, world_size, port, jobs, out):
-    torch.set_num_threads(1)
-    env = join_group(rank, world_size, port)
-    try:
-        results = {name: train(run_config(**keys), env, save_at) for name, (keys, save_at) in jobs.items()}
-    except BaseException:
-        # written before the teardown: should the process then die by a signal, mp.spawn
-        # reports only the signal, and this file still says what the rank raised
-        with open(f"{out}.rank{rank}.error", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        distributed.teardown()
-    if rank == 0:
-        torch.save(results, out)
-    distributed.exit_process(0)  # as run.py ends (see exit_process)
+    run_as_rank(rank, world_size, port, out, lambda env: {
+        name: train(run_config(**keys), env, save_at) for name, (keys, save_at) in jobs.items()})
 
 
 def spawn(world_size, jobs, tmp):
