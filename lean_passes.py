@@ -29,8 +29,8 @@ Where it applies (Coconut decides at each forward and generate): a pass over one
 column after the first piece, on a cache Coconut made, with the ready-made mask
 (coconut.pass_mask), on a decoder of a family below whose modules are the plain ones
 the family is written for (a subclass with its own forward, a wrapped projection such
-as LoRA's, another function registered as "sdpa", a block put in after install:
-Hugging Face's forward). A lean pass
+as LoRA's, Hugging Face's own gradient checkpointing, another function registered as
+"sdpa", a block put in after install: Hugging Face's forward). A lean pass
 calls the blocks, the position embedding and the MLP's activation as modules, so hooks
 on those run; hooks on the decoder stack itself, the attention, the MLP, the norms, the
 projections and the dropouts do not. `coconut.lean_passes = False` runs every pass
@@ -96,8 +96,9 @@ def _gpt2_block(block, hidden, cache, mask):
 
 def _gpt2_fits(decoder) -> bool:
     """Whether every module a lean pass steps around is GPT-2's own: a subclass with its
-    own forward, a wrapped projection (LoRA, say), cross attention or another function
-    registered as "sdpa" would compute something else."""
+    own forward, a wrapped projection (LoRA, say), cross attention, Hugging Face's
+    gradient checkpointing or another function registered as "sdpa" would compute
+    something else, or otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2MLP
@@ -111,6 +112,7 @@ def _gpt2_fits(decoder) -> bool:
         attn, mlp = block.attn, block.mlp
         return (plain(block, GPT2Block) and plain(attn, GPT2Attention) and plain(mlp, GPT2MLP)
                 and not hasattr(block, "crossattention")
+                and not getattr(block, "gradient_checkpointing", False)  # Hugging Face's own, in its forward
                 and all(hasattr(attn, name) for name in ("num_heads", "head_dim", "layer_idx", "scaling"))
                 and plain(block.ln_1, nn.LayerNorm) and plain(block.ln_2, nn.LayerNorm)
                 and all(plain(m, Conv1D) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
