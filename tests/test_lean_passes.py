@@ -157,7 +157,9 @@ def test_models_outside_the_lean_families_keep_hugging_faces_forward():
     assert Coconut(make_llama(VOCAB), LATENT, START, END, EOS).lean_family is None
     assert Coconut(make_gpt2(VOCAB, add_cross_attention=True), LATENT, START, END, EOS).lean_family is None
     checkpointing = make_gpt2(VOCAB)
-    checkpointing.gradient_checkpointing_enable()  # Hugging Face's own, inside the block forward
+    # Hugging Face's own, inside the block forward (gradient_checkpointing_enable in older transformers)
+    enable = getattr(checkpointing, "activation_checkpointing_enable", None) or checkpointing.gradient_checkpointing_enable
+    enable()
     assert Coconut(checkpointing, LATENT, START, END, EOS).lean_family is None
     base = make_gpt2(VOCAB)
     adapt_first_projection(base)
