@@ -107,7 +107,8 @@ def decode_per_token(model, coconut, repeats: int, short=1, long=33, naive_too=T
     def naive(n):
         return naive_generate_one(model, prompt, ids.latent, ids.eos, n)
 
-    assert ours(long) == naive(long) + [ids.eos] * (len(ours(long)) - len(naive(long))), "decoding differs from naive"
+    got, want = ours(long), naive(long)
+    assert got == want + [ids.eos] * (len(got) - len(want)), "decoding differs from naive"
     result = {"prompt_tokens": len(prompt), "new_tokens": long - short}
     for name, fn in [("ours", ours)] + ([("naive", naive)] if naive_too else []):
         t_long = _median_time(lambda: fn(long), repeats)

@@ -232,6 +232,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def join_group(rank, world_size, port):
+    """What torchrun gives a process in its environment, then distributed.setup (gloo)."""
+    import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    return distributed.setup()
+
+
 def run_as_rank(rank, world_size, port, out, work):
     """The body of an mp.spawn worker: join a gloo group as torchrun's process `rank`
     would, run work(env), save rank 0's result to `out`, and end as run.py does
@@ -242,9 +251,7 @@ def run_as_rank(rank, world_size, port, out, work):
     import distributed
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    env = distributed.setup()
+    env = join_group(rank, world_size, port)
     try:
         result = work(env)
     except BaseException:

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from builders import free_port, run_as_rank
+from builders import free_port, join_group, run_as_rank
 from torch.utils._pytree import tree_map
 
 import checkpoint
@@ -344,13 +344,6 @@ def model_file_is_the_model(model, config, epoch, env):
     wte, head = saved["base_causallm.transformer.wte.weight"], saved["base_causallm.lm_head.weight"]
     return (saved.keys() == whole.keys() and all(torch.equal(saved[k], whole[k]) for k in whole)
             and wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr())
-
-
-def join_group(rank, world_size, port) -> DistEnv:
-    """What torchrun gives a process in its environment, then distributed.setup (gloo)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    return distributed.setup()
 
 
 def _worker(rank, world_size, port, jobs, out):
