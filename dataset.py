@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset, Features, List, Value
 
 from cli import UserError
-from layout import END, LATENT, START, PromptLayout, first_spelled, special_token_texts, spelled_tokens
+from layout import END, LATENT, START, PromptLayout, first_spelled, is_text, special_token_texts, spelled_tokens
 
 IGNORE_INDEX = -100
 # Below this many examples, worker start-up costs more than tokenizing in one process.
@@ -73,12 +73,8 @@ def _check_text(where: str, key: str, text: str) -> None:
         marker = next((m for m in (START, END, LATENT) if m in text), None)
         if marker is not None:
             raise DataError(f"{where}: '{key}' contains {marker}, a token reserved for the latent tokens")
-    if text.isascii():
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise DataError(f"{where}: '{key}' is not valid text (a lone UTF-16 surrogate, e.g. half an emoji)") from None
+    if not is_text(text):
+        raise DataError(f"{where}: '{key}' is not valid text (a lone UTF-16 surrogate, e.g. half an emoji)")
 
 
 def _texts(example: dict) -> list:

@@ -21,7 +21,7 @@ import torch
 
 from cli import UserError, first_line
 from coconut import Coconut, align_latents, context_length
-from layout import END, LATENT, START, LatentTokens, PromptLayout, first_spelled, special_token_texts
+from layout import END, LATENT, START, LatentTokens, PromptLayout, first_spelled, is_text, special_token_texts
 from modeling import fuse_gelu
 from utils import METHODS, extract_answer
 
@@ -144,6 +144,8 @@ def prompt_ids(exported: "Exported", question: str, stage: int, n_steps: Optiona
     the latent block of `stage`; n_steps (when known) caps the thoughts unless
     pad_latent_to_max."""
     shown = question if len(question) <= 60 else question[:57] + "..."
+    if not is_text(question):  # as run.py refuses such data (dataset._check_text)
+        raise UserError(f"the question {shown!r} is not valid text (a lone UTF-16 surrogate, e.g. half an emoji)")
     marker = next((m for m in (START, END, LATENT) if m in question), None)
     if marker is not None:  # it would tokenize to a latent token the prompt does not place
         raise UserError(f"the question {shown!r} holds {marker}, a token of the prompt's latent block; "

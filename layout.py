@@ -118,6 +118,18 @@ def spelled_tokens(text: str, tokens: set) -> set:
     return found
 
 
+def is_text(text: str) -> bool:
+    """Whether `text` is text a tokenizer can take: no lone UTF-16 surrogate (half an
+    emoji), which JSON and a command line allow and a fast tokenizer refuses."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def first_spelled(text: str, tokens: set) -> Optional[str]:
     """The token of `tokens` that `text` spells first (the longest of those at one place,
     as the tokenizer reads it), None when it spells none."""

@@ -48,6 +48,7 @@ from cli import OneLineParser, UserError, main_guard, quiet_transformers, read_j
 from inference import (answer_batch, check_context, check_output_file, open_exported, pad_batch, prompt_ids,
                        resolve_stage, thought_distributions)
 from preprocessing.prosqa import bfs_distances
+from utils import DEFAULT_MAX_NEW_TOKENS
 
 GRAPH_KEYS = ("question", "idx_to_symbol", "edges", "root")
 GROUPS = ("frontier", "reachable", "unreachable")
@@ -195,7 +196,9 @@ def probe(exported, example: dict, index: int = 0, stage: Optional[int] = None, 
     batch = pad_batch([ids], exported.tokenizer.pad_token_id, settings["latent_token_id"], device)
     thought_probs = thought_distributions(exported.model, *batch)[0]  # (k, vocab)
     probs = thought_probs[:, token_ids].tolist()
-    answer = answer_batch(exported, [example["question"]], [ids], max_new_tokens=64)[0].answer
+    # the run's answer budget, as generate.py and the run's evaluation give the model
+    max_new_tokens = settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    answer = answer_batch(exported, [example["question"]], [ids], max_new_tokens=max_new_tokens)[0].answer
 
     roles = {example.get("target"): "answer", example.get("neg_target"): "distractor"}
     shared = {}

@@ -78,7 +78,7 @@ class Options:
 
     num_nodes: int = 28  # nodes grown per graph, before unlinked people are dropped
     min_steps: int = 3
-    max_steps: int = 0  # 0: no upper bound
+    max_steps: int = 6  # the published set stops at 6 (unbounded, 0.3% lie 7 or 8 away); 0: no bound
     max_people: int = 6  # the published graphs hold 2 to 6 people
     mean_in_nodes: float = 1.5
     depth_weight: float = 1.5

@@ -175,7 +175,7 @@ def test_cot_model_answers_without_latents(tmp_path_factory, tiny_val, capsys):
 
 @pytest.mark.parametrize("case", ["missing_folder", "not_coconut", "too_long", "stage", "bad_file", "bad_example",
                                   "latent_marker", "device", "no_cuda", "damaged_weights", "special_text",
-                                  "bad_answer"])
+                                  "bad_answer", "half_an_emoji"])
 def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
     import shutil
 
@@ -211,6 +211,9 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
     elif case == "bad_example":
         (tmp_path / "q.json").write_text(json.dumps([{"question": "ok"}, {"answer": "no question"}]))
         argv[1:3] = ["--questions", str(tmp_path / "q.json")]
+    elif case == "half_an_emoji":  # JSON allows a lone surrogate; the tokenizer refuses it with a TypeError
+        (tmp_path / "q.json").write_text('["ok", "Is Tom a wumpus \\ud83d?"]')
+        argv[1:3] = ["--questions", str(tmp_path / "q.json")]
     code, out, err = _run(capsys, argv)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -220,7 +223,8 @@ def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path, capsys):
                 "latent_marker": "holds <|latent|>, a token of the prompt's latent block", "device": "--device gpu: ",
                 "no_cuda": "CUDA devices", "damaged_weights": "damaged: the model does not load (",
                 "special_text": "holds <|endoftext|>, one of the tokenizer's special tokens",
-                "bad_answer": "q.json: example 1: 'answer' must be a string, got int"}[case]
+                "bad_answer": "q.json: example 1: 'answer' must be a string, got int",
+                "half_an_emoji": "the question 'Is Tom a wumpus \\ud83d?' is not valid text"}[case]
     assert expected in err
 
 

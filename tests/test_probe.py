@@ -80,6 +80,27 @@ def test_probe_table_json_and_plot(tiny, tiny_val, tmp_path, capsys):
         assert any(ln.startswith(label) for ln in lines), label
 
 
+def test_the_answer_gets_the_runs_budget(tiny, tiny_val, tmp_path):
+    """The probe's "Model:" answer is generate.py's: the export's max_new_tokens, not a
+    budget of the probe's own."""
+    import shutil
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny.export, folder)
+    config_file = folder / "coconut_config.json"
+    config = json.loads(config_file.read_text())
+    config["max_new_tokens"] = 2
+    config_file.write_text(json.dumps(config))
+    exported, example = inference.load_exported(str(folder)), tiny_val[0]
+    ids = inference.prompt_ids(exported, example["question"], 2, len(example["steps"]))
+
+    def answer(budget):
+        return inference.answer_batch(exported, [example["question"]], [ids], budget)[0].answer
+
+    assert answer(2) != answer(64)  # premise: the tiny model writes more than 2 tokens
+    assert probe_prosqa.probe(exported, example, stage=2).model_answer == answer(2)
+
+
 @pytest.mark.parametrize("case", ["index", "no_graph", "stage0", "cot", "not_coconut", "json_folder", "plot_nowhere"])
 def test_bad_input_is_one_line_exit_2(case, tiny, tmp_path_factory, tmp_path, capsys):
     argv = [tiny.export, tiny.val, "--index", "0"]
