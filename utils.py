@@ -13,6 +13,7 @@ else depends on it, it depends on nothing of ours.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import operator
@@ -419,8 +420,8 @@ def _coerce(key: str, value: Any, annotation: Any, prefix: str) -> Any:
     if base is float:
         return _coerce_float(value, fail)
     if base is str:
-        if not isinstance(value, str):
-            raise fail("a string")
+        if not isinstance(value, str):  # YAML reads name: 2024 as a number, name: on as True
+            raise fail("a string (quote it: 'text')" if isinstance(value, (int, float, datetime.date)) else "a string")
         return value
     raise TypeError(f"Config field {key!r} has an unsupported type {annotation!r}")
 
@@ -490,6 +491,10 @@ def _value_problems(config: Config):
     if len(on) == 1 and METHODS[on[0]].latent_tokens and config.c_thought < 1:
         yield (f"key 'c_thought' must be >= 1 for {on[0]} (latent tokens per replaced step; without any, the "
                f"curriculum is the no_thoughts method: set no_thoughts: True), got {config.c_thought}")
+    if len(on) == 1 and METHODS[on[0]].latent_tokens and config.max_latent_stage < 1:
+        yield (f"key 'max_latent_stage' must be >= 1 for {on[0]} (the last stage's latent tokens per example; "
+               f"with 0 no stage has any, and from stage 1 on every step is dropped as in no_cot), "
+               f"got {config.max_latent_stage}")
 
     if config.mixed_precision not in MIXED_PRECISION_VALUES:
         yield f"key 'mixed_precision' must be one of {', '.join(MIXED_PRECISION_VALUES)}, got {config.mixed_precision!r}"

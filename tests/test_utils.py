@@ -289,8 +289,13 @@ def test_bool_is_not_a_number_for_float_keys(tmp_path):
     assert "key 'lr' must be a number, got True" in error_of(tmp_path, lr="True")
 
 
-def test_string_keys_need_strings(tmp_path):
-    assert "key 'name' must be a string, got 123" in error_of(tmp_path, name="123")
+@pytest.mark.parametrize("value, shown", [("123", "123"), ("2024-05-01", "datetime.date(2024, 5, 1)"), ("1.5", "1.5"),
+                                          ("on", "True")])  # YAML 1.1's boolean
+def test_string_keys_need_strings(tmp_path, value, shown):
+    """YAML reads these as a number, a date or a boolean: the message says how to write them as text."""
+    assert f"key 'name' must be a string (quote it: 'text'), got {shown}" in error_of(tmp_path, name=value)
+    assert load_with(tmp_path, name=f"'{value}'").name == value
+    assert "key 'name' must be a string, got [1]" in error_of(tmp_path, name="[1]")  # no quoting makes a list text
 
 
 @pytest.mark.parametrize(
@@ -411,6 +416,15 @@ def test_methods_with_latent_tokens_need_a_thought_per_step(method):
     with pytest.raises(ConfigError, match=f"key 'c_thought' must be >= 1 for {method} .*set no_thoughts: True"):
         Config.from_dict({**MINIMAL, "coconut": False, method: True, "c_thought": 0})
     assert Config.from_dict({**MINIMAL, "coconut": False, "no_thoughts": True, "c_thought": 0}).c_thought == 0
+
+
+@pytest.mark.parametrize("method", ["coconut", "pause_as_thought"])
+def test_methods_with_latent_tokens_need_a_latent_stage(method):
+    """max_latent_stage 0 trained no thought at all: no_cot from stage 1 on, under another name."""
+    with pytest.raises(ConfigError, match=f"key 'max_latent_stage' must be >= 1 for {method} .*got 0"):
+        Config.from_dict({**MINIMAL, "coconut": False, method: True, "max_latent_stage": 0})
+    assert Config.from_dict({**MINIMAL, "coconut": False, method: True, "max_latent_stage": 1}).max_latent_stage == 1
+    assert Config.from_dict({**MINIMAL, "coconut": False, "cot": True, "max_latent_stage": 0}).max_latent_stage == 0
 
 
 @pytest.mark.parametrize("text, kind", [("- coconut\n- cot\n", "list"), ("just words\n", "str")])
