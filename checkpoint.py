@@ -45,7 +45,8 @@ What this module fixes in the published code (DESIGN §9):
 - Loading uses `weights_only=True`, and DCP folders are read through safe_dcp.py
   (torch's own reader unpickles them freely); a file that does not load (or a .state folder with
   a missing or short shard file) is reported with one line naming it, and
-  `find_resume_point` then falls back to the next older checkpoint.
+  `find_resume_point` then falls back to the next older checkpoint (not past a file the
+  file system will not read: UnreadableCheckpoint).
 
 It knows nothing of FSDP, configs or the model: callers hand it the model's state dict
 (a plain CPU one, or a `StreamedModelState` that delivers one whole tensor at a time so
@@ -140,6 +141,12 @@ class CheckpointError(UserError):
         self.path = os.fspath(path)
         self.reason = " ".join(str(reason).split()) or "unknown error"
         super().__init__(f"checkpoint {self.path}: {self.reason}")
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint the file system would not read (an I/O error, no permission): not
+    damaged, so a resume stops at it rather than train again from an older one and
+    overwrite it."""
 
 
 @dataclass(frozen=True)
@@ -470,7 +477,9 @@ def _torch_load(path: str) -> Any:
             raise CheckpointError(path, "does not load: it holds objects other than tensors and plain values, "
                                         "which torch.load(weights_only=True) refuses to run") from e
         raise CheckpointError(path, f"does not load (damaged: {first_line(e)})") from e
-    except Exception as e:  # truncated zip, I/O error, ...
+    except OSError as e:
+        raise UnreadableCheckpoint(path, f"cannot be read ({e.strerror or first_line(e)})") from e
+    except Exception as e:  # truncated zip, ...
         raise CheckpointError(path, f"does not load ({type(e).__name__}: {first_line(e)})") from e
 
 
@@ -479,7 +488,7 @@ def _first_bytes(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read(2)
     except OSError as e:
-        raise CheckpointError(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
+        raise UnreadableCheckpoint(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -643,7 +652,9 @@ def find_resume_point(
     """The newest usable checkpoint in `save_dir`: (epoch, model_state, train_state).
 
     Tries checkpoints newest first; one whose model file, or whose `.state` file when
-    present, does not load is skipped with one `warn` line naming it. train_state is
+    present, does not load is skipped with one `warn` line naming it, unless the file
+    system would not read it (UnreadableCheckpoint, raised: an I/O error may pass, and
+    training again from an older checkpoint would overwrite this one). train_state is
     None for a checkpoint without a `.state` file (e.g. written by the published code).
     Returns None if there is no usable checkpoint.
     """
@@ -651,6 +662,9 @@ def find_resume_point(
         try:
             model_state = load_model_state(checkpoint_path(save_dir, epoch))
             train_state = load_train_state(save_dir, epoch)
+        except UnreadableCheckpoint as e:
+            raise UnreadableCheckpoint(e.path, f"{e.reason}: fix it, or move it aside to resume from an older "
+                                               "checkpoint") from None
         except CheckpointError as e:
             warn(f"Skipping unusable {e}")
             continue

@@ -262,6 +262,25 @@ def test_find_resume_point_skips_damaged_newest(tmp_path, damage):
     one_line_naming(warnings[0], newest)
 
 
+@pytest.mark.parametrize("unreadable", ["model", "state"])
+def test_find_resume_point_stops_at_a_file_it_cannot_read(tmp_path, unreadable):
+    """An I/O error is not damage: falling back would train the newer epochs again and
+    overwrite the file once it reads again. A real one: reading /proc/self/mem at offset 0
+    fails with EIO (Linux)."""
+    if not os.path.exists("/proc/self/mem"):
+        pytest.skip("needs Linux's /proc/self/mem for a real I/O error")
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1))
+    save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2))
+    named = tmp_path / ("checkpoint_2" if unreadable == "model" else "checkpoint_2.state/train_state.pt")
+    named.unlink()
+    named.symlink_to("/proc/self/mem")
+    warnings = []
+    with pytest.raises(checkpoint.UnreadableCheckpoint) as info:
+        find_resume_point(tmp_path, warn=warnings.append)
+    one_line_naming(str(info.value), named)
+    assert "cannot be read (Input/output error): fix it, or move it aside" in str(info.value) and warnings == []
+
+
 def _damage_state(folder, damage):
     """Damage checkpoint_2's .state the given way; returns the path the warning must name."""
     state = folder / "checkpoint_2.state"
