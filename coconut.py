@@ -144,6 +144,9 @@ UNSUPPORTED_MODEL_TYPES = {
     "xlnet": ("XLNet", _NO_CACHE),
     "reformer": ("Reformer", _NO_CACHE),
     "xlstm": ("xLSTM", _NO_CACHE),
+    "minimax": ("MiniMax", _NO_CACHE),  # its linear-attention cache refuses a DynamicCache (MiniMax M2 is "minimax_m2")
+    "ctrl": ("CTRL", "their forward scales inputs_embeds in place, which would overwrite the input embeddings "
+                     "that Coconut's passes keep for the backward"),
     "recurrent_gemma": ("RecurrentGemma", "their recurrent layers keep their state in the modules and start it again "
                                           "at every pass over several columns, so passes on a cache (validation, "
                                           "generation) cannot continue a prefix"),
@@ -157,6 +160,10 @@ def unsupported_model(config) -> Optional[str]:
     if model_type in UNSUPPORTED_MODEL_TYPES:
         name, why = UNSUPPORTED_MODEL_TYPES[model_type]
         return f"{name} models are not supported: {why}"
+    if model_type.startswith("gemma3n") and getattr(config, "hidden_size_per_layer_input", 0):
+        return ("Gemma 3n models are not supported: they look up a second embedding per layer "
+                "(hidden_size_per_layer_input) by token id, and given input embeddings, as Coconut's passes give "
+                "them, transformers' Gemma 3n leaves it out for every token")
     if model_type.startswith("gemma4") and getattr(config, "hidden_size_per_layer_input", 0):
         return ("Gemma 4 models with per-layer embeddings are not supported: they look up a second embedding "
                 "(hidden_size_per_layer_input) by each position's token id, found by matching the input embedding "
@@ -458,10 +465,10 @@ def check_head_matches_model(coconut) -> None:
     hook = head.register_forward_hook(read_precision)
     try:
         embeds = coconut.embedding(torch.tensor([[0, 1]], device=device))
-        theirs = base(inputs_embeds=embeds).logits.float()
+        theirs = base(inputs_embeds=embeds.clone()).logits.float()  # a copy each: a forward may write into it
         enabled, dtype = precision[0] if precision else (False, None)  # the forward's own call, read first
         with torch.autocast(device.type, dtype=dtype, enabled=enabled):
-            ours = head(coconut.decoder(inputs_embeds=embeds).last_hidden_state)
+            ours = head(coconut.decoder(inputs_embeds=embeds.clone()).last_hidden_state)
             if coconut.logit_transform is not None:
                 ours = coconut.logit_transform(ours)
     finally:

@@ -253,6 +253,16 @@ def test_models_coconut_cannot_run_are_refused_with_the_reason():
             hidden_size_per_layer_input=8),
     }
     configs["XLNet models"] = transformers.XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2)
+    # a linear-attention cache of its own (refuses a DynamicCache); inputs_embeds scaled in place
+    configs["MiniMax models"] = transformers.MiniMaxConfig(
+        **small, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        num_local_experts=2, layer_types=["linear_attention", "full_attention"])
+    configs["CTRL models"] = transformers.CTRLConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, dff=64)
+    # per-layer embeddings by token id, left out when the model is given input embeddings
+    configs["Gemma 3n models"] = transformers.Gemma3nConfig(text_config=transformers.Gemma3nTextConfig(
+        **small, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, laurel_rank=4, num_kv_shared_layers=0,
+        layer_types=["sliding_attention", "full_attention"], activation_sparsity_pattern=[0.0, 0.0]).to_dict())
     for name, config in configs.items():
         assert unsupported_model(config).startswith(f"{name} are not supported: "), config.model_type
     with pytest.raises(ValueError, match="^RWKV models are not supported"):
