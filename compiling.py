@@ -229,13 +229,48 @@ class CapturedDecoder:
         lengths = prompt_mask.sum(1)  # (batch,)
         state = DecodeState(input_ids.new_full((batch, max_new_tokens), eos), torch.zeros_like(lengths),
                             torch.zeros(batch, dtype=torch.bool, device=input_ids.device))
+        all_done = LaggedFlag(input_ids.device)
         for step in range(max_new_tokens):
             token = state.record(step, next_token, max_new_tokens, eos)
-            if step == max_new_tokens - 1 or bool(state.done.all()):
+            # every row done one step ago: that step's token, and this one, were EOS everywhere
+            if step == max_new_tokens - 1 or all_done.read():
                 break
+            all_done.write(state.done.all())
             mask[:, width + step] = 1
             _, next_token = self._call_step(coconut.embedding(token[:, None]), mask, (lengths + step)[:, None], cache)
         return state.generated, state.n_kept
+
+
+class LaggedFlag:
+    """A device-side bool read one step late, without draining the GPU's queue.
+
+    Decoding stops when every row is done, and reading that (bool(done.all())) waits
+    for the GPU to finish the step just launched, so the host prepares each token's
+    step while the GPU idles. Read one step late instead, the host runs a step ahead:
+    on CUDA the flag goes to pinned host memory behind an event, and reading it waits
+    for that copy only. The price is one step past the end, whose token is EOS in
+    every row (DecodeState records EOS for done rows) and is kept nowhere.
+    """
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)  # the last flag written
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.written = False
+
+    def write(self, flag: torch.Tensor) -> None:
+        self.host.copy_(flag, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+        self.written = True
+
+    def read(self) -> bool:
+        """The flag last written (False before any): waits for its copy, not for later work."""
+        if not self.written:
+            return False
+        if self.cuda:
+            self.event.synchronize()
+        return bool(self.host)
 
 
 def captured_decoder(coconut, shape, max_new_tokens: int):

@@ -609,6 +609,35 @@ def test_static_cache_decoding_matches_naive_reference(arch):
         assert row == want + [EOS] * (got.shape[1] - len(want))
 
 
+def test_static_cache_decoding_stops_one_step_after_every_row_is_done():
+    """The static-cache loop reads "every row done" a step late (compiling.LaggedFlag: on
+    CUDA the host then prepares a step while the GPU runs the previous one): one step more
+    than needed, whose token is EOS, and the same tokens as the eager loop."""
+    from compiling import CapturedDecoder
+
+    base = make_gpt2(VOCAB)
+    prompt = make_example(random.Random(11), 2, 6, 1)[0][:-2]
+    batch = collate([(prompt, prompt)])
+    ids, mask, positions = align_latents(batch["input_ids"], batch["attention_mask"], LATENT, EOS)
+
+    def decode(eos, static):
+        coconut = Coconut(base, LATENT, START, END, eos).eval()
+        decoder, steps = CapturedDecoder(coconut, capture=False), []
+        call_step = decoder._call_step
+        decoder._call_step = lambda *args: steps.append(1) or call_step(*args)
+        with torch.no_grad():
+            loop = decoder.run if static else lambda *args: coconut._decode_eager(*args, False)
+            return coconut._assemble(ids, mask, *loop(ids, mask, positions, 12))[0, ids.shape[1]:].tolist(), len(steps)
+
+    free, _ = decode(VOCAB, False)  # an EOS no token can be: all 12 tokens
+    _, steps_to_the_end = decode(VOCAB, True)  # the prompt's steps, then 11
+    stop = free[2]  # the tiny model's third token as EOS: decoding stops at the first repeat of it
+    at = next(i for i in range(1, 12) if free[i] == stop)
+    got, steps = decode(stop, True)
+    assert got == free[:at] and got == decode(stop, False)[0]
+    assert steps_to_the_end - steps == 11 - (at + 1)  # the steps for tokens 1..at, then one more
+
+
 def test_training_forward_can_skip_the_full_logits():
     base = make_gpt2(VOCAB)
     coconut = Coconut(base, LATENT, START, END, EOS)
