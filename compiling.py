@@ -52,6 +52,8 @@ rounded up to a multiple of CACHE_BUCKET, so a batch size and a bucket make one 
 Any failure disables it for that model and generation falls back to the eager loop.
 """
 
+import contextlib
+
 import torch
 from transformers import DynamicCache
 
@@ -186,6 +188,7 @@ class CapturedDecoder:
         # strides that depend on the width, and a graph compiled with dynamic=False guards on
         # strides, so every prompt width would compile (and capture) a graph of its own
         embeds, positions = standalone(embeds), standalone(positions)
+        _mark_static(cache)
         if self.capture:  # the graph's outputs are overwritten by its next replay: copy them
             torch.compiler.cudagraph_mark_step_begin()
         hidden, token = self.step(embeds, mask, positions, cache)
@@ -253,15 +256,18 @@ class LaggedFlag:
     """
 
     def __init__(self, device):
+        self.device = device
         self.cuda = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)  # the last flag written
+        # the device's own context and stream, not the current device's (generate.py --device cuda:1)
+        with torch.cuda.device(device) if self.cuda else contextlib.nullcontext():
+            self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)  # the last flag written
         self.event = torch.cuda.Event() if self.cuda else None
         self.written = False
 
     def write(self, flag: torch.Tensor) -> None:
-        self.host.copy_(flag, non_blocking=self.cuda)
+        self.host.copy_(flag, non_blocking=self.cuda)  # on the current stream of the flag's device
         if self.cuda:
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(self.device))
         self.written = True
 
     def read(self) -> bool:
@@ -271,6 +277,24 @@ class LaggedFlag:
         if self.cuda:
             self.event.synchronize()
         return bool(self.host)
+
+
+def _mark_static(cache) -> None:
+    """Mark the cache's tensors as static addresses, once: the captured step writes into
+    them, and inductor replays a step that writes into an input as a CUDA graph only when
+    that input's address is marked static. A StaticCache marks its tensors itself when
+    it allocates them eagerly, but not when it allocates them inside a compiled region,
+    as the prompt's first pass does when the decoder or its blocks are compiled
+    (`compile: True`): the steps then ran without CUDA graphs, silently."""
+    if getattr(cache, "coconut_marked_static", False):
+        return
+    layers = cache.layers
+    for layer in layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                torch._dynamo.mark_static_address(value)
+    # a layer the prompt's passes have not filled yet has no tensors to mark: look again next step
+    cache.coconut_marked_static = all(getattr(layer, "is_initialized", True) for layer in layers)
 
 
 def captured_decoder(coconut, shape, max_new_tokens: int):

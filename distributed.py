@@ -337,17 +337,19 @@ def _cast_to(model, dtypes: dict) -> None:
 
 
 def _to_empty_keeping_ties(model, device) -> None:
-    """model.to_empty(device=device), with parameters shared by several modules (GPT-2's
-    tied embedding and head) still one: to_empty gives each module a parameter of its own."""
-    places = {}  # id(parameter) -> [(module, name), ...]
+    """model.to_empty(device=device), with parameters and buffers shared by several modules
+    (GPT-2's tied embedding and head) still one: to_empty gives each module a tensor of its
+    own, and rank 0's model, which keeps them shared, would broadcast fewer."""
+    places = {}  # (kind, id(tensor)) -> [(module's parameters or buffers, name), ...]
     for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                places.setdefault(id(param), []).append((module, name))
+        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for name, tensor in tensors.items():
+                if tensor is not None:
+                    places.setdefault((kind, id(tensor)), []).append((tensors, name))
     model.to_empty(device=device)
     for (first, first_name), *others in places.values():
-        for module, name in others:
-            module._parameters[name] = first._parameters[first_name]
+        for tensors, name in others:
+            tensors[name] = first[first_name]
 
 
 @contextlib.contextmanager

@@ -133,6 +133,30 @@ def test_captured_decoding_compiles_one_step_graph_per_batch_size():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("compiled", ["decoder", "blocks"])
+def test_captured_decoding_marks_the_cache_static_when_the_prompt_passes_are_compiled(compiled):
+    """With compile: True the prompt's first pass, compiled, allocates the StaticCache's
+    tensors, and a StaticCache marks its tensors as static addresses only when it
+    allocates them eagerly: unmarked, inductor would replay the captured step, which
+    writes into them, without CUDA graphs ("mutated inputs"). Eager backend here."""
+    from coconut import align_latents
+    from compiling import CapturedDecoder
+
+    torch._dynamo.reset()
+    coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).eval()
+    (compile_decoder if compiled == "decoder" else compile_blocks)(coconut, backend="eager")
+    decoder = CapturedDecoder(coconut, capture=False)
+    prompts = [make_example(random.Random(5), 2, q, 1)[0][:-2] for q in (3, 5)]
+    collated = collate([(p, p) for p in prompts])
+    with torch.no_grad():
+        decoder.run(*align_latents(collated["input_ids"], collated["attention_mask"], LATENT, EOS), 4)
+    layers = next(iter(decoder._caches.values())).layers
+    tensors = [t for layer in layers for t in (layer.keys, layer.values, layer.cumulative_length)]
+    assert len(tensors) == 3 * coconut.base_causallm.config.n_layer
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in tensors)
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("whole_decoder", [True, False], ids=["decoder", "blocks"])
 def test_inductor_compiled_model_matches_eager(whole_decoder):

@@ -507,14 +507,17 @@ def _eval_worker(rank, world_size, port, keys, out):
 
 
 def test_casting_a_replica_to_rank_0s_dtypes_keeps_shared_tensors_shared():
-    """A buffer held by two modules is one tensor after the cast, as the tied parameters
-    are: otherwise named_buffers lists one more and the broadcasts stop pairing up."""
-    model = torch.nn.Module()
-    model.a, model.b = torch.nn.Module(), torch.nn.Module()
-    shared = torch.ones(3)
-    model.a.register_buffer("x", shared)
-    model.b.register_buffer("x", shared)
-    model.a.w = model.b.w = torch.nn.Parameter(torch.ones(2))
+    """A buffer held by two modules is one tensor on the replica, as the tied parameters
+    are, after to_empty (the replica's structure comes on the meta device) and the cast:
+    otherwise named_buffers lists one more than rank 0's and the broadcasts stop pairing up."""
+    with torch.device("meta"):
+        model = torch.nn.Module()
+        model.a, model.b = torch.nn.Module(), torch.nn.Module()
+        shared = torch.ones(3)
+        model.a.register_buffer("x", shared)
+        model.b.register_buffer("x", shared)
+        model.a.w = model.b.w = torch.nn.Parameter(torch.ones(2))
+    distributed._to_empty_keeping_ties(model, torch.device("cpu"))
     distributed._cast_to(model, {"a.x": torch.bfloat16, "a.w": torch.bfloat16})
     assert [(name, b.dtype) for name, b in model.named_buffers()] == [("a.x", torch.bfloat16)]
     assert model.a.x is model.b.x and model.a.w is model.b.w and model.b.w.dtype == torch.bfloat16
