@@ -352,6 +352,11 @@ def _to_empty_keeping_ties(model, device) -> None:
             tensors[name] = first[first_name]
 
 
+def is_sharded(model) -> bool:
+    """Whether `model` is sharded by FSDP (fully_shard), not a whole model or replica."""
+    return isinstance(model, FSDPModule)
+
+
 @contextlib.contextmanager
 def gathered_root(model):
     """Keep the FSDP root's parameters (embeddings, head) whole while generating.

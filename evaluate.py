@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from coconut import Coconut
-from distributed import DistEnv, all_reduce_sum, gathered_root, loader, to_device
+from distributed import DistEnv, all_reduce_sum, gathered_root, is_sharded, loader, to_device
 from utils import extract_answer, normalize_answer
 
 
@@ -69,6 +69,14 @@ def _rank_share(n: int, env: DistEnv, batch_size: int) -> tuple:
     return own, padded, n_batches, batch_size
 
 
+def synced_decoding(model, env: DistEnv) -> bool:
+    """Whether the processes decode in step (generate's synced_gpus): under FSDP every
+    process runs every pass, its blocks gathering their weights together. Replicas
+    (only_eval under torchrun) decode alone: no collective per token, and on CUDA the
+    captured step, which synced decoding forgoes."""
+    return env.distributed and is_sharded(model)
+
+
 SAMPLES_SHOWN = 5  # rank 0's first answers printed at each evaluation, as published
 
 
@@ -94,7 +102,7 @@ def generation_accuracy(model, generator, dataset, collator, tokenizer, examples
             batch = collator([dataset[i] for i in rows])
             outputs = generator.generate(
                 batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device),
-                max_new_tokens=config.max_new_tokens, synced_gpus=env.distributed,
+                max_new_tokens=config.max_new_tokens, synced_gpus=synced_decoding(model, env),
             )
             for k, (row, output) in enumerate(zip(rows, outputs)):
                 if b * batch_size + k >= len(own):

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_map
 
 import checkpoint
 import distributed
+import evaluate
 import startup
 import trainer
 from bench.fsdp_proxy import all_gathers
@@ -318,6 +319,7 @@ def train(config, env, save_at=None):
             trainer.save_run_state(model, optimizer, config.save_dir, step + 1, 0.0, env)
             result["file_is_the_model"] = model_file_is_the_model(model, config, step + 1, env)
     result["generated"] = evaluation_tokens(model, built, config, env)
+    result["synced"] = evaluate.synced_decoding(model, env)
     return result
 
 
@@ -328,7 +330,8 @@ def evaluation_tokens(model, built, config, env):
     prompts = global_batch(built.tokens, 0)["input_ids"][:2, :6]
     model.eval()
     with torch.no_grad(), distributed.gathered_root(model):
-        out = generator.generate(prompts, torch.ones_like(prompts), max_new_tokens=3, synced_gpus=env.distributed)
+        out = generator.generate(prompts, torch.ones_like(prompts), max_new_tokens=3,
+                                 synced_gpus=evaluate.synced_decoding(model, env))
     return out.tolist()
 
 
@@ -493,7 +496,7 @@ def only_eval_replica(config, env):
             "tied": base.get_output_embeddings().weight is base.get_input_embeddings().weight,
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "buffers": {k: v.clone() for k, v in model.named_buffers()},
-            "generated": evaluation_tokens(model, built, config, env)}
+            "generated": evaluation_tokens(model, built, config, env), "synced": evaluate.synced_decoding(model, env)}
 
 
 def _eval_worker(rank, world_size, port, keys, out):
@@ -562,7 +565,7 @@ def test_only_eval_under_torchrun_reads_the_model_on_rank_0_alone_and_replicates
     ranks = [torch.load(f"{out}.rank{rank}", weights_only=True) for rank in range(2)]
     assert [(r["read_the_checkpoint"], r["built_from_files"]) for r in ranks] == [(True, True), (False, False)]
     for replica in ranks:
-        assert replica["plain_coconut"] and replica["tied"]
+        assert replica["plain_coconut"] and replica["tied"] and not replica["synced"]  # replicas decode alone
         for part in ("state", "buffers"):
             assert replica[part].keys() == alone[part].keys()
             assert all(replica[part][k].dtype == alone[part][k].dtype and torch.equal(replica[part][k], alone[part][k])
@@ -593,6 +596,7 @@ def test_evaluation_decoders_generate_alike_on_one_and_two_processes(runs):
     for name in ("plain", "cot_from_pause"):
         assert runs["two"][name]["generated"] == runs["one"][name]["generated"], name
         assert len(runs["one"][name]["generated"][0]) == 6 + 3
+        assert runs["two"][name]["synced"] and not runs["one"][name]["synced"]  # FSDP's processes decode in step
 
 
 @pytest.mark.slow  # the shared multi-process runs (~40 s)
