@@ -48,7 +48,8 @@ that, dynamo runs the block eagerly (correct, slower) and says so in a warning.
 (transformers' StaticCache); each one-column pass (every latent, then every new token)
 is one call of a step compiled with mode="reduce-overhead" (a CUDA graph replay), with
 fixed shapes (the prompt's longer pieces run eagerly): the cache length is
-rounded up to a multiple of CACHE_BUCKET, so a batch size and a bucket make one graph.
+rounded up to a multiple of CACHE_BUCKET and the batch to a power of two (bucket_rows,
+repeating the last prompt), so a few graphs serve every batch.
 Any failure disables it for that model and generation falls back to the eager loop.
 """
 
@@ -218,6 +219,9 @@ class CapturedDecoder:
         from coconut import DecodeState
 
         coconut, eos = self.coconut, self.coconut.eos_token_id
+        rows = input_ids.shape[0]
+        input_ids, prompt_mask, position_ids = (_pad_rows(t, bucket_rows(rows))
+                                                for t in (input_ids, prompt_mask, position_ids))
         batch, width = input_ids.shape
         capacity = -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled() else None
@@ -241,7 +245,23 @@ class CapturedDecoder:
             all_done.write(state.done.all())
             mask[:, width + step] = 1
             _, next_token = self._call_step(coconut.embedding(token[:, None]), mask, (lengths + step)[:, None], cache)
-        return state.generated, state.n_kept
+        return state.generated[:rows], state.n_kept[:rows]
+
+
+def bucket_rows(rows: int) -> int:
+    """The batch a captured step runs for `rows` prompts: the next power of two. One graph
+    is compiled and captured per batch size (a quarter of a minute or more each on a GPU
+    host): evaluation's last, smaller batch and the gapless sub-batches of local-attention
+    models (Coconut._generate_gapless), whose sizes vary from batch to batch, then share a
+    few graphs instead of compiling up to the recompile limit."""
+    return 1 << (rows - 1).bit_length()
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t (batch, ...) with its last row repeated up to `rows`: the copies decode as that row
+    does, finish with it, and are dropped."""
+    extra = rows - t.shape[0]
+    return t if extra == 0 else torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])
 
 
 class LaggedFlag:

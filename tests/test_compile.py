@@ -106,12 +106,13 @@ def test_compiled_decoder_trains_every_stage_in_three_graphs(backend):
     torch._dynamo.reset()
 
 
-def test_captured_decoding_compiles_one_step_graph_per_batch_size():
+def test_captured_decoding_compiles_one_step_graph_per_batch_bucket():
     """The CUDA decoding step is compiled with dynamic=False (a CUDA graph per shape): its
     inputs must not carry the prompt's width in their strides, or every prompt width
     would compile and capture a graph of its own (a minute or so each on a GPU host),
-    past dynamo's recompile limit into silent eager steps. Run here with the step
-    compiled by the eager backend, which guards as inductor does."""
+    past dynamo's recompile limit into silent eager steps; and a batch runs as the next
+    power of two rows (compiling.bucket_rows), so that smaller batches share a graph.
+    Run here with the step compiled by the eager backend, which guards as inductor does."""
     from torch._dynamo.utils import counters
 
     from coconut import align_latents
@@ -125,11 +126,11 @@ def test_captured_decoding_compiles_one_step_graph_per_batch_size():
     rng = random.Random(5)
     prompts = [make_example(rng, 2, q, 1)[0][:-2] for q in (3, 5, 8, 11)]  # four widths
     with torch.no_grad():
-        for batch in [[p] for p in prompts] + [prompts, prompts]:
+        for batch in [[p] for p in prompts] + [prompts, prompts[:3], prompts]:  # 3 rows run as 4
             collated = collate([(p, p) for p in batch])
             ids, mask, positions = align_latents(collated["input_ids"], collated["attention_mask"], LATENT, EOS)
             decoder.run(ids, mask, positions, 4)
-    assert counters["stats"]["unique_graphs"] == 2  # batch 1 and batch 4, one cache bucket
+    assert counters["stats"]["unique_graphs"] == 2  # batches of 1 and of 3 or 4 rows, one cache bucket
     torch._dynamo.reset()
 
 
