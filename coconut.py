@@ -216,6 +216,9 @@ def latent_columns(input_ids: torch.Tensor, latent_id: int) -> list:
             "latent tokens must be contiguous and the first latent of every example in the same "
             "column; batch the examples with dataset.MyCollator"
         )
+    if first_col == 0:  # its value is the last hidden state before it: there is none
+        raise LatentLayoutError("a latent token in the first column has no token before it to take its value from; "
+                                "a prompt starts with the question")
     return [first_col + i for i in range(n_latents)]
 
 

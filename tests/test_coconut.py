@@ -517,8 +517,10 @@ def test_align_latents_matches_the_collator_layout():
 
 def test_misaligned_latents_are_refused():
     ids = torch.tensor([[1, LATENT, LATENT, 2], [1, 2, LATENT, 3]])
-    with pytest.raises(LatentLayoutError):
+    with pytest.raises(LatentLayoutError, match="contiguous"):
         latent_columns(ids, LATENT)
+    with pytest.raises(LatentLayoutError, match="first column"):  # nothing before it: no value for it
+        Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS)(torch.tensor([[LATENT, 1, 2]]), torch.ones(1, 3).long())
 
 
 def test_passes_cover_the_sequence_in_n_plus_one_pieces():
