@@ -277,3 +277,17 @@ def test_a_negative_example_count_is_refused(tmp_path, capsys):
         prosqa.main(["--output", str(tmp_path / "p.json"), "--num_examples", "-5"])
     assert stop.value.code == 2 and "--num_examples must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_tiny_model_rebuilds_the_checked_in_demo_model_folder(tmp_path):
+    """The README's command writes the demo's folder again, byte for byte: another
+    tokenizer would give the demo's data other token ids than its checkpoints and exports
+    hold (a change of the generator's defaults once did)."""
+    from preprocessing import tiny_model
+
+    assert tiny_model.main(["--output", str(tmp_path)]) == 0
+    checked_in = Path(__file__).resolve().parent.parent / "models" / "prosqa-gpt2-tiny"
+    names = sorted(p.name for p in checked_in.iterdir())
+    assert names == sorted(p.name for p in tmp_path.iterdir())
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (checked_in / name).read_bytes(), name
