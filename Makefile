@@ -29,16 +29,17 @@ test: venv
 # (float sums depend on how they are split over threads); DEMO_THREADS=1 suits a machine
 # busy with other work, and gives other (equally valid) numbers.
 # Each `make demo` starts a fresh run: run.py would otherwise resume checkpoints/demo
-# (and, once finished, do nothing); `python run.py args/demo.yaml` alone resumes.
+# (and, once finished, do nothing); `python run.py args/demo.yaml` alone resumes. The
+# folder is emptied under its lock: never under a run that still writes into it.
 # DEMO_SEED picks another generated data set (`make demo DEMO_SEED=1`)
 DEMO_SEED ?= 0
-DEMO_DATA_ARGS := --split_sizes 6000,200,0 --num_nodes 7 --min_steps 3 --max_steps 3 --seed $(DEMO_SEED)
+DEMO_DATA_ARGS := --split_sizes 6000,200,500 --num_nodes 7 --min_steps 3 --max_steps 3 --seed $(DEMO_SEED)
 DEMO_THREADS ?= 2
 
 demo: venv
 	$(PY) preprocessing/prosqa.py --split $(DEMO_DATA_ARGS) --output_dir data/demo
 	@if [ -d checkpoints/demo ]; then echo "removing the previous demo run checkpoints/demo: training starts from scratch"; fi
-	rm -rf checkpoints/demo
+	$(PY) runlock.py --clear checkpoints/demo
 	WANDB_MODE=disabled OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) run.py args/demo.yaml
 
 # `make bench`: CPU benchmarks against the naive algorithm (bench/bench.py: step time per

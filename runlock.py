@@ -3,6 +3,8 @@
     with runlock.hold(config.save_dir):   # RunFolderBusy (a UserError) if another run holds it
         train...
 
+    python runlock.py --clear checkpoints/demo   # empty a run folder no run holds (make demo)
+
 The lock is `fcntl.flock` on the open lock file: the kernel releases it when the
 holding process ends, however it ends, so a SIGKILL never leaves a stale lock (the
 file itself stays; only the lock on it counts). A flock belongs to the open file, which
@@ -22,10 +24,12 @@ import datetime
 import errno
 import fcntl
 import os
+import shutil
 import socket
+import sys
 from typing import Callable, Iterator
 
-from cli import UserError
+from cli import UserError, fail
 
 LOCK_NAME = ".run.lock"
 
@@ -96,3 +100,37 @@ def hold(save_dir: str, warn: Callable[[str], object] = print) -> Iterator[None]
             yield  # closing the file (or the process ending) releases the lock
         finally:
             _held_fds.discard(f.fileno())
+
+
+def clear(save_dir: str, warn: Callable[[str], object] = print) -> None:
+    """Empty `save_dir` while holding its lock (RunFolderBusy, nothing removed, if a run
+    holds it): `rm -rf` would pull the folder from under a live run, which would go on
+    writing into a folder the next run then shares with it. A missing folder stays missing."""
+    if not os.path.isdir(save_dir):
+        return
+    with hold(save_dir, warn=warn):
+        for entry in os.scandir(save_dir):
+            if entry.name == LOCK_NAME:
+                continue  # the held lock: the next run takes it over
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "--clear":
+        print("usage: python runlock.py --clear RUN_FOLDER", file=sys.stderr)
+        return 2
+    try:
+        clear(argv[1])
+    except UserError as e:
+        return fail(e)
+    except OSError as e:  # a file that cannot be removed
+        return fail(UserError(f"{argv[1]}: cannot be emptied ({e.filename}: {e.strerror})"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -799,6 +799,23 @@ def test_a_second_run_on_a_held_folder_names_the_holder(tmp_path, gpt2_folder, c
         pass
 
 
+def test_clearing_a_run_folder_removes_nothing_under_a_live_run(tmp_path, capsys):
+    """make demo's `python runlock.py --clear checkpoints/demo`: the folder emptied when no
+    run holds it; one line and exit 2, nothing removed, when one does (rm -rf would pull
+    it from under that run); a missing folder stays missing."""
+    save_dir = tmp_path / "run"
+    (save_dir / "checkpoint_1.state").mkdir(parents=True)
+    (save_dir / "checkpoint_1").write_text("weights")
+    with runlock.hold(str(save_dir)):
+        assert runlock.main(["--clear", str(save_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"run folder {save_dir} is in use by another run (pid {os.getpid()} on " in err
+    assert sorted(os.listdir(save_dir)) == sorted([runlock.LOCK_NAME, "checkpoint_1", "checkpoint_1.state"])
+    assert runlock.main(["--clear", str(save_dir)]) == 0
+    assert os.listdir(save_dir) == [runlock.LOCK_NAME]
+    assert runlock.main(["--clear", str(tmp_path / "missing")]) == 0 and not (tmp_path / "missing").exists()
+
+
 def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
     import errno
 
