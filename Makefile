@@ -4,7 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # a CPU build that lies on this machine's disk; GPU users: make TORCH=torch
 TORCH ?= torch==2.13.0
-NPROC ?= 1
 
 .PHONY: venv test demo bench compare clean
 

@@ -580,6 +580,17 @@ def new_cache(config, buffered: bool, cache_class=DynamicCache) -> DynamicCache:
     return cache
 
 
+def _readable_as_new_files(folder) -> None:
+    """Give every file in `folder` the mode a new file gets (0666 less the umask):
+    transformers writes model.safetensors with mode 0600, which other users of a shared
+    machine cannot read, beside a config and tokenizer they can."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, 0o666 & ~umask)
+
+
 class Coconut(nn.Module):
     """latent_token_id None makes a plain decoder: no position is a continuous thought
     (how models of the other methods generate)."""
@@ -957,6 +968,7 @@ class Coconut(nn.Module):
             json.dump({key: config[key] for key in self.COCONUT_CONFIG_KEYS + self.OPTIONAL_SETTINGS if key in config},
                       f, indent=2)
             f.write("\n")
+        _readable_as_new_files(save_directory)
 
     @classmethod
     def read_coconut_config(cls, path) -> dict:

@@ -64,6 +64,9 @@ def export(config_path: str, checkpoint_path: str, out_dir: str, log=_note) -> d
     ModelLoadError (one-line messages) for bad input.
     """
     config = load_config(config_path)
+    if os.path.isdir(checkpoint_path):  # checkpoint_N.state, say: the weights are the file beside it
+        raise checkpoint.CheckpointError(checkpoint_path, "is a folder, not a checkpoint file "
+                                                          "(the weights are checkpoint_N, beside checkpoint_N.state)")
     if not os.path.isfile(checkpoint_path):
         raise checkpoint.CheckpointError(checkpoint_path, "no such file")
     check_out_dir(out_dir, preflight.model_source(config))

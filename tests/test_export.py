@@ -103,6 +103,16 @@ def test_save_pretrained_round_trip_keeps_settings(tiny, tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_exported_files_are_as_readable_as_new_files(tiny, tmp_path):
+    """transformers writes model.safetensors with mode 0600: others on a shared machine
+    could read the config and tokenizer, not the weights."""
+    Coconut.from_pretrained(tiny.export).save_pretrained(tmp_path / "again")
+    (tmp_path / "new").write_text("")
+    new_file_mode = (tmp_path / "new").stat().st_mode & 0o777
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "again").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {new_file_mode}, modes
+
+
 def test_export_cot_checkpoint(tiny_cot):
     with open(os.path.join(tiny_cot.export, "coconut_config.json")) as f:
         settings = json.load(f)
@@ -145,8 +155,10 @@ def test_export_bad_input_is_one_line_exit_2(tiny, tiny_cot, tmp_path, capsys):
         [tiny_cot.config, tiny.checkpoint, str(tmp_path / "o3")],  # coconut weights into a cot run
         [tiny.config, tiny.checkpoint, str(tmp_path / "afile" / "o4")],  # a folder under a file
         [moved_model, tiny.checkpoint, str(tmp_path / "o5")],  # model_id a folder that is not there
+        [tiny.config, str(tmp_path / "checkpoint_1.state"), str(tmp_path / "o6")],  # the state folder
     ]
     (tmp_path / "afile").write_text("")
+    (tmp_path / "checkpoint_1.state").mkdir()
     said = []
     for argv in cases:
         capsys.readouterr()
@@ -157,6 +169,7 @@ def test_export_bad_input_is_one_line_exit_2(tiny, tiny_cot, tmp_path, capsys):
         said.append(err)
     assert "o4: cannot be made" in said[3] and "afile is a file" in said[3]
     assert f"model_id {tmp_path / 'no_such_model'}: no such folder" in said[4]
+    assert "checkpoint_1.state: is a folder, not a checkpoint file (the weights are checkpoint_N" in said[5]
 
 
 def test_export_never_writes_over_the_model_it_started_from_or_other_files(tiny, tmp_path, capsys):
