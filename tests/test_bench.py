@@ -165,6 +165,8 @@ def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
         assert result["training"][algo]["stage_6_over_0"] > 0
     assert result["compile"]["compiled"] == "decoder" and result["compile"]["stage_6"]["tokens_per_s"] > 0
     assert result["compile"]["graphs"] == 3 and result["compile"]["graph_breaks"] == 0
+    compiled_generation = result["compile"]["generation"]  # what a compile: True run's evaluation runs
+    assert compiled_generation["decode_path"] == "eager" and compiled_generation["cudagraph_skips"] == 0  # no CUDA
     for section in (result["training"]["ours"], result["compile"]):  # no CUDA: no GPU operations to count
         assert section["stage_6"]["profile"] == {"gpu_ops": 0, "gpu_busy_ms": 0.0, "top": {}}
     new_widths = []
