@@ -477,10 +477,17 @@ def _torch_load(path: str) -> Any:
             raise CheckpointError(path, "does not load: it holds objects other than tensors and plain values, "
                                         "which torch.load(weights_only=True) refuses to run") from e
         raise CheckpointError(path, f"does not load (damaged: {first_line(e)})") from e
-    except OSError as e:
-        raise UnreadableCheckpoint(path, f"cannot be read ({e.strerror or first_line(e)})") from e
-    except Exception as e:  # truncated zip, ...
+    except Exception as e:  # truncated zip, an I/O error, ...
+        if _unreadable(e):
+            raise UnreadableCheckpoint(path, f"cannot be read ({e.strerror or first_line(e)})") from e
         raise CheckpointError(path, f"does not load ({type(e).__name__}: {first_line(e)})") from e
+
+
+def _unreadable(error: BaseException) -> bool:
+    """Whether reading failed in the file system (an I/O error, no permission, a stale
+    network handle), which may pass, rather than on a file that is missing or damaged."""
+    return isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, IsADirectoryError,
+                                                                 NotADirectoryError))
 
 
 def _first_bytes(path: str) -> bytes:
@@ -488,7 +495,8 @@ def _first_bytes(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read(2)
     except OSError as e:
-        raise UnreadableCheckpoint(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
+        error = UnreadableCheckpoint if _unreadable(e) else CheckpointError
+        raise error(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -558,6 +566,8 @@ def _check_dcp_files(folder: str) -> None:
     try:
         metadata = SafeReader(folder).read_metadata()
     except Exception as e:  # missing or unreadable .metadata
+        if _unreadable(e):
+            raise UnreadableCheckpoint(os.path.join(folder, ".metadata"), f"cannot be read ({e.strerror})") from e
         raise CheckpointError(folder, f"has no readable DCP metadata ({type(e).__name__}: {str(e)[:200]})") from e
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():

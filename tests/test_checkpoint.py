@@ -262,16 +262,17 @@ def test_find_resume_point_skips_damaged_newest(tmp_path, damage):
     one_line_naming(warnings[0], newest)
 
 
-@pytest.mark.parametrize("unreadable", ["model", "state"])
+@pytest.mark.parametrize("unreadable", ["model", "state", "dcp_metadata"])
 def test_find_resume_point_stops_at_a_file_it_cannot_read(tmp_path, unreadable):
     """An I/O error is not damage: falling back would train the newer epochs again and
     overwrite the file once it reads again. A real one: reading /proc/self/mem at offset 0
     fails with EIO (Linux)."""
     if not os.path.exists("/proc/self/mem"):
         pytest.skip("needs Linux's /proc/self/mem for a real I/O error")
-    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1))
-    save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2))
-    named = tmp_path / ("checkpoint_2" if unreadable == "model" else "checkpoint_2.state/train_state.pt")
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1), sharded(1))
+    save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2), sharded(2))
+    named = tmp_path / {"model": "checkpoint_2", "state": "checkpoint_2.state/train_state.pt",
+                        "dcp_metadata": "checkpoint_2.state/.metadata"}[unreadable]
     named.unlink()
     named.symlink_to("/proc/self/mem")
     warnings = []
