@@ -850,15 +850,16 @@ class Coconut(nn.Module):
             rows = torch.tensor(groups[i] if i < len(groups) else groups[0][:1], device=input_ids.device)
             aligned = align_latents(input_ids[rows], attention_mask[rows], self.latent_token_id, self.eos_token_id,
                                     right_align=True)
-            outputs.append(self._decode_aligned(*aligned, max_new_tokens, synced_gpus))
+            # sub-batch sizes vary from batch to batch: a captured step runs them in a few sizes
+            outputs.append(self._decode_aligned(*aligned, max_new_tokens, synced_gpus, rows_up_to=len(input_ids)))
         width = max(out.shape[1] for out in outputs[:len(groups)])
         result = input_ids.new_full((input_ids.shape[0], width), self.eos_token_id)
         for rows, out in zip(groups, outputs):
             result[torch.tensor(rows, device=input_ids.device), : out.shape[1]] = out
         return result
 
-    def _decode_aligned(self, input_ids, prompt_mask, position_ids, max_new_tokens, synced_gpus):
-        """generate for one batch that align_latents laid out."""
+    def _decode_aligned(self, input_ids, prompt_mask, position_ids, max_new_tokens, synced_gpus, rows_up_to=None):
+        """generate for one batch that align_latents laid out; rows_up_to: see CapturedDecoder.run."""
         decoder = None
         if input_ids.device.type == "cuda" and self.cuda_graphs and not synced_gpus and max_new_tokens > 1:
             from compiling import captured_decoder
@@ -866,7 +867,7 @@ class Coconut(nn.Module):
             decoder = captured_decoder(self, input_ids.shape, max_new_tokens)
         if decoder is not None:
             try:
-                generated, n_kept = decoder.run(input_ids, prompt_mask, position_ids, max_new_tokens)
+                generated, n_kept = decoder.run(input_ids, prompt_mask, position_ids, max_new_tokens, rows_up_to)
                 self.last_decode_path = decoder.path
                 return self._assemble(input_ids, prompt_mask, generated, n_kept)
             except Exception as error:  # noqa: BLE001 - any failure of the captured path: decode eagerly

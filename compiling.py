@@ -48,8 +48,9 @@ that, dynamo runs the block eagerly (correct, slower) and says so in a warning.
 (transformers' StaticCache); each one-column pass (every latent, then every new token)
 is one call of a step compiled with mode="reduce-overhead" (a CUDA graph replay), with
 fixed shapes (the prompt's longer pieces run eagerly): the cache length is
-rounded up to a multiple of CACHE_BUCKET and the batch to a power of two (bucket_rows,
-repeating the last prompt), so a few graphs serve every batch.
+rounded up to a multiple of CACHE_BUCKET, and a sub-batch of local-attention models'
+gapless decoding to a power of two rows (bucket_rows, repeating the last prompt), so a
+few graphs serve every batch.
 Any failure disables it for that model and generation falls back to the eager loop.
 """
 
@@ -214,14 +215,17 @@ class CapturedDecoder:
             cache.reset()
         return cache
 
-    def run(self, input_ids, prompt_mask, position_ids, max_new_tokens: int):
-        """(generated (batch, max_new_tokens), n_kept (batch,)), as Coconut._decode_eager."""
+    def run(self, input_ids, prompt_mask, position_ids, max_new_tokens: int, rows_up_to=None):
+        """(generated (batch, max_new_tokens), n_kept (batch,)), as Coconut._decode_eager.
+        rows_up_to: run the batch as bucket_rows' size, at most this many rows (a sub-batch
+        of a batch of that size); None: as it comes."""
         from coconut import DecodeState
 
         coconut, eos = self.coconut, self.coconut.eos_token_id
         rows = input_ids.shape[0]
-        input_ids, prompt_mask, position_ids = (_pad_rows(t, bucket_rows(rows))
-                                                for t in (input_ids, prompt_mask, position_ids))
+        if rows_up_to is not None:
+            padded = max(rows, min(bucket_rows(rows), rows_up_to))
+            input_ids, prompt_mask, position_ids = (_pad_rows(t, padded) for t in (input_ids, prompt_mask, position_ids))
         batch, width = input_ids.shape
         capacity = -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled() else None
@@ -249,11 +253,12 @@ class CapturedDecoder:
 
 
 def bucket_rows(rows: int) -> int:
-    """The batch a captured step runs for `rows` prompts: the next power of two. One graph
-    is compiled and captured per batch size (a quarter of a minute or more each on a GPU
-    host): evaluation's last, smaller batch and the gapless sub-batches of local-attention
-    models (Coconut._generate_gapless), whose sizes vary from batch to batch, then share a
-    few graphs instead of compiling up to the recompile limit."""
+    """The batch a captured step runs for a sub-batch of `rows` prompts: the next power of
+    two. One graph is compiled and captured per batch size (a quarter of a minute or more
+    each on a GPU host), and the gapless sub-batches of local-attention models
+    (Coconut._generate_gapless) vary in size from batch to batch: they then share a few
+    graphs instead of compiling up to the recompile limit. Whole batches run as they come
+    (a batch size chosen to fill the GPU stays that size)."""
     return 1 << (rows - 1).bit_length()
 
 

@@ -313,9 +313,20 @@ def replicate_from_main(model, env: DistEnv):
         _to_empty_keeping_ties(model, env.device)
         _cast_to(model, dtypes)
     with torch.no_grad():
-        for _, tensor in (*model.named_parameters(), *model.named_buffers()):
+        # by rank 0's names, in one order everywhere: moving rank 0's model to a GPU gives a
+        # buffer that several modules share a copy per module, which the replicas keep one
+        for name in dtypes:
+            tensor = _tensor_named(model, name)
             dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
     return model
+
+
+def _tensor_named(model, name: str) -> torch.Tensor:
+    """The parameter or buffer `name` of `model`."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)
 
 
 def _cast_to(model, dtypes: dict) -> None:
@@ -339,7 +350,7 @@ def _cast_to(model, dtypes: dict) -> None:
 def _to_empty_keeping_ties(model, device) -> None:
     """model.to_empty(device=device), with parameters and buffers shared by several modules
     (GPT-2's tied embedding and head) still one: to_empty gives each module a tensor of its
-    own, and rank 0's model, which keeps them shared, would broadcast fewer."""
+    own, and rank 0 broadcasts a shared one once, under its first name."""
     places = {}  # (kind, id(tensor)) -> [(module's parameters or buffers, name), ...]
     for module in model.modules():
         for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):

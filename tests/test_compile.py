@@ -110,8 +110,9 @@ def test_captured_decoding_compiles_one_step_graph_per_batch_bucket():
     """The CUDA decoding step is compiled with dynamic=False (a CUDA graph per shape): its
     inputs must not carry the prompt's width in their strides, or every prompt width
     would compile and capture a graph of its own (a minute or so each on a GPU host),
-    past dynamo's recompile limit into silent eager steps; and a batch runs as the next
-    power of two rows (compiling.bucket_rows), so that smaller batches share a graph.
+    past dynamo's recompile limit into silent eager steps; and a sub-batch (gapless
+    decoding's) runs as the next power of two rows (compiling.bucket_rows), so that
+    sub-batches of varying sizes share a few graphs; whole batches run as they come.
     Run here with the step compiled by the eager backend, which guards as inductor does."""
     from torch._dynamo.utils import counters
 
@@ -126,11 +127,17 @@ def test_captured_decoding_compiles_one_step_graph_per_batch_bucket():
     rng = random.Random(5)
     prompts = [make_example(rng, 2, q, 1)[0][:-2] for q in (3, 5, 8, 11)]  # four widths
     with torch.no_grad():
-        for batch in [[p] for p in prompts] + [prompts, prompts[:3], prompts]:  # 3 rows run as 4
+        runs = {}
+        for batch in [[p] for p in prompts] + [prompts, prompts, prompts[:3], prompts[:3]]:
             collated = collate([(p, p) for p in batch])
             ids, mask, positions = align_latents(collated["input_ids"], collated["attention_mask"], LATENT, EOS)
-            decoder.run(ids, mask, positions, 4)
-    assert counters["stats"]["unique_graphs"] == 2  # batches of 1 and of 3 or 4 rows, one cache bucket
+            # a sub-batch of 3 rows (of a batch of 6) runs as 4 rows, first; then as a whole batch of 3
+            sub_batch = len(batch) == 3 and len(batch) not in runs
+            runs.setdefault(len(batch), []).append(decoder.run(ids, mask, positions, 4, rows_up_to=6 if sub_batch else None))
+            if sub_batch:
+                assert counters["stats"]["unique_graphs"] == 2  # batch 1 and batch 4, one cache bucket
+    assert counters["stats"]["unique_graphs"] == 3  # and the whole batch of 3
+    assert all(torch.equal(a, b) for a, b in zip(*runs[3]))  # the same tokens either way
     torch._dynamo.reset()
 
 
