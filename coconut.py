@@ -580,15 +580,21 @@ def new_cache(config, buffered: bool, cache_class=DynamicCache) -> DynamicCache:
     return cache
 
 
-def _readable_as_new_files(folder) -> None:
-    """Give every file in `folder` the mode a new file gets (0666 less the umask):
-    transformers writes model.safetensors with mode 0600, which other users of a shared
-    machine cannot read, beside a config and tokenizer they can."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False):
-            os.chmod(entry.path, 0o666 & ~umask)
+def _files_and_times(folder) -> dict:
+    """{name: modification time (ns)} of the files in `folder`."""
+    return {entry.name: entry.stat(follow_symlinks=False).st_mtime_ns for entry in os.scandir(folder)
+            if entry.is_file(follow_symlinks=False)}
+
+
+def _readable_as(reference: str, folder, before: dict) -> None:
+    """Give the files written in `folder` since `before` (_files_and_times) the mode of
+    `reference`, a file opened for writing as usual (0666 less the umask): transformers
+    writes model.safetensors with mode 0600, which other users of a shared machine cannot
+    read, beside a config and tokenizer they can. Other files keep their modes."""
+    mode = os.stat(reference).st_mode & 0o777
+    for name, written in _files_and_times(folder).items():
+        if before.get(name) != written:
+            os.chmod(os.path.join(folder, name), mode)
 
 
 class Coconut(nn.Module):
@@ -962,6 +968,7 @@ class Coconut(nn.Module):
         config.update(getattr(self, "coconut_config", None) or {})  # keeps the true latent id
         config.update(settings)
         os.makedirs(save_directory, exist_ok=True)
+        before = _files_and_times(save_directory)
         self.base_causallm.save_pretrained(save_directory, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
@@ -969,7 +976,7 @@ class Coconut(nn.Module):
             json.dump({key: config[key] for key in self.COCONUT_CONFIG_KEYS + self.OPTIONAL_SETTINGS if key in config},
                       f, indent=2)
             f.write("\n")
-        _readable_as_new_files(save_directory)
+        _readable_as(os.path.join(save_directory, self.COCONUT_CONFIG_NAME), save_directory, before)
 
     @classmethod
     def read_coconut_config(cls, path) -> dict:

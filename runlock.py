@@ -103,12 +103,17 @@ def hold(save_dir: str, warn: Callable[[str], object] = print) -> Iterator[None]
 
 
 def clear(save_dir: str, warn: Callable[[str], object] = print) -> None:
-    """Empty `save_dir` while holding its lock (RunFolderBusy, nothing removed, if a run
-    holds it): `rm -rf` would pull the folder from under a live run, which would go on
-    writing into a folder the next run then shares with it. A missing folder stays missing."""
+    """Empty `save_dir` while holding its lock and that of every run folder inside it
+    (RunFolderBusy, nothing removed, if a run holds one): `rm -rf` would pull a folder
+    from under a live run, which would go on writing into a folder the next run then
+    shares with it. A missing folder stays missing."""
     if not os.path.isdir(save_dir):
         return
-    with hold(save_dir, warn=warn):
+    run_folders = [save_dir] + [folder for folder, _, files in os.walk(save_dir)
+                                if LOCK_NAME in files and folder != save_dir]
+    with contextlib.ExitStack() as held:
+        for folder in run_folders:
+            held.enter_context(hold(folder, warn=warn))
         for entry in os.scandir(save_dir):
             if entry.name == LOCK_NAME:
                 continue  # the held lock: the next run takes it over
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
     except UserError as e:
         return fail(e)
     except OSError as e:  # a file that cannot be removed
-        return fail(UserError(f"{argv[1]}: cannot be emptied ({e.filename}: {e.strerror})"))
+        return fail(UserError(f"{argv[1]}: cannot be emptied ({e.filename or argv[1]}: {e.strerror or e})"))
     return 0
 
 

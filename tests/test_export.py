@@ -106,11 +106,16 @@ def test_save_pretrained_round_trip_keeps_settings(tiny, tmp_path):
 def test_exported_files_are_as_readable_as_new_files(tiny, tmp_path):
     """transformers writes model.safetensors with mode 0600: others on a shared machine
     could read the config and tokenizer, not the weights."""
+    (tmp_path / "again").mkdir()
+    private = tmp_path / "again" / "notes.txt"  # a file of the user's own keeps its mode
+    private.write_text("mine")
+    private.chmod(0o600)
     Coconut.from_pretrained(tiny.export).save_pretrained(tmp_path / "again")
     (tmp_path / "new").write_text("")
     new_file_mode = (tmp_path / "new").stat().st_mode & 0o777
-    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "again").iterdir()}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "again").iterdir() if p != private}
     assert "model.safetensors" in modes and set(modes.values()) == {new_file_mode}, modes
+    assert private.stat().st_mode & 0o777 == 0o600 and new_file_mode != 0o600  # premise
 
 
 def test_export_cot_checkpoint(tiny_cot):

@@ -811,6 +811,9 @@ def test_clearing_a_run_folder_removes_nothing_under_a_live_run(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"run folder {save_dir} is in use by another run (pid {os.getpid()} on " in err
     assert sorted(os.listdir(save_dir)) == sorted([runlock.LOCK_NAME, "checkpoint_1", "checkpoint_1.state"])
+    with runlock.hold(str(save_dir)):  # a live run inside the folder named: its parent is not emptied either
+        assert runlock.main(["--clear", str(tmp_path)]) == 2
+    assert "is in use by another run" in capsys.readouterr().err and (save_dir / "checkpoint_1").exists()
     assert runlock.main(["--clear", str(save_dir)]) == 0
     assert os.listdir(save_dir) == [runlock.LOCK_NAME]
     assert runlock.main(["--clear", str(tmp_path / "missing")]) == 0 and not (tmp_path / "missing").exists()
