@@ -141,18 +141,19 @@ def test_captured_decoding_compiles_one_step_graph_per_batch_bucket():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("compiled", ["decoder", "blocks"])
-def test_captured_decoding_marks_the_cache_static_when_the_prompt_passes_are_compiled(compiled):
+def test_captured_decoding_marks_the_cache_static_when_the_prompt_passes_are_compiled():
     """With compile: True the prompt's first pass, compiled, allocates the StaticCache's
     tensors, and a StaticCache marks its tensors as static addresses only when it
     allocates them eagerly: unmarked, inductor would replay the captured step, which
-    writes into them, without CUDA graphs ("mutated inputs"). Eager backend here."""
+    writes into them, without CUDA graphs ("mutated inputs"). Eager backend here; the
+    compiled decoder (compiled blocks allocate it inside their graphs alike, and the step
+    marks it whatever compiled it)."""
     from coconut import align_latents
     from compiling import CapturedDecoder
 
     torch._dynamo.reset()
     coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).eval()
-    (compile_decoder if compiled == "decoder" else compile_blocks)(coconut, backend="eager")
+    compile_decoder(coconut, backend="eager")
     decoder = CapturedDecoder(coconut, capture=False)
     prompts = [make_example(random.Random(5), 2, q, 1)[0][:-2] for q in (3, 5)]
     collated = collate([(p, p) for p in prompts])
