@@ -245,13 +245,18 @@ def shard(model, base_causallm, compute_dtype=None, reshard_after_forward=True):
     return model
 
 
+def is_sharded(model) -> bool:
+    """Whether `model` is sharded by FSDP (fully_shard), not a whole model or replica."""
+    return isinstance(model, FSDPModule)
+
+
 def reshard_blocks(model) -> None:
     """Free the gathered weights that shard(reshard_after_forward=False) keeps (every FSDP
     unit's; a sharded one is left as it is). Due before the optimizer changes the shards,
     or the next forward would run on the kept, stale copy; and before a new optimizer or
     an optimizer state dict reads model.parameters(), which name the gathered copies
     while they are kept."""
-    if not isinstance(model, FSDPModule):  # one process: nothing is sharded
+    if not is_sharded(model):  # one process: nothing is sharded
         return
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -363,11 +368,6 @@ def _to_empty_keeping_ties(model, device) -> None:
             tensors[name] = first[first_name]
 
 
-def is_sharded(model) -> bool:
-    """Whether `model` is sharded by FSDP (fully_shard), not a whole model or replica."""
-    return isinstance(model, FSDPModule)
-
-
 @contextlib.contextmanager
 def gathered_root(model):
     """Keep the FSDP root's parameters (embeddings, head) whole while generating.
@@ -375,7 +375,7 @@ def gathered_root(model):
     Generation calls the embedding outside the root module's forward, where FSDP would
     otherwise leave it sharded; the blocks still gather themselves in their hooks.
     """
-    if isinstance(model, FSDPModule):
+    if is_sharded(model):
         model.unshard()
         try:
             yield
@@ -402,7 +402,7 @@ def full_model_state(model):
     """The whole (unsharded) state dict for the checkpoint file. One process: the
     model's own tensors (detached, on CPU). FSDP: a checkpoint.StreamedModelState that
     gathers one tensor at a time to rank 0, which writes it and lets it go."""
-    if not isinstance(model, FSDPModule):
+    if not is_sharded(model):
         return _on_cpu_keeping_ties(model.state_dict())
     sharded = model.state_dict()  # name -> DTensor (parameters) or tensor (buffers)
     owner = {}  # id(parameter) -> its first name: tied weights share one storage in the file
