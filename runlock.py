@@ -29,7 +29,7 @@ import socket
 import sys
 from typing import Callable, Iterator
 
-from cli import UserError, fail
+from cli import UserError, main_guard
 
 LOCK_NAME = ".run.lock"
 
@@ -128,12 +128,14 @@ def main(argv=None) -> int:
     if len(argv) != 2 or argv[0] != "--clear":
         print("usage: python runlock.py --clear RUN_FOLDER", file=sys.stderr)
         return 2
+    return main_guard(lambda: _clear_command(argv[1]))
+
+
+def _clear_command(save_dir: str) -> int:
     try:
-        clear(argv[1])
-    except UserError as e:
-        return fail(e)
+        clear(save_dir)
     except OSError as e:  # a file that cannot be removed
-        return fail(UserError(f"{argv[1]}: cannot be emptied ({e.filename or argv[1]}: {e.strerror or e})"))
+        raise UserError(f"{save_dir}: cannot be emptied ({e.filename or save_dir}: {e.strerror or e})") from None
     return 0
 
 
