@@ -116,17 +116,19 @@ def init_new_token_rows(model, tokenizer, tokens: LatentTokens, log, already_in_
     if already_in_tokenizer and max(new_ids) < rows_before:
         log("the model's tokenizer already holds the latent tokens, and its embeddings their rows: kept as they are")
         return
-    source = tokenizer.encode("<<", add_special_tokens=False)
+    # the token `<<` by name, as the vocabulary holds it: encoding the text "<<" gives
+    # another token (or two) where the tokenizer marks a word's start ("▁<<")
+    source = tokenizer.get_vocab().get("<<")
     matrices = [model.get_input_embeddings().weight]
     head = model.get_output_embeddings()
     if head is not None and head.weight is not matrices[0]:
         matrices.append(head.weight)
-    if len(source) != 1:
+    if source is None:
         log("'<<' is not one token of this tokenizer: new token rows start as the mean embedding")
     with torch.no_grad():
         for weight in matrices:
             old_rows = weight[: min(new_ids)]
-            row = weight[source[0]].clone() if len(source) == 1 else old_rows.float().mean(0).to(weight.dtype)
+            row = weight[source].clone() if source is not None else old_rows.float().mean(0).to(weight.dtype)
             for token_id in new_ids:
                 weight[token_id] = row
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from modeling import ModelLoadError, build_model
+from tiny import make_llama, make_tokenizer
 from utils import Config
 
 
@@ -47,7 +48,7 @@ def test_cot_checkpoint_feeds_a_coconut_run_with_new_rows_from_the_marker(gpt2_f
     state = trained_state(cot.model)
     coconut = build_model(config_for(gpt2_folder, coconut=True), state, "ckpt", silent)
     embedding = coconut.base_causallm.get_input_embeddings().weight
-    marker = coconut.tokenizer.encode("<<", add_special_tokens=False)[0]
+    marker = coconut.tokenizer.get_vocab()["<<"]
     assert torch.equal(embedding[: state["transformer.wte.weight"].shape[0]], state["transformer.wte.weight"])
     for token_id in (coconut.tokens.start_id, coconut.tokens.end_id, coconut.tokens.latent_id):
         assert torch.equal(embedding[token_id], state["transformer.wte.weight"][marker])
@@ -59,38 +60,72 @@ def test_an_untied_head_starts_its_new_rows_from_the_markers_row_too(llama_folde
     cot = build_model(config_for(llama_folder, cot=True), None, None, silent)
     state = trained_state(cot.model)
     coconut = build_model(config_for(llama_folder, coconut=True), state, "ckpt", silent)
-    marker = coconut.tokenizer.encode("<<", add_special_tokens=False)
-    assert len(marker) == 1  # the premise: the copied row, not the mean
+    marker = coconut.tokenizer.get_vocab()["<<"]  # the premise: the copied row, not the mean
     head = coconut.base_causallm.get_output_embeddings().weight
     embedding = coconut.base_causallm.get_input_embeddings().weight
     assert head.data_ptr() != embedding.data_ptr()
     for token_id in (coconut.tokens.start_id, coconut.tokens.end_id, coconut.tokens.latent_id):
-        assert torch.equal(head[token_id], state["lm_head.weight"][marker[0]])
-        assert torch.equal(embedding[token_id], state["model.embed_tokens.weight"][marker[0]])
+        assert torch.equal(head[token_id], state["lm_head.weight"][marker])
+        assert torch.equal(embedding[token_id], state["model.embed_tokens.weight"][marker])
 
 
-def test_new_rows_start_as_the_mean_row_where_the_marker_is_not_one_token(llama_folder):
-    """A tokenizer that splits `<<` in two: each matrix's new rows start as the mean of its
-    old rows (a naive fp64 mean here), said in one log line."""
-    from modeling import build_tokenizer, init_new_token_rows
+def _with_latent_tokens(tokenizer):
+    """`tokenizer` with the three latent tokens added, as modeling.load_tokenizer adds them."""
+    from layout import END, LATENT, START, LatentTokens
 
-    tokenizer, tokens = build_tokenizer(llama_folder)
-    real_encode = tokenizer.encode
+    tokenizer.add_tokens([START, END, LATENT], special_tokens=True)
+    return tokenizer, LatentTokens.of(tokenizer)
 
-    def encode(text, **kwargs):  # `<<` as two pieces, as some vocabularies have it
-        return [5, 6] if text == "<<" else real_encode(text, **kwargs)
 
-    tokenizer.encode = encode
-    cot = build_model(config_for(llama_folder, cot=True), None, None, silent).model
+def test_new_rows_start_as_the_mean_row_where_the_marker_is_not_one_token():
+    """A tokenizer whose vocabulary has no `<<` (trained on text without it): each
+    matrix's new rows start as the mean of its old rows (a naive fp64 mean here), said
+    in one log line."""
+    from modeling import init_new_token_rows
+
+    tokenizer, tokens = _with_latent_tokens(make_tokenizer(["Tom is a wumpus. Every wumpus is a < yumpus."], 300))
+    assert "<<" not in tokenizer.get_vocab() and len(tokenizer.encode("<<", add_special_tokens=False)) == 2
+    model = make_llama(tokens.start_id)
     old = {name: weight.detach().double().clone() for name, weight in
-           (("embedding", cot.get_input_embeddings().weight), ("head", cot.get_output_embeddings().weight))}
+           (("embedding", model.get_input_embeddings().weight), ("head", model.get_output_embeddings().weight))}
     said = []
-    init_new_token_rows(cot, tokenizer, tokens, said.append)
+    init_new_token_rows(model, tokenizer, tokens, said.append)
     assert said == ["'<<' is not one token of this tokenizer: new token rows start as the mean embedding"]
-    for name, weight in (("embedding", cot.get_input_embeddings().weight), ("head", cot.get_output_embeddings().weight)):
+    for name, weight in (("embedding", model.get_input_embeddings().weight), ("head", model.get_output_embeddings().weight)):
         mean = old[name].mean(0)
         for token_id in (tokens.start_id, tokens.end_id, tokens.latent_id):
             assert torch.allclose(weight[token_id].double(), mean, atol=1e-6), name
+
+
+def word_prefix_tokenizer():
+    """A SentencePiece-style tokenizer (a word's first piece carries "▁", as Llama 2's and
+    Mistral's do) whose vocabulary holds both `<<` and `▁<<`: the text "<<" encodes as
+    `▁<<`, another token than `<<`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "<": 4, "<<": 5, "▁<": 6, "▁<<": 7, "a": 8, "▁a": 9}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "<"), ("▁<", "<"), ("<", "<"), ("▁", "a")], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_new_rows_copy_the_token_named_marker_not_what_the_text_encodes_to():
+    """SPEC §1: the rows start as copies of the token `<<`, looked up by name. With a
+    word-prefix tokenizer the text "<<" encodes as `▁<<` (another row), so looking it up
+    by encoding copied the wrong row."""
+    from modeling import init_new_token_rows
+
+    tokenizer, tokens = _with_latent_tokens(word_prefix_tokenizer())
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("<<", add_special_tokens=False)) == ["▁<<"]  # the premise
+    model = make_llama(tokens.start_id)
+    said = []
+    init_new_token_rows(model, tokenizer, tokens, said.append)
+    assert said == []
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        for token_id in (tokens.start_id, tokens.end_id, tokens.latent_id):
+            assert torch.equal(weight[token_id], weight[5]) and not torch.equal(weight[token_id], weight[7])
 
 
 def test_a_model_that_already_has_the_latent_tokens_keeps_their_trained_rows(gpt2_folder, tmp_path):
@@ -99,7 +134,7 @@ def test_a_model_that_already_has_the_latent_tokens_keeps_their_trained_rows(gpt
     config = config_for(gpt2_folder, coconut=True)
     fresh = build_model(config, None, None, silent)
     embedding = fresh.base_causallm.get_input_embeddings().weight
-    marker = fresh.tokenizer.encode("<<", add_special_tokens=False)[0]
+    marker = fresh.tokenizer.get_vocab()["<<"]
     ids = (fresh.tokens.start_id, fresh.tokens.end_id, fresh.tokens.latent_id)
     assert all(torch.equal(embedding[i], embedding[marker]) for i in ids)
     with torch.no_grad():
