@@ -775,7 +775,10 @@ class Coconut(nn.Module):
             elif end - start == 1 and ready_mask:
                 run_pass = column_pass
             mask = pass_mask(attention_mask, start, end) if ready_mask else attention_mask[:, :end]
-            with self._pass_mode(end - start):
+            # a given one-column pass (the captured decoding step) is compiled whole, as it is for
+            # the decoded tokens: the eager stance of compiled blocks' latent passes would cover it
+            mode = contextlib.nullcontext() if run_pass is one_column_pass else self._pass_mode(end - start)
+            with mode:
                 hidden = run_pass(chunk, mask, position_ids[:, start:end], cache)
             chunks.append(chunk)
             hiddens.append(hidden)

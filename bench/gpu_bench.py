@@ -397,6 +397,8 @@ def section_attention(b: Bench) -> dict:
 
 # ----------------------------------------------------------------------------- generation
 def section_generation(b: Bench) -> dict:
+    from torch._dynamo.utils import counters
+
     from bench.naive import naive_generate_one
 
     args = b.args
@@ -432,6 +434,7 @@ def section_generation(b: Bench) -> dict:
         if graphs and b.elapsed() > args.budget_s:
             result["paths"][label] = {"skipped": f"over the {args.budget_s} s budget"}
             continue
+        skips = counters["inductor"]["cudagraph_skips"]
         t = time.perf_counter()
         for i in range(n_single):  # warm-up: compiles and captures every shape timed below
             generate(prompts[i : i + 1], graphs)
@@ -446,7 +449,9 @@ def section_generation(b: Bench) -> dict:
             qps, rows[args.gen_batch] = rate(lambda: generate(prompts, graphs), len(prompts))
             rates[str(args.gen_batch)].append(qps)
         decoder = getattr(b.coconut, "_captured_decoder", None)
+        # "cuda-graph" names the path taken; a step inductor would not capture replays nothing
         entry = {"decode_path": b.coconut.last_decode_path, "warm_up_s": warm_up,
+                 "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
                  "fallback_error": decoder.error if (graphs and decoder is not None) else None, "batches": {}}
         matches = sum(same(rows[bs][i], want) for i, want in naive_rows.items() for bs in rows if i < len(rows[bs]))
         entry["rows_equal_to_naive"] = f"{matches}/{sum(1 for i in naive_rows for bs in rows if i < len(rows[bs]))}"
@@ -455,7 +460,8 @@ def section_generation(b: Bench) -> dict:
             entry["batches"][bs] = {"questions_per_s": qps, "speedup_vs_naive": qps / naive_qps, "all": r}
             print(f"generate {label} (ran: {entry['decode_path']}) batch {bs}: {qps:.2f} questions/s, "
                   f"{qps / naive_qps:.1f}x naive", flush=True)
-        print(f"generate {label}: rows equal to the naive loop's {entry['rows_equal_to_naive']}, warm-up {warm_up:.0f} s"
+        print(f"generate {label}: rows equal to the naive loop's {entry['rows_equal_to_naive']}, warm-up {warm_up:.0f} s, "
+              f"inductor skipped CUDA graphs {entry['cudagraph_skips']} times"
               + (f", fell back: {entry['fallback_error']}" if entry["fallback_error"] else ""), flush=True)
         result["paths"][label] = entry
     b.coconut.cuda_graphs = True

@@ -181,6 +181,7 @@ def test_gpu_bench_logic_runs_on_cpu_in_smoke_mode(tmp_path):
     for path in ("eager", "cuda_graph"):
         entry = result["generation"]["paths"][path]
         assert set(entry["batches"]) == {"1", "4"} and entry["decode_path"] == "eager"  # no CUDA: eager
+        assert entry["cudagraph_skips"] == 0
         assert entry["rows_equal_to_naive"].split("/")[0] == entry["rows_equal_to_naive"].split("/")[1]
 
 

@@ -166,6 +166,40 @@ def test_captured_decoding_marks_the_cache_static_when_the_prompt_passes_are_com
     torch._dynamo.reset()
 
 
+def test_captured_step_runs_compiled_for_the_prompts_latents_under_compiled_blocks():
+    """With compiled blocks, one-column passes run in dynamo's force-eager stance (they
+    are dispatch-bound); the captured decoding step is compiled as a whole and must not
+    be: the prompt's latent passes ran it eagerly on the static cache. Counted here as
+    calls into the step's compiled graph, with one new token (no token step at all)."""
+    from coconut import align_latents
+    from compiling import CapturedDecoder
+
+    torch._dynamo.reset()
+    coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).eval()
+    compile_blocks(coconut, backend="eager")
+    graph_calls = []
+
+    def counting_backend(graph, example_inputs):
+        def run(*args):
+            graph_calls.append(1)
+            return graph(*args)
+        return run
+
+    decoder = CapturedDecoder(coconut, capture=False)
+    decoder.step = torch.compile(decoder._step, backend=counting_backend, dynamic=False)
+    prompts = [make_example(random.Random(5), 3, q, 1)[0][:-2] for q in (3, 5)]  # 3 latents each
+    collated = collate([(p, p) for p in prompts])
+    ids, mask, positions = align_latents(collated["input_ids"], collated["attention_mask"], LATENT, EOS)
+    assert (ids == LATENT).sum(1).tolist() == [3, 3]  # the premise
+    with torch.no_grad():
+        decoder.run(ids, mask, positions, max_new_tokens=1)
+    # the first latent's value comes from the prompt's first piece; each later one from a
+    # one-column pass over the latent before it: 2 such passes (the third latent's pass
+    # runs on to the prompt's end, two columns)
+    assert len(graph_calls) == 2
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("whole_decoder", [True, False], ids=["decoder", "blocks"])
 def test_inductor_compiled_model_matches_eager(whole_decoder):
