@@ -11,6 +11,7 @@
   (run.py, and bench scripts that call its main).
 - `OneLineParser`: argparse whose usage errors are one line, exit status 2.
 - `read_json_list`: a non-empty JSON list from a file, or a UserError.
+- `cannot_write_in(folder)`: why a file cannot be created in a folder, by trying.
 
 Standard library only, so a script can fail fast before torch is imported.
 """
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -124,6 +126,19 @@ def read_json_list(path: str, items: str) -> list:
     if not isinstance(data, list) or not data:
         raise UserError(f"{path}: must be a non-empty JSON list of {items}")
     return data
+
+
+def cannot_write_in(folder: str):
+    """None when a file can be created in `folder`, else why not (its strerror). Tried
+    with a file made and removed at once: os.access says yes to root for a read-only
+    file system or /proc, where writing fails later, after the heavy work."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def quiet_transformers() -> None:

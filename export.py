@@ -32,7 +32,7 @@ import sys
 
 import checkpoint
 import preflight
-from cli import OneLineParser, main_guard, quiet_transformers
+from cli import OneLineParser, cannot_write_in, main_guard, quiet_transformers
 from coconut import Coconut
 from modeling import build_model
 from utils import ConfigError, load_config
@@ -71,6 +71,7 @@ def export(config_path: str, checkpoint_path: str, out_dir: str, log=_note) -> d
         raise checkpoint.CheckpointError(checkpoint_path, "no such file")
     check_out_dir(out_dir, preflight.model_source(config))
     preflight.resolve_model(*preflight.model_source(config))  # a folder that is not there, an offline hub: one line
+    preflight.check_weight_files(*preflight.model_source(config))  # a Git LFS pointer, a file cut short
     state = checkpoint.load_model_state(checkpoint_path)
     built = build_model(config, state, checkpoint_path, log)
     del state
@@ -104,8 +105,9 @@ def check_out_dir(out_dir: str, model_source: tuple) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ConfigError(f"{out_dir}: cannot be made, {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{out_dir}: cannot be written, {existing} is not writable")
+    why = cannot_write_in(existing)
+    if why is not None:
+        raise ConfigError(f"{out_dir}: cannot be written, {existing} is not writable ({why})")
 
 
 def main(argv=None) -> int:

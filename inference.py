@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from cli import UserError, first_line
+from cli import UserError, cannot_write_in, first_line
 from coconut import Coconut, align_latents, context_length
 from layout import END, LATENT, START, LatentTokens, PromptLayout, first_spelled, is_text, special_token_texts
 from modeling import fuse_gelu
@@ -170,7 +170,7 @@ def check_output_file(flag: str, path: str, protected: Optional[str] = None) -> 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: its folder does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if cannot_write_in(folder) is not None or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path}: cannot be written")
 
 

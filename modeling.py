@@ -17,6 +17,7 @@
 import functools
 import glob
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -89,7 +90,7 @@ def load_base_model(model_id: str, log, weights_from: Optional[str] = None,
 
         try:
             model, info = AutoModelForCausalLM.from_pretrained(model_id, dtype=weights_dtype, output_loading_info=True)
-        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
             raise ModelLoadError(f"model {model_id}: its weights do not load ({first_line(e)})") from None
         missing = sorted(info["missing_keys"])
         if missing and weights_from is None:

@@ -52,7 +52,6 @@ import glob
 import os
 import re
 import socket
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -62,7 +61,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 import checkpoint
-from cli import UserError, first_line, reports_errors
+from cli import UserError, cannot_write_in, first_line, reports_errors
 from coconut import context_length, unsupported_model
 from dataset import check_piecewise, check_special_text
 from distributed import transformer_blocks
@@ -210,21 +209,54 @@ def resolve_model(key: str, name: str) -> object:
         raise UserError(f"{key} {name}: the model's config does not load ({first_line(e)})") from None
 
 
+LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts: the weights were never pulled
+
+
 def check_weight_files(key: str, name: str) -> None:
-    """The safetensors weight files of a local model folder are whole: their headers
-    parse and cover each file (a copy cut short, a file of something else). Reads the
+    """The weight files of a local model folder hold weights: safetensors headers parse and
+    cover each file (a copy cut short, a file of something else); a PyTorch file (.bin,
+    .pt, .pth) starts as torch.save writes one; neither is a Git LFS pointer. Reads the
     headers only."""
     if not os.path.isdir(name):
         return
     from safetensors import SafetensorError, safe_open
 
+    def refuse(path, why):
+        return UserError(f"{key} {name}: its weights file {os.path.basename(path)} {why}")
+
     for path in sorted(glob.glob(os.path.join(glob.escape(name), "*.safetensors"))):
+        if _starts_with(path, LFS_POINTER):
+            raise refuse(path, "is a Git LFS pointer, not the weights (git lfs pull fetches them)")
         try:
             with safe_open(path, framework="pt"):
                 pass
         except (SafetensorError, OSError) as e:
-            raise UserError(f"{key} {name}: its weights file {os.path.basename(path)} is damaged "
-                            f"({first_line(e)})") from None
+            raise refuse(path, f"is damaged ({first_line(e)})") from None
+    for pattern in ("*.bin", "*.pt", "*.pth"):
+        for path in sorted(glob.glob(os.path.join(glob.escape(name), pattern))):
+            if _starts_with(path, LFS_POINTER):
+                raise refuse(path, "is a Git LFS pointer, not the weights (git lfs pull fetches them)")
+            if not _is_torch_file(path):
+                raise refuse(path, "is not a PyTorch weights file (torch.save writes a zip archive)")
+
+
+def _starts_with(path: str, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False  # what cannot be read is named where it is loaded
+
+
+def _is_torch_file(path: str) -> bool:
+    """torch.save's zip archive, or the legacy formats torch.load still reads: a pickle
+    (protocol 2 or later starts with 0x80) or a tar archive."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(263)
+    except OSError:
+        return True  # what cannot be read is named where it is loaded
+    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80") or head[257:262] == b"ustar"
 
 
 def check_hub(key: str, name: str) -> None:
@@ -572,9 +604,9 @@ def check_writable(config) -> None:
     folder = config.save_dir
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
     except OSError as e:
-        raise UserError(f"save_path {config.save_path}: cannot write checkpoints into {folder} "
-                        f"({e.strerror or type(e).__name__})") from None
+        why = e.strerror or type(e).__name__
+    else:
+        why = cannot_write_in(folder)
+    if why is not None:
+        raise UserError(f"save_path {config.save_path}: cannot write checkpoints into {folder} ({why})")

@@ -106,9 +106,16 @@ def clear(save_dir: str, warn: Callable[[str], object] = print) -> None:
     """Empty `save_dir` while holding its lock and that of every run folder inside it
     (RunFolderBusy, nothing removed, if a run holds one): `rm -rf` would pull a folder
     from under a live run, which would go on writing into a folder the next run then
-    shares with it. A missing folder stays missing."""
-    if not os.path.isdir(save_dir):
+    shares with it. A missing folder stays missing. Only a run folder (one holding
+    LOCK_NAME, which every run makes first) or an empty one is emptied: a slip such as
+    `checkpoints` for `checkpoints/demo`, or a project folder, is refused (UserError)."""
+    if not os.path.lexists(save_dir):
         return
+    if not os.path.isdir(save_dir):
+        raise UserError(f"{save_dir}: is a file, not a run folder; nothing removed")
+    if os.listdir(save_dir) and not os.path.isfile(lock_path(save_dir)):
+        raise UserError(f"{save_dir}: is not a run folder (no {LOCK_NAME}: no run of run.py has used it); "
+                        "nothing removed")
     run_folders = [save_dir] + [folder for folder, _, files in os.walk(save_dir)
                                 if LOCK_NAME in files and folder != save_dir]
     with contextlib.ExitStack() as held:

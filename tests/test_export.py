@@ -154,6 +154,10 @@ def test_export_bad_input_is_one_line_exit_2(tiny, tiny_cot, tmp_path, capsys):
     moved_model = str(tmp_path / "moved.yaml")
     with open(moved_model, "w") as f:
         yaml.safe_dump({**keys, "model_id": str(tmp_path / "no_such_model")}, f)
+    shutil.copytree(keys["model_id"], tmp_path / "lfs_model")
+    (tmp_path / "lfs_model" / "pytorch_model.bin").write_text("version https://git-lfs.github.com/spec/v1\n")
+    lfs_model = str(tmp_path / "lfs.yaml")
+    write_yaml(lfs_model, {**keys, "model_id": str(tmp_path / "lfs_model")})
     cases = [
         [tiny.config, str(tmp_path / "missing"), str(tmp_path / "o1")],  # no checkpoint
         [str(tmp_path / "missing.yaml"), tiny.checkpoint, str(tmp_path / "o2")],  # no config
@@ -161,6 +165,9 @@ def test_export_bad_input_is_one_line_exit_2(tiny, tiny_cot, tmp_path, capsys):
         [tiny.config, tiny.checkpoint, str(tmp_path / "afile" / "o4")],  # a folder under a file
         [moved_model, tiny.checkpoint, str(tmp_path / "o5")],  # model_id a folder that is not there
         [tiny.config, str(tmp_path / "checkpoint_1.state"), str(tmp_path / "o6")],  # the state folder
+        # a folder no file can be made in (root's os.access says it can: it failed after the build)
+        [tiny.config, tiny.checkpoint, "/proc/coconut-no-such-folder/o7"],
+        [lfs_model, tiny.checkpoint, str(tmp_path / "o8")],  # model_id a clone without git lfs
     ]
     (tmp_path / "afile").write_text("")
     (tmp_path / "checkpoint_1.state").mkdir()
@@ -175,6 +182,8 @@ def test_export_bad_input_is_one_line_exit_2(tiny, tiny_cot, tmp_path, capsys):
     assert "o4: cannot be made" in said[3] and "afile is a file" in said[3]
     assert f"model_id {tmp_path / 'no_such_model'}: no such folder" in said[4]
     assert "checkpoint_1.state: is a folder, not a checkpoint file (the weights are checkpoint_N" in said[5]
+    assert "o7: cannot be written, /proc is not writable" in said[6]
+    assert "pytorch_model.bin is a Git LFS pointer, not the weights" in said[7]
 
 
 def test_export_never_writes_over_the_model_it_started_from_or_other_files(tiny, tmp_path, capsys):

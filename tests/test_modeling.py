@@ -235,7 +235,8 @@ def test_the_run_fuses_gelu_unless_told_not_to(gpt2_folder, fused):
     assert activations == {GELUTanh if fused else NewGELUActivation}
 
 
-@pytest.mark.parametrize("damage", ["more layers in config.json", "another width in config.json", "truncated weights"])
+@pytest.mark.parametrize("damage", ["more layers in config.json", "another width in config.json", "truncated weights",
+                                    "a pickle that is not torch's"])
 def test_a_model_folder_whose_weights_do_not_fit_its_config_is_one_line(gpt2_folder, tmp_path, damage):
     """transformers would train the missing layers from random values with a report, or
     stop with a traceback: ModelLoadError names the folder, before any training."""
@@ -255,9 +256,13 @@ def test_a_model_folder_whose_weights_do_not_fit_its_config_is_one_line(gpt2_fol
     elif damage == "another width in config.json":
         config_file.write_text(json.dumps({**config, "n_embd": 2 * config["n_embd"]}))
         expected = "its weights do not load ("
-    else:
+    elif damage == "truncated weights":
         weights = folder / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        expected = "its weights do not load ("
+    else:  # starts as a legacy torch file, passes the pre-flight's look at its first bytes; torch.load refuses it
+        (folder / "model.safetensors").unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x02not a pickle of tensors")
         expected = "its weights do not load ("
     with pytest.raises(ModelLoadError) as error:
         build_model(config_for(str(folder), coconut=True), None, None, silent)

@@ -353,6 +353,9 @@ def test_a_mamba_model_stops_the_run_before_it_trains_an_epoch(tmp_path, gpt2_fo
     ("bert", "bert is an encoder (bidirectional attention, is_decoder False)"),  # failed after the build
     ("bert-generation", "bert-generation is an encoder (bidirectional attention, is_decoder False)"),
     ("damaged_weights", "its weights file model.safetensors is damaged (Error while deserializing header"),
+    ("lfs_pointer_bin", "its weights file pytorch_model.bin is a Git LFS pointer, not the weights"),
+    ("lfs_pointer_safetensors", "its weights file model.safetensors is a Git LFS pointer, not the weights"),
+    ("text_bin", "its weights file pytorch_model.bin is not a PyTorch weights file"),
 ])
 def test_a_model_folder_that_cannot_train_is_one_line_before_the_build(tmp_path, gpt2_folder, chain_data, kind,
                                                                          expected):
@@ -373,8 +376,13 @@ def test_a_model_folder_that_cannot_train_is_one_line_before_the_build(tmp_path,
         encoder = BertConfig if kind == "bert" else BertGenerationConfig
         settings = encoder(vocab_size=settings["vocab_size"], hidden_size=32, num_hidden_layers=1,
                            num_attention_heads=2, intermediate_size=64).to_dict()
-    else:
+    elif kind == "damaged_weights":
         (folder / "model.safetensors").write_bytes(b"a copy cut short")
+    elif kind.startswith("lfs_pointer"):  # a clone without git lfs: the weights' pointer files
+        name = "pytorch_model.bin" if kind.endswith("bin") else "model.safetensors"
+        (folder / name).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 548105171\n")
+    else:
+        (folder / "pytorch_model.bin").write_text("<html>a download's error page</html>")
     (folder / "config.json").write_text(json.dumps(settings))
     cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=str(folder))
     assert_fails(tmp_path, [cfg], f"model_id {folder}: {expected}")
@@ -811,12 +819,34 @@ def test_clearing_a_run_folder_removes_nothing_under_a_live_run(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"run folder {save_dir} is in use by another run (pid {os.getpid()} on " in err
     assert sorted(os.listdir(save_dir)) == sorted([runlock.LOCK_NAME, "checkpoint_1", "checkpoint_1.state"])
-    with runlock.hold(str(save_dir)):  # a live run inside the folder named: its parent is not emptied either
-        assert runlock.main(["--clear", str(tmp_path)]) == 2
+    nested = save_dir / "inner"  # a live run in a run folder inside the one named: not emptied either
+    nested.mkdir()
+    with runlock.hold(str(nested)):
+        assert runlock.main(["--clear", str(save_dir)]) == 2
     assert "is in use by another run" in capsys.readouterr().err and (save_dir / "checkpoint_1").exists()
     assert runlock.main(["--clear", str(save_dir)]) == 0
     assert os.listdir(save_dir) == [runlock.LOCK_NAME]
     assert runlock.main(["--clear", str(tmp_path / "missing")]) == 0 and not (tmp_path / "missing").exists()
+
+
+def test_clearing_refuses_what_is_not_a_run_folder(tmp_path, capsys):
+    """`--clear checkpoints` for `checkpoints/demo`, or a project folder: a folder no run
+    has used (no lock file) keeps every file, with one line and exit 2; so does a file.
+    An empty folder is a run folder not yet used."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "train.json").write_text("[]")
+    (project / "run").mkdir()
+    with runlock.hold(str(project / "run")):
+        pass  # a run folder inside: the parent is still not one
+    (tmp_path / "notes.txt").write_text("notes")
+    for target, says in ((project, "is not a run folder (no .run.lock"), (tmp_path / "notes.txt", "is a file")):
+        assert runlock.main(["--clear", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{target}: {says}" in err and "nothing removed" in err, err
+    assert (project / "data" / "train.json").exists() and (tmp_path / "notes.txt").exists()
+    (tmp_path / "empty").mkdir()
+    assert runlock.main(["--clear", str(tmp_path / "empty")]) == 0
 
 
 def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
