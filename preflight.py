@@ -61,6 +61,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 import checkpoint
+import wandb_setup
 from cli import UserError, cannot_write_in, first_line, reports_errors
 from coconut import context_length, unsupported_model
 from dataset import check_piecewise, check_special_text
@@ -90,6 +91,7 @@ def check(config, data: dict, saves: bool) -> Preflight:
     saves: this process writes the run's checkpoints (rank 0 of a run that saves).
     """
     check_run_keys(config)
+    wandb_setup.check_mode(config)
     check_data_present(config, data)
     check_device()
     key, name = model_source(config)

@@ -9,7 +9,6 @@ describes (if any), builds a `TrainingRun` and runs every epoch from the resume 
         train, save checkpoint_{epoch+1}, validation loss, generation accuracy
 """
 
-import os
 from typing import Optional
 
 import torch
@@ -23,6 +22,7 @@ from evaluate import generation_accuracy, loss_only, report, validation_loss
 from layout import PromptLayout
 from startup import Start, build_and_place, evaluation_decoder, find_start, launch_record
 from utils import DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE, set_seed
+from wandb_setup import init_wandb
 
 # .state files (AdamW's moments: twice the model's size) kept for the newest checkpoints
 # only: the resume point and the one it falls back to if that does not load
@@ -38,53 +38,6 @@ def log_on(env):
 
 
 # ------------------------------------------------------------------ setup
-def init_wandb(config, env, log):
-    if not env.is_main or config.debug or config.only_eval:
-        return None
-    import wandb
-
-    if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
-        os.environ["WANDB_MODE"] = "offline"
-        log("wandb: not logged in and WANDB_MODE unset, logging offline (run `wandb login` or set WANDB_MODE)")
-    # one wandb run per run folder: a relaunch continues its curves instead of starting another run
-    return wandb.init(project=config.project, name=config.name, config=config.to_dict(),
-                      id=checkpoint.wandb_run_id(config.save_dir), resume="allow")
-
-
-def _wandb_logged_in() -> bool:
-    """Whether wandb finds credentials without a prompt, looked up as wandb does: an API
-    key or identity token file in the environment, else the netrc file (NETRC, else
-    ~/.netrc, else ~/_netrc: the first that exists) entry of the W&B server
-    (WANDB_BASE_URL, else the base_url `wandb login --host` keeps in its settings file,
-    else api.wandb.ai), named with its port when it has one."""
-    import netrc
-    from urllib.parse import urlparse
-
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    server = urlparse(os.environ.get("WANDB_BASE_URL") or _wandb_settings_base_url() or "https://api.wandb.ai")
-    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
-    paths = [path for path in map(os.path.expanduser, candidates) if os.path.exists(path)]
-    try:
-        entries = netrc.netrc(paths[0]) if paths else None
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return entries is not None and any(entries.authenticators(machine) for machine in {server.netloc, server.hostname})
-
-
-def _wandb_settings_base_url():
-    """The server `wandb login --host URL` recorded in wandb's settings file, if any."""
-    import configparser
-
-    folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
-    settings = configparser.ConfigParser()
-    try:
-        settings.read(os.path.join(os.path.expanduser(folder), "settings"))
-        return settings.get("default", "base_url", fallback=None)
-    except configparser.Error:
-        return None
-
-
 # ------------------------------------------------------------------ data per stage
 class Stager:
     """The staged data sets of DESIGN §2 for one run: train, validation loss, questions."""

@@ -22,6 +22,7 @@ import yaml
 
 import startup
 import trainer
+import wandb_setup
 from builders import (ACC_RE, COT_RE, FULL_RE, PREFIX, REPO, RUN_PY, acc_lines, assert_same_tensors,
                       assert_same_values, epochs_started, free_port, keys_for, load, makefile_demo_data_args,
                       makefile_variable, run_in_process, run_sub, sub_env, write_cfg)
@@ -874,7 +875,28 @@ def test_wandb_credentials_are_found_where_wandb_looks_for_them(tmp_path, monkey
         monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))
     elif case == "unreadable netrc":
         (tmp_path / ".netrc").mkdir()
-    assert trainer._wandb_logged_in() is logged_in
+    assert wandb_setup.logged_in() is logged_in
+
+
+@pytest.mark.parametrize("mode, says", [
+    ("disable", "WANDB_MODE 'disable' is not a wandb mode (online, offline, disabled"),
+    ("online", "WANDB_MODE 'online' but wandb finds no credentials"),
+])
+def test_a_wandb_mode_wandb_would_refuse_is_one_line_before_the_build(tmp_path, gpt2_folder, chain_data, mode, says):
+    """wandb.init refused it with a traceback after the model was built and the data
+    tokenized (a typo, or online without `wandb login`); only_eval and debug runs do not
+    log, so the mode is theirs to ignore."""
+    keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "wandb", coconut=True, num_epochs=1, debug=False)
+    cfg = write_cfg(tmp_path / "cfg.yaml", keys)
+    env = sub_env(HOME=str(tmp_path), WANDB_MODE=mode)
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        env.pop(key, None)
+    proc = run_sub([RUN_PY, cfg], env=env, cwd=tmp_path, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {says}"), proc.stderr[-2000:]
+    assert "pre-flight checks passed" not in proc.stdout and not (tmp_path / "ckpt" / "wandb").exists()
+    proc = run_sub([RUN_PY, cfg, "debug=True"], env=env, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_a_relaunched_run_logs_to_the_same_wandb_run(tmp_path, gpt2_folder, chain_data, monkeypatch):
