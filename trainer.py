@@ -9,6 +9,7 @@ describes (if any), builds a `TrainingRun` and runs every epoch from the resume 
         train, save checkpoint_{epoch+1}, validation loss, generation accuracy
 """
 
+import os
 from typing import Optional
 
 import torch
@@ -119,6 +120,8 @@ class TrainingRun:
         """The evaluation of an epoch whose checkpoint was saved before the run stopped,
         as the run would have done it: its lines, its accuracy in the best and the record."""
         self.log(f"checkpoint_{epoch + 1} was saved but its epoch's evaluation did not finish: evaluating it first")
+        if self.saving and self.env.is_main:  # the stop may have come before its save dropped the old .state
+            keep_newest_states(os.path.dirname(self.start.model_path))
         set_seed(self.config.seed + epoch)
         self.finish_epoch(epoch, self.validate(self.config.scheduled_stage(epoch), epoch), saved=True)
 
@@ -298,9 +301,14 @@ def save_run_state(model, optimizer, save_dir: str, epoch_done: int, best_acc: f
                                sharded, is_main=env.is_main, barrier=lambda: distributed.barrier(env))
     del model_state
     if env.is_main:
-        newest = checkpoint.list_checkpoints(save_dir)[-STATES_KEPT:]
-        checkpoint.prune_train_states(save_dir, {epoch_done, *newest})
+        keep_newest_states(save_dir, epoch_done)
     distributed.barrier(env)
+
+
+def keep_newest_states(save_dir: str, *also: int) -> None:
+    """Drop the .state of every checkpoint in save_dir but the STATES_KEPT newest (and `also`)."""
+    newest = checkpoint.list_checkpoints(save_dir)[-STATES_KEPT:]
+    checkpoint.prune_train_states(save_dir, {*also, *newest})
 
 
 def main(config, data) -> int:

@@ -582,6 +582,9 @@ def test_a_checkpoint_saved_before_a_kill_in_its_evaluation_is_evaluated_on_rela
     saved = torch.load(plain, weights_only=True)
     assert saved["evaluated"] is True
     atomic_torch_save({**saved, "evaluated": False}, plain)
+    # and the .state of an older checkpoint, which the save would have dropped next
+    shutil.copy(save_dir / "checkpoint_1", save_dir / "checkpoint_0")
+    shutil.copytree(save_dir / "checkpoint_1.state", save_dir / "checkpoint_0.state")
     keys = yaml.safe_load(open(coconut_run["cfg"]))
     cfg = write_cfg(tmp_path / "cfg.yaml", {**keys, "save_path": str(tmp_path / "ckpt")})
     rc, out, err = run_in_process(cfg)
@@ -590,6 +593,8 @@ def test_a_checkpoint_saved_before_a_kill_in_its_evaluation_is_evaluated_on_rela
     assert ACC_RE.findall(out) == ACC_RE.findall(coconut_run["out"])[-1:] and epochs_started(err) == []
     assert json.loads((save_dir / "progress.json").read_text()) == record
     assert torch.load(plain, weights_only=True) == saved
+    assert not (save_dir / "checkpoint_0.state").exists() and (save_dir / "checkpoint_1.state").is_dir()
+    assert (save_dir / "checkpoint_0").is_file()  # model files stay
     rc, out, _ = run_in_process(cfg)
     assert rc == 0 and "this run is finished" in out and not ACC_RE.findall(out)
 
