@@ -317,7 +317,7 @@ def _write_state_folder(folder: str, epoch: int, plain: dict, sharded_state, is_
     written theirs) and rank 0's train_state.pt, all fsynced."""
     if sharded_state is not None:
         writer = dcp.FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
-        with _lone_process_quiet():
+        with _lone_process_quiet(), _interrupts_as_they_are():
             dcp.save(dict(sharded_state), storage_writer=writer, no_dist=_no_dist())
     if is_main:
         os.makedirs(folder, exist_ok=True)
@@ -591,7 +591,7 @@ def load_sharded(state: ShardedState, template: Any) -> Any:
     wrapped = {state.key: template}
     check_sharded_fits(state, template)
     try:
-        with _lone_process_quiet():
+        with _lone_process_quiet(), _interrupts_as_they_are():
             dcp.load(wrapped, storage_reader=SafeReader(state.path), planner=SafeLoadPlanner(), no_dist=_no_dist())
     except (CheckpointException, Exception) as e:  # DCP's own is a BaseException; every process gets one
         raise CheckpointError(state.path, f"its {state.key} could not be loaded ({_dcp_failure(e)})") from None
@@ -628,6 +628,19 @@ def _dcp_failure(error: BaseException) -> str:
     if isinstance(error, CheckpointException) and error.failures:
         error = next(iter(error.failures.values()))[0]
     return f"{type(error).__name__}: {first_line(error)}"
+
+
+@contextlib.contextmanager
+def _interrupts_as_they_are():
+    """A Ctrl-C inside DCP's save or load is a KeyboardInterrupt again: DCP wraps every
+    process's exception, that one included, into its CheckpointException, which the
+    scripts' Ctrl-C handling (one line, `interrupted`, exit 130) would not recognise."""
+    try:
+        yield
+    except CheckpointException as e:
+        if any(isinstance(failure[0], KeyboardInterrupt) for failure in e.failures.values()):
+            raise KeyboardInterrupt from None
+        raise
 
 
 @contextlib.contextmanager

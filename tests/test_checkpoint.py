@@ -561,6 +561,25 @@ def test_crash_while_writing_the_sharded_state(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_1", "checkpoint_1.state", "checkpoint_2", "checkpoint_2.state"]
 
 
+def test_ctrl_c_inside_dcp_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """DCP wraps a Ctrl-C met in its writer (or reader) into its CheckpointException, which
+    the scripts' Ctrl-C handling (`interrupted`, exit 130) did not know: a traceback and
+    exit 1. The save and the load raise KeyboardInterrupt again."""
+    from safe_dcp import SafeReader
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    save_checkpoint(tmp_path, 1, model_state(1), train_state(epoch=1), sharded(1))
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.dcp.FileSystemWriter, "write_data", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path, 2, model_state(2), train_state(epoch=2), sharded(2))
+    monkeypatch.setattr(SafeReader, "read_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_sharded(load_train_state(tmp_path, 1)["marker"], {"value": torch.zeros(3)})
+
+
 def test_save_removes_leftover_temp_files(tmp_path):
     leftovers = [".checkpoint_3.tmp-123-abcd", ".checkpoint_3.state.tmp-123-beef", ".progress.json.tmp-123-cafe"]
     for name in leftovers:
