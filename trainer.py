@@ -264,6 +264,11 @@ def new_optimizer(model, config, start: Start, epoch: int, env, log):
             except checkpoint.StateMismatch as e:  # another model's parameters, say: every process gets it
                 log(f"{e}: starting a new AdamW")
                 return fresh()  # not the one the failed restore gave DCP's zero moments
+            except checkpoint.CheckpointError as e:  # damaged inside (the resume check reads only sizes)
+                # the weights are loaded by now, so no stepping back to the checkpoint before
+                # it here: say how to, rather than train on with a new AdamW unannounced
+                raise UserError(f"{e}; to resume from the checkpoint before it, move {start.model_path} and its "
+                                f"{checkpoint.STATE_SUFFIX} out of the run folder") from None
             log(f"restored the optimizer state of epoch {epoch}")
             apply_config_hyperparameters(optimizer, config, log)
         elif "epoch" in resumed:  # its .state holds no optimizer: its own run's rule started a new one here

@@ -230,13 +230,14 @@ def test_an_optimizer_state_that_cannot_be_read_stops_the_run_with_one_line(tmp_
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(dcp.FileSystemReader, "read_data", unreadable)
-    resume = startup.Start(epoch=1, train_state=checkpoint.load_train_state(tmp_path, 1))
+    resume = startup.Start(epoch=1, model_path=str(tmp_path / "checkpoint_1"),
+                           train_state=checkpoint.load_train_state(tmp_path, 1))
     config = run_config("unused", "unused", reset_optimizer=False)
-    with pytest.raises(checkpoint.CheckpointError) as stopped:
+    with pytest.raises(distributed.UserError) as stopped:
         trainer.new_optimizer(model, config, resume, 1, DistEnv(), print)
-    assert not isinstance(stopped.value, checkpoint.StateMismatch)
     assert str(stopped.value) == (f"checkpoint {tmp_path / 'checkpoint_1.state'}: its optimizer could not be loaded "
-                                  "(OSError: [Errno 5] Input/output error)")
+                                  f"(OSError: [Errno 5] Input/output error); to resume from the checkpoint before it, "
+                                  f"move {tmp_path / 'checkpoint_1'} and its .state out of the run folder")
 
 
 @pytest.mark.parametrize("train_state, said", [
