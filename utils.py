@@ -343,11 +343,15 @@ def extract_answer(text: str) -> str:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key written twice (PyYAML silently keeps the last)."""
+    """SafeLoader that rejects a key written twice (PyYAML silently keeps the last). A
+    merge key (`<<: *defaults`) is YAML's own way to repeat keys, and its keys yield to
+    the mapping's own: it is left to PyYAML."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, Hashable):
                 raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value", key_node.start_mark)

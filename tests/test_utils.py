@@ -372,6 +372,20 @@ def test_key_written_twice_is_rejected(tmp_path):
         load_config(write(tmp_path, text))
 
 
+def test_yaml_merge_keys_load_as_yaml_says(tmp_path):
+    """`<<:` merges a mapping's keys into this one, its own keys winning: valid YAML that
+    the duplicate-key check refused as "invalid YAML"; the same keys as PyYAML's own
+    safe_load gives, and a key written twice beside a merge is still refused."""
+    import yaml
+
+    text = PROSQA_COCONUT_YAML + "<<: {lr: 0.5, max_new_tokens: 40}\n"  # lr is the file's own too
+    config = load_config(write(tmp_path, text))
+    merged = yaml.safe_load(text)
+    assert (config.lr, config.max_new_tokens) == (merged["lr"], merged["max_new_tokens"]) == (1e-4, 40)
+    with pytest.raises(ConfigError, match="key 'mixed_precision' appears twice"):
+        load_config(write(tmp_path, text + "mixed_precision: bf16\nmixed_precision: fp16\n"))
+
+
 def test_a_key_that_is_not_a_plain_value_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="x.yaml: invalid YAML: a key must be a plain value at line 1"):
         load_config(write(tmp_path, "? [a, b]\n: 1\n" + PROSQA_COCONUT_YAML))
