@@ -103,6 +103,9 @@ class Graph:
 
 # ---------------------------------------------------------------- sampling
 
+MAX_MEAN_IN_NODES = 10
+
+
 def poisson(rng, mean):
     """Knuth's Poisson sampler (small means only)."""
     limit, k, p = math.exp(-mean), 0, rng.random()
@@ -345,6 +348,10 @@ def check_args(parser, args):
         parser.error("--max_people must be at least 2")
     if args.min_steps > args.num_nodes - 2:
         parser.error("--min_steps cannot exceed --num_nodes - 2")
+    # 0 grows no edges (no answer ever); the sampler loops about `mean` times a draw, and a
+    # node has fewer possible in-nodes than the graph's nodes anyway
+    if not 0 < args.mean_in_nodes <= MAX_MEAN_IN_NODES:  # NaN fails too
+        parser.error(f"--mean_in_nodes must be above 0 and at most {MAX_MEAN_IN_NODES}")
 
 
 def write_splits(args, opts):

@@ -187,11 +187,19 @@ def test_split_defaults_are_the_published_sizes():
     ["--output", "x.json", "--min_steps", "5", "--max_steps", "4"],
     ["--split", "--split_sizes", "10,20"],
     ["--output", "x.json", "--num_nodes", "200"],
+    # no edges at all (no answer in 100,000 tries, blamed on --num_nodes), NaN, and means that
+    # looked hung for minutes before the same error
+    ["--output", "x.json", "--mean_in_nodes", "0"],
+    ["--output", "x.json", "--mean_in_nodes", "nan"],
+    ["--output", "x.json", "--mean_in_nodes", "100"],
+    ["--output", "x.json", "--mean_in_nodes", "inf"],
 ])
-def test_cli_rejects_bad_arguments(argv):
+def test_cli_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as err:
         prosqa.main(argv)
     assert err.value.code == 2
+    if "--mean_in_nodes" in argv:
+        assert "--mean_in_nodes must be above 0 and at most 10" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", [prosqa, prosqa_stats])
