@@ -61,6 +61,8 @@ def convert_file(src, dst):
                 examples.append(parse_line(line))
             except MalformedLine as err:
                 raise MalformedLine(f"{src}:{number}: malformed line: {err}") from None
+    if not examples:  # an empty download, say: run.py would refuse the file only later
+        raise MalformedLine(f"{src}: holds no examples (only blank lines, or nothing)")
     folder = os.path.dirname(dst)
     if folder:
         os.makedirs(folder, exist_ok=True)

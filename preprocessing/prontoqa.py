@@ -65,6 +65,8 @@ def convert(raw):
     """The raw object -> examples in file order."""
     if not isinstance(raw, dict):
         raise MalformedEntry("the file must hold a JSON object of id -> entry")
+    if not raw:
+        raise MalformedEntry("the file holds no entries (an empty JSON object)")
     return [convert_entry(key, entry) for key, entry in raw.items()]
 
 

@@ -63,6 +63,15 @@ def test_malformed_line_reports_file_and_line(tmp_path, capsys):
     assert not (tmp_path / "o.json").exists()
 
 
+def test_a_file_without_examples_is_one_line_not_an_empty_data_set(tmp_path, capsys):
+    """An empty or blank download wrote `[]` and said it wrote 0 examples, exit 0."""
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    assert gsm_icot.main(["--input", str(blank), "--output", str(tmp_path / "o.json")]) == 2
+    assert capsys.readouterr().err == f"{blank}: holds no examples (only blank lines, or nothing)\n"
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_unknown_split_and_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         gsm_icot.main(["dev"])

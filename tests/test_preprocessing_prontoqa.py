@@ -63,6 +63,14 @@ def test_malformed_entry_is_reported(tmp_path, capsys, raw, key):
     assert not (tmp_path / "prontoqa_train.json").exists()
 
 
+def test_a_file_without_entries_is_one_line_not_three_empty_splits(tmp_path, capsys):
+    empty = tmp_path / "raw.json"
+    empty.write_text("{}")
+    assert prontoqa.main(["--input", str(empty), "--output_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"{empty}: the file holds no entries (an empty JSON object)\n"
+    assert not (tmp_path / "prontoqa_train.json").exists()
+
+
 def test_a_file_that_is_not_utf8_text_is_one_line(tmp_path, capsys):
     compressed = tmp_path / "5hop.json.gz"
     compressed.write_bytes(__import__("gzip").compress(b"{}"))
