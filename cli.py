@@ -12,6 +12,7 @@
 - `OneLineParser`: argparse whose usage errors are one line, exit status 2.
 - `read_json_list`: a non-empty JSON list from a file, or a UserError.
 - `cannot_write_in(folder)`: why a file cannot be created in a folder, by trying.
+- `write_json(path, data)`: a JSON file written whole or not at all (the data scripts).
 
 Standard library only, so a script can fail fast before torch is imported.
 """
@@ -139,6 +140,35 @@ def cannot_write_in(folder: str):
     except OSError as e:
         return e.strerror or type(e).__name__
     return None
+
+
+def write_json(path: str, data, **dump_options) -> None:
+    """`data` as JSON at `path`, creating its folder; written to a temporary file beside
+    it and renamed, so a stopped or failed write leaves no half a file under the name.
+    An OSError names `path` (not the temporary file)."""
+    folder = os.path.dirname(path)
+    try:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder or ".")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, **dump_options)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600: as open() would have made it
+        os.replace(temporary, path)
+    except BaseException as e:
+        os.unlink(temporary)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def quiet_transformers() -> None:

@@ -15,14 +15,13 @@ on stderr and exit status 2.
 """
 
 import argparse
-import json
 import os
 import sys
 
 if __name__ == "__main__":  # run as a script: the repository root holds our modules
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cli import OneLineParser  # noqa: E402 - usage errors in one line, as the other scripts
+from cli import OneLineParser, write_json  # noqa: E402 - usage errors in one line, as the other scripts
 
 SPLITS = ("train", "valid", "test")
 QUESTION_SEP = "||"
@@ -63,11 +62,7 @@ def convert_file(src, dst):
                 raise MalformedLine(f"{src}:{number}: malformed line: {err}") from None
     if not examples:  # an empty download, say: run.py would refuse the file only later
         raise MalformedLine(f"{src}: holds no examples (only blank lines, or nothing)")
-    folder = os.path.dirname(dst)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(dst, "w", encoding="utf-8") as f:
-        json.dump(examples, f)
+    write_json(dst, examples)
     return len(examples)
 
 

@@ -29,7 +29,7 @@ import sys
 if __name__ == "__main__":  # run as a script: the repository root holds our modules
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cli import OneLineParser  # noqa: E402 - usage errors in one line, as the other scripts
+from cli import OneLineParser, write_json  # noqa: E402 - usage errors in one line, as the other scripts
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -106,8 +106,7 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
         for name, part in zip(SPLIT_NAMES, split(examples, args.train_size, args.valid_size)):
             path = os.path.join(args.output_dir, f"prontoqa_{name}.json")
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(part, f)
+            write_json(path, part)
             print(f"wrote {len(part)} examples to {path}")
     except OSError as err:  # --output_dir a file, or not writable
         print(f"{err.filename}: {err.strerror}", file=sys.stderr)

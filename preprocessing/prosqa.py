@@ -43,7 +43,6 @@ validation set (compare with `python preprocessing/prosqa_stats.py`):
 """
 
 import argparse
-import json
 import math
 import os
 import random
@@ -53,7 +52,7 @@ from dataclasses import dataclass
 if __name__ == "__main__":  # run as a script: the repository root holds our modules
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cli import OneLineParser  # noqa: E402 - usage errors in one line, as the other scripts
+from cli import OneLineParser, write_json  # noqa: E402 - usage errors in one line, as the other scripts
 
 NAMES = [
     "Alex", "Bob", "Carol", "Davis", "Eva", "Fae", "Gabriel", "Jack", "Max",
@@ -290,15 +289,6 @@ def generate(num_examples, seed, opts=Options()):
 
 
 # ---------------------------------------------------------------- command line
-
-def write_json(path, data):
-    """Write data as one JSON list, creating the folder."""
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f)
-
 
 def parse_sizes(text):
     """'17886,300,500' -> (17886, 300, 500)."""

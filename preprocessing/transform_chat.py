@@ -44,7 +44,8 @@ from tqdm import tqdm
 if __name__ == "__main__":  # run as a script: the repository root holds our modules
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cli import OneLineParser  # noqa: E402 - usage errors in one line, as the other scripts
+from cli import OneLineParser, write_json  # noqa: E402 - usage errors in one line, as the other scripts
+from layout import is_text  # noqa: E402
 
 SUMMARY_MARKER = re.compile(r"In summary[:,]")
 OPEN_TAG = r"<(?P<open>[A-Za-z][\w.:-]*)(?:\s[^<>]*)?(?<!/)>"
@@ -254,7 +255,10 @@ def convert_line(line, nlp, min_steps=MIN_STEPS):
     if len(users) > 1:  # the last assistant message answers the last question, not the first
         raise Skip("more than one user message")
     question = content_text(users[0].get("content")).strip()
-    trace, answer = split_summary(content_text(assistants[-1].get("content")))
+    reply = content_text(assistants[-1].get("content"))
+    if not (is_text(question) and is_text(reply)):  # a lone surrogate: JSON allows it, UTF-8 does not
+        raise Skip("malformed")
+    trace, answer = split_summary(reply)
     if not question:
         raise Skip("malformed")
     if not answer:
@@ -343,11 +347,7 @@ def main(argv=None):
         print(f"{args.input}: not UTF-8 text (a compressed file?)", file=sys.stderr)
         return 2
     try:
-        folder = os.path.dirname(args.output)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(examples, f, ensure_ascii=False)
+        write_json(args.output, examples, ensure_ascii=False)
     except OSError as err:  # a folder under a file, or not writable
         print(f"{err.filename}: {err.strerror}", file=sys.stderr)
         return 2

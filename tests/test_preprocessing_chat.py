@@ -155,6 +155,39 @@ def test_empty_answer_and_nothing_kept(tmp_path, capsys):
     assert json.loads((tmp_path / "o.json").read_text()) == []
 
 
+def test_a_lone_surrogate_is_a_malformed_line_not_half_a_file(tmp_path, capsys):
+    """JSON allows "\\ud800" (half an emoji), UTF-8 does not: writing the output crashed
+    with a traceback and left `[{"question": ` under the output's name."""
+    src = tmp_path / "in.jsonl"
+    good = {"messages": [{"role": "user", "content": "Q?"},
+                         {"role": "assistant", "content": "First add two. Then add two more. In summary: 4"}]}
+    in_question = {"messages": [{"role": "user", "content": "Q\ud800"}, good["messages"][1]]}
+    in_reply = {"messages": [good["messages"][0], {"role": "assistant", "content": "One \udfff. Two. In summary: 4"}]}
+    src.write_text("\n".join(json.dumps(r) for r in (in_question, good, in_reply)) + "\n")
+    out = tmp_path / "o.json"
+    assert tc.main(["--input", str(src), "--output", str(out), "--no_progress"]) == 0
+    assert "malformed: 2 (lines 1, 3)" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == [tc.convert_line(json.dumps(good), tc.load_pipeline())]
+
+
+def test_an_output_write_that_fails_leaves_no_half_file(tmp_path, monkeypatch, capsys):
+    """The JSON goes to a temporary file renamed onto the name when whole (cli.write_json);
+    the error names the output."""
+    import cli
+
+    out = tmp_path / "o.json"
+    out.write_text("[]")  # an earlier output stays as it was
+
+    def failing_dump(data, f, **kwargs):
+        f.write('[{"question": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli.json, "dump", failing_dump)
+    assert tc.main(["--input", str(FIXTURE), "--output", str(out), "--no_progress"]) == 2
+    assert os.listdir(tmp_path) == ["o.json"] and out.read_text() == "[]"
+    assert capsys.readouterr().err == f"{out}: No space left on device\n"
+
+
 def test_spacy_model_option_loads_a_saved_pipeline(tmp_path, nlp):
     """--spacy_model takes any installed pipeline name or path (here a saved one)."""
     saved = tmp_path / "pipeline"
