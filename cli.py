@@ -9,7 +9,8 @@
   and the line also goes to torchrun's error file, so its failure report names it.
 - `exit_after_main(status)`: how a script that may have joined a process group ends
   (run.py, and bench scripts that call its main).
-- `OneLineParser`: argparse whose usage errors are one line, exit status 2.
+- `OneLineParser`: argparse whose usage errors are one line, exit status 2;
+  `positive_int` an argument type.
 - `read_json_list`: a non-empty JSON list from a file, or a UserError.
 - `cannot_write_in(folder)`: why a file cannot be created in a folder, by trying.
 - `write_json(path, data)`: a JSON file written whole or not at all (the data scripts).
@@ -111,6 +112,14 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def read_json_list(path: str, items: str) -> list:

@@ -79,6 +79,7 @@ import torch  # noqa: E402
 from bench import fsdp_proxy, host_memory, workload  # noqa: E402
 from bench.host_memory import reset_peak, status_bytes  # noqa: E402
 from bench.naive import DEFAULT_REBUILD, naive_generate_one, naive_train_step_forward  # noqa: E402
+from cli import OneLineParser, positive_int  # noqa: E402
 from coconut import Coconut  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -540,10 +541,10 @@ def host_memory_lines(results) -> list:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, short sequences, 1 repeat (seconds)")
-    parser.add_argument("--repeats", type=int, help="override the number of repeats")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--repeats", type=positive_int, help="override the number of repeats")
+    parser.add_argument("--threads", type=positive_int,
                         help="torch CPU threads (default: torch's choice on an idle machine, 1 on a busy one)")
     parser.add_argument("--naive-rebuild", choices=["unbind", "index"], default=DEFAULT_REBUILD,
                         help="naive training step's per-position list: 'index' is the published code's "
@@ -554,6 +555,8 @@ def main(argv=None):
     parser.add_argument("--setup", choices=["full", "quick"], help=argparse.SUPPRESS)
     parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():  # found when the results are written, after minutes
+        parser.error(f"--out {args.out}: is a file; name the folder for bench.json and step_time.png")
     setup = QUICK if (args.quick or args.setup == "quick") else FULL
     setup = replace(setup, repeats=args.repeats or setup.repeats, naive_rebuild=args.naive_rebuild)
     if args.threads:

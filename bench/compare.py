@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # as a script, sys.path[0] is bench/
     sys.path.insert(0, str(ROOT))
 
+from cli import OneLineParser, UserError, main_guard, positive_int  # noqa: E402
 from utils import METHOD_FLAGS, Config  # noqa: E402 - the config class and its method keys (imports no torch)
 
 DEMO_CONFIG = ROOT / "args" / "demo.yaml"
@@ -106,7 +107,8 @@ def make_data(seed: int, data_args: str, work: Path) -> Path:
     if not (out / "prosqa_test.json").is_file():
         command = [sys.executable, str(ROOT / "preprocessing" / "prosqa.py"), "--split",
                    *shlex.split(data_args), "--seed", str(seed), "--output_dir", str(out)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:  # its error line is above
+            raise UserError(f"--data_args {data_args!r}: preprocessing/prosqa.py refused them")
     return out
 
 
@@ -251,19 +253,21 @@ def plot(table: list, path: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="compare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="compare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=list(ROW_BY_KEY), default=list(ROW_BY_KEY))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=yaml.safe_load(DEMO_CONFIG.read_text())["num_epochs"])
-    p.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
+    p.add_argument("--epochs", type=positive_int, default=yaml.safe_load(DEMO_CONFIG.read_text())["num_epochs"])
+    p.add_argument("--jobs", type=positive_int, default=2, help="runs at once (default 2)")
     p.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / jobs)")
     p.add_argument("--data_args", default=DEFAULT_DATA_ARGS,
                    help="preprocessing/prosqa.py arguments besides --seed (default: make demo's, with a test split)")
     p.add_argument("--work", default=str(ROOT / "runs" / "compare"), help="runs, logs, exports (default runs/compare)")
     p.add_argument("--output", default=str(RESULTS / "compare.json"))
     args = p.parse_args(argv)
-    if args.jobs < 1 or args.epochs < 1:
-        p.error("--jobs and --epochs must be >= 1")
+    if args.threads < 0:
+        p.error("--threads must be >= 0 (0: cores / jobs)")
+    if Path(args.output).is_dir():  # found when the table is written, after hours of training
+        p.error(f"--output {args.output}: is a folder; name the JSON file to write")
     return args
 
 
@@ -304,4 +308,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

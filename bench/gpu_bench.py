@@ -63,6 +63,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":  # as a script, sys.path[0] is bench/, where bench.py shadows the package
     sys.path[0] = str(ROOT)
 
+from cli import positive_int  # noqa: E402 - standard library only: the refusal without CUDA stays quick
+
 # dense bf16 peaks, most specific name first: the H100's PCIe and NVL cards run slower than SXM
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0}
 
@@ -528,20 +530,13 @@ def write_result(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Coconut on one CUDA GPU: training MFU and generation throughput")
-    parser.add_argument("--batch", type=int, default=32, help="training batch size")
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps per stage and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
-    parser.add_argument("--gen-batch", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=32, help="training batch size")
+    parser.add_argument("--steps", type=positive_int, default=8, help="timed training steps per stage and round")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (median taken)")
+    parser.add_argument("--gen-batch", type=positive_int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="optional sections (CUDA-graph decoding, compiled training) that would start later are skipped")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],

@@ -356,3 +356,19 @@ def test_make_bench_compiles_the_proxy_only_in_what_is_left_of_its_budget():
     stopped = bench.bench_proxy(lines.append, ["--compile-only"], timeout=1)
     assert stopped == {"skipped": f"stopped after 1 s, at the end of the run's {bench.BUDGET_S} s budget"}
     assert f"compile: True: skipped ({stopped['skipped']})" in bench.table({"proxy_compiled": stopped})
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--threads", "-1"], "argument --threads: must be at least 1, got -1"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["--out", "README.md"], "--out README.md: is a file; name the folder for bench.json and step_time.png"),
+])
+def test_bench_arguments_are_refused_before_any_timing(argv, says, capsys, monkeypatch):
+    """A traceback before (--threads) or after the first sections had run (--repeats, --out)."""
+    from bench import bench
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and says in err, err

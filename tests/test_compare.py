@@ -140,3 +140,23 @@ def test_other_data_args_get_data_of_their_own(tmp_path):
     other = compare.data_folder(0, "--split_sizes 17886,300,500", tmp_path)
     assert other.name == "seed0" and other != default
     assert compare.data_folder(0, "--split_sizes 17886,300,400", tmp_path) != other
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--output", "."], "--output .: is a folder; name the JSON file to write"),
+    (["--jobs", "0"], "argument --jobs: must be at least 1, got 0"),
+    (["--threads", "-2"], "--threads must be >= 0"),
+])
+def test_arguments_found_wrong_only_after_the_runs_are_refused_first(argv, says, capsys):
+    """A folder as --output failed with a traceback after every run had trained (hours)."""
+    with pytest.raises(SystemExit) as stop:
+        compare.parse_args(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and says in err, err
+
+
+def test_data_args_the_generator_refuses_are_one_line(tmp_path):
+    from cli import UserError
+
+    with pytest.raises(UserError, match="--data_args '--split_sizes 40,10': preprocessing/prosqa.py refused them"):
+        compare.make_data(0, "--split_sizes 40,10", tmp_path)
