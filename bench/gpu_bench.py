@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":  # as a script, sys.path[0] is bench/, where bench.py shadows the package
     sys.path[0] = str(ROOT)
 
-from cli import positive_int  # noqa: E402 - standard library only: the refusal without CUDA stays quick
+from cli import OneLineParser, positive_int  # noqa: E402 - standard library only: the refusal without CUDA stays quick
 
 # dense bf16 peaks, most specific name first: the H100's PCIe and NVL cards run slower than SXM
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0}
@@ -531,7 +531,7 @@ def write_result(path: Path, result: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Coconut on one CUDA GPU: training MFU and generation throughput")
+    parser = OneLineParser(description="Coconut on one CUDA GPU: training MFU and generation throughput")
     parser.add_argument("--batch", type=positive_int, default=32, help="training batch size")
     parser.add_argument("--steps", type=positive_int, default=8, help="timed training steps per stage and round")
     parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (median taken)")
