@@ -216,9 +216,10 @@ LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts: t
 
 def check_weight_files(key: str, name: str) -> None:
     """The weight files of a local model folder hold weights: safetensors headers parse and
-    cover each file (a copy cut short, a file of something else); a PyTorch file (.bin,
-    .pt, .pth) starts as torch.save writes one; neither is a Git LFS pointer. Reads the
-    headers only."""
+    cover each file (a copy cut short, a file of something else); where there are none,
+    the PyTorch weight files transformers loads instead (pytorch_model*.bin) start as
+    torch.save writes one; neither is a Git LFS pointer. Other files (training_args.bin,
+    optimizer.pt) are not loaded, and not looked at. Reads the headers only."""
     if not os.path.isdir(name):
         return
     from safetensors import SafetensorError, safe_open
@@ -234,12 +235,13 @@ def check_weight_files(key: str, name: str) -> None:
                 pass
         except (SafetensorError, OSError) as e:
             raise refuse(path, f"is damaged ({first_line(e)})") from None
-    for pattern in ("*.bin", "*.pt", "*.pth"):
-        for path in sorted(glob.glob(os.path.join(glob.escape(name), pattern))):
-            if _starts_with(path, LFS_POINTER):
-                raise refuse(path, "is a Git LFS pointer, not the weights (git lfs pull fetches them)")
-            if not _is_torch_file(path):
-                raise refuse(path, "is not a PyTorch weights file (torch.save writes a zip archive)")
+    if glob.glob(os.path.join(glob.escape(name), "*.safetensors")):
+        return  # what transformers loads
+    for path in sorted(glob.glob(os.path.join(glob.escape(name), "pytorch_model*.bin"))):
+        if _starts_with(path, LFS_POINTER):
+            raise refuse(path, "is a Git LFS pointer, not the weights (git lfs pull fetches them)")
+        if not _is_torch_file(path):
+            raise refuse(path, "is not a PyTorch weights file (torch.save writes a zip archive)")
 
 
 def _starts_with(path: str, prefix: bytes) -> bool:

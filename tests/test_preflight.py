@@ -356,6 +356,7 @@ def test_a_mamba_model_stops_the_run_before_it_trains_an_epoch(tmp_path, gpt2_fo
     ("lfs_pointer_bin", "its weights file pytorch_model.bin is a Git LFS pointer, not the weights"),
     ("lfs_pointer_safetensors", "its weights file model.safetensors is a Git LFS pointer, not the weights"),
     ("text_bin", "its weights file pytorch_model.bin is not a PyTorch weights file"),
+    ("lfs_pointer_bin_beside_safetensors", "its weights file model.safetensors is damaged"),
 ])
 def test_a_model_folder_that_cannot_train_is_one_line_before_the_build(tmp_path, gpt2_folder, chain_data, kind,
                                                                          expected):
@@ -378,6 +379,9 @@ def test_a_model_folder_that_cannot_train_is_one_line_before_the_build(tmp_path,
                            num_attention_heads=2, intermediate_size=64).to_dict()
     elif kind == "damaged_weights":
         (folder / "model.safetensors").write_bytes(b"a copy cut short")
+    elif kind == "lfs_pointer_bin_beside_safetensors":  # the .bin is not loaded: only the safetensors file counts
+        (folder / "pytorch_model.bin").write_text("version https://git-lfs.github.com/spec/v1\n")
+        (folder / "model.safetensors").write_bytes(b"a copy cut short")
     elif kind.startswith("lfs_pointer"):  # a clone without git lfs: the weights' pointer files
         name = "pytorch_model.bin" if kind.endswith("bin") else "model.safetensors"
         (folder / name).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 548105171\n")
@@ -386,6 +390,27 @@ def test_a_model_folder_that_cannot_train_is_one_line_before_the_build(tmp_path,
     (folder / "config.json").write_text(json.dumps(settings))
     cfg = config_file(tmp_path, gpt2_folder, chain_data, model_id=str(folder))
     assert_fails(tmp_path, [cfg], f"model_id {folder}: {expected}")
+
+
+def test_files_beside_the_weights_that_transformers_does_not_load_are_not_judged(tmp_path):
+    """training_args.bin, optimizer.pt and the like sit in many model folders (and may be
+    Git LFS pointers left unpulled): only the weights transformers loads are checked, the
+    safetensors files, else pytorch_model*.bin."""
+    from safetensors.torch import save_file
+
+    from preflight import check_weight_files
+
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 5481\n"
+    with_safetensors, with_bin = tmp_path / "safetensors", tmp_path / "bin"
+    for folder in (with_safetensors, with_bin):
+        folder.mkdir()
+        (folder / "training_args.bin").write_text(pointer)
+        (folder / "optimizer.pt").write_text("not torch's")
+    save_file({"w": torch.zeros(2)}, with_safetensors / "model.safetensors")
+    (with_safetensors / "pytorch_model.bin").write_text(pointer)  # not loaded: the safetensors file is
+    torch.save({"w": torch.zeros(2)}, with_bin / "pytorch_model-00001-of-00001.bin")
+    for folder in (with_safetensors, with_bin):
+        check_weight_files("model_id", str(folder))  # no UserError
 
 
 def test_a_causal_lm_config_transformers_cannot_build_is_named_as_such(tmp_path, llama_folder, chain_data):
