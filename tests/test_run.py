@@ -840,6 +840,7 @@ def test_wandb_without_login_logs_offline(tmp_path, gpt2_folder, chain_data):
 
 @pytest.mark.parametrize("case, logged_in", [
     ("nothing", False), ("api key", True), ("netrc for wandb.ai", True), ("netrc for another host", False),
+    ("netrc for the installed wandb's default server", True),
     ("self-hosted netrc", True), ("self-hosted with a port", True), ("server from wandb login --host", True),
     ("NETRC file", True), ("NETRC without the entry, ~/.netrc with it", False), ("unreadable netrc", False)])
 def test_wandb_credentials_are_found_where_wandb_looks_for_them(tmp_path, monkeypatch, case, logged_in):
@@ -859,6 +860,10 @@ def test_wandb_credentials_are_found_where_wandb_looks_for_them(tmp_path, monkey
         monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     elif case == "netrc for wandb.ai":
         entry(tmp_path / ".netrc", "api.wandb.ai")
+    elif case == "netrc for the installed wandb's default server":  # what `wandb login` writes (wandb 0.31: not api.wandb.ai)
+        from urllib.parse import urlparse
+
+        entry(tmp_path / ".netrc", urlparse(wandb_setup._default_base_url()).hostname)
     elif case == "netrc for another host":
         entry(tmp_path / ".netrc", "wandb.corp.example")
     elif case == "self-hosted netrc":
@@ -883,25 +888,28 @@ def test_wandb_credentials_are_found_where_wandb_looks_for_them(tmp_path, monkey
     assert wandb_setup.logged_in() is logged_in
 
 
-@pytest.mark.parametrize("mode, says", [
-    ("disable", "WANDB_MODE 'disable' is not a wandb mode (online, offline, disabled"),
-    ("online", "WANDB_MODE 'online' but wandb finds no credentials"),
+@pytest.mark.parametrize("mode, says, before_the_build", [
+    ("disable", "WANDB_MODE 'disable' is not a wandb mode (online, offline, disabled", True),
+    ("online", "wandb could not start (UsageError: ", False),  # no credentials: wandb.init's own refusal
 ])
-def test_a_wandb_mode_wandb_would_refuse_is_one_line_before_the_build(tmp_path, gpt2_folder, chain_data, mode, says):
-    """wandb.init refused it with a traceback after the model was built and the data
-    tokenized (a typo, or online without `wandb login`); only_eval and debug runs do not
-    log, so the mode is theirs to ignore."""
+def test_a_wandb_mode_wandb_refuses_is_one_line(tmp_path, gpt2_folder, chain_data, mode, says, before_the_build):
+    """wandb.init refused these with a traceback after the model was built and the data
+    tokenized: a mode that is not one (a typo) is now refused by the pre-flight; online
+    without credentials is wandb's to judge (its servers and stores change between
+    versions), in one line. only_eval and debug runs do not log: the mode is not theirs."""
+    pytest.importorskip("wandb")
     keys = keys_for(gpt2_folder, chain_data, tmp_path / "ckpt", "wandb", coconut=True, num_epochs=1, debug=False)
     cfg = write_cfg(tmp_path / "cfg.yaml", keys)
     env = sub_env(HOME=str(tmp_path), WANDB_MODE=mode)
     for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
         env.pop(key, None)
     proc = run_sub([RUN_PY, cfg], env=env, cwd=tmp_path, timeout=180)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {says}"), proc.stderr[-2000:]
-    assert "pre-flight checks passed" not in proc.stdout and not (tmp_path / "ckpt" / "wandb").exists()
-    proc = run_sub([RUN_PY, cfg, "debug=True"], env=env, cwd=tmp_path, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # beside progress bars
+    assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith(f"error: {says}"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and ("pre-flight checks passed" not in proc.stdout) == before_the_build
+    if before_the_build:
+        proc = run_sub([RUN_PY, cfg, "debug=True"], env=env, cwd=tmp_path, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_a_relaunched_run_logs_to_the_same_wandb_run(tmp_path, gpt2_folder, chain_data, monkeypatch):
