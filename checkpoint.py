@@ -77,7 +77,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from cli import UserError, first_line
+from cli import UserError, atomic_write, first_line, fsync_dir
 from safe_dcp import SafeEmptyLoadPlanner, SafeLoadPlanner, SafeReader
 from streamed_save import StreamedModelState, write_streamed
 
@@ -193,43 +193,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     survives a power loss. On any error the temporary file is removed and the error
     re-raised; a SIGKILL may leave the temporary file behind, never a partial `path`.
     """
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
-    """write(f) into a binary file that becomes `path` whole or not at all (atomic_torch_save)."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    # os.open rather than tempfile.mkstemp: mkstemp creates mode 0600 files, and the
-    # checkpoint should get the usual permissions (0666 less the umask).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(os.fspath(path), lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(
@@ -279,14 +243,14 @@ def save_checkpoint(
         os.makedirs(save_dir, exist_ok=True)
         _remove_temp_files(save_dir)
         if _unlink(mpath):
-            _fsync_dir(save_dir)
+            fsync_dir(save_dir)
         _remove_state(spath)
     barrier()
     if train_state is not None or sharded_state is not None:
         _write_state_folder(tmp, epoch, plain, sharded_state, is_main)
         if is_main:
             os.replace(tmp, spath)
-            _fsync_dir(save_dir)
+            fsync_dir(save_dir)
     if streamed:
         _atomic_streamed_save(model_state, mpath, is_main)
     elif is_main:
@@ -309,7 +273,7 @@ def _atomic_streamed_save(state: StreamedModelState, path: str, is_main: bool) -
     except BaseException:
         _unlink(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _write_state_folder(folder: str, epoch: int, plain: dict, sharded_state, is_main: bool) -> None:
@@ -331,10 +295,10 @@ def _remove_state(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         doomed = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-del-{secrets.token_hex(4)}")
         os.replace(path, doomed)
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
         shutil.rmtree(doomed, ignore_errors=True)
     elif _unlink(path):
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
 
 
 def _unlink(path: str) -> bool:
@@ -793,7 +757,7 @@ def write_progress(save_dir: str | os.PathLike, epochs_done: int, newest_checkpo
 def _write_text(save_dir: str | os.PathLike, name: str, text: str) -> None:
     """save_dir/name holds `text` (UTF-8), written atomically; the folder made if needed."""
     os.makedirs(save_dir, exist_ok=True)
-    _atomic_write(os.path.join(os.fspath(save_dir), name), lambda f: f.write(text.encode()))
+    atomic_write(os.path.join(os.fspath(save_dir), name), lambda f: f.write(text.encode()))
 
 
 def _progress_record(save_dir, newest_checkpoint: Optional[int]) -> dict:

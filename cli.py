@@ -13,7 +13,8 @@
   `positive_int` an argument type.
 - `read_json_list`: a non-empty JSON list from a file, or a UserError.
 - `cannot_write_in(folder)`: why a file cannot be created in a folder, by trying.
-- `write_json(path, data)`: a JSON file written whole or not at all (the data scripts).
+- `atomic_write(path, write)`: a file written whole or not at all (checkpoints);
+  `write_json(path, data)` a JSON file so (the data scripts).
 
 Standard library only, so a script can fail fast before torch is imported.
 """
@@ -21,12 +22,15 @@ Standard library only, so a script can fail fast before torch is imported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import secrets
+import stat
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 
 class UserError(ValueError):
@@ -151,33 +155,65 @@ def cannot_write_in(folder: str):
     return None
 
 
-def write_json(path: str, data, **dump_options) -> None:
-    """`data` as JSON at `path`, creating its folder; written to a temporary file beside
-    it and renamed, so a stopped or failed write leaves no half a file under the name.
-    An OSError names `path` (not the temporary file)."""
-    folder = os.path.dirname(path)
+def atomic_write(path: str, write: Callable, mode: Optional[int] = None) -> None:
+    """write(f) into a binary file that becomes `path` whole or not at all: written as
+    `.{name}.tmp-{pid}-{random}` in the same folder, fsynced, renamed onto `path`
+    (atomic on POSIX), the folder fsynced so that the rename survives a power loss. On
+    any error the temporary file is removed and the error re-raised; a SIGKILL may
+    leave it behind, never a partial `path`. `mode`: the file's permissions (default
+    0666 less the umask, as open() gives; mkstemp would give 0600)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder or ".")
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: str) -> None:
+    """fsync a folder (its entries: a rename in it), where the file system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str, data, **dump_options) -> None:
+    """`data` as JSON at `path`, creating its folder, whole or not at all (atomic_write).
+    A symbolic link keeps pointing where it did (its target is written), an existing
+    file keeps its permissions, and what is not a regular file (/dev/stdout) or lies in
+    a folder this process cannot create files in is written in place. An OSError names
+    `path` (not a temporary file)."""
+    encoded = json.dumps(data, **dump_options).encode("utf-8")
+    target = os.path.realpath(path)
+    try:
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        exists = os.path.exists(target)
+        if exists and (not os.path.isfile(target) or cannot_write_in(folder) is not None):
+            with open(target, "wb") as f:
+                f.write(encoded)
+            return
+        mode = stat.S_IMODE(os.stat(target).st_mode) if exists else None
+        atomic_write(target, lambda f: f.write(encoded), mode)
     except OSError as e:
         raise OSError(e.errno, e.strerror, path) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, **dump_options)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600: as open() would have made it
-        os.replace(temporary, path)
-    except BaseException as e:
-        os.unlink(temporary)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def quiet_transformers() -> None:

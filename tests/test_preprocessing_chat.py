@@ -178,11 +178,10 @@ def test_an_output_write_that_fails_leaves_no_half_file(tmp_path, monkeypatch, c
     out = tmp_path / "o.json"
     out.write_text("[]")  # an earlier output stays as it was
 
-    def failing_dump(data, f, **kwargs):
-        f.write('[{"question": ')
+    def full_disk(fd):  # where a full disk shows on many file systems: the written data's flush
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli.json, "dump", failing_dump)
+    monkeypatch.setattr(cli.os, "fsync", full_disk)
     assert tc.main(["--input", str(FIXTURE), "--output", str(out), "--no_progress"]) == 2
     assert os.listdir(tmp_path) == ["o.json"] and out.read_text() == "[]"
     assert capsys.readouterr().err == f"{out}: No space left on device\n"

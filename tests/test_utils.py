@@ -1,6 +1,8 @@
 """Tests for utils.py: loading, typing and validating run configs; set_seed."""
 
 import dataclasses
+import json
+import os
 import random
 import subprocess
 import sys
@@ -594,3 +596,29 @@ def test_published_configs_reset_the_optimizer_as_the_published_run_did():
 def test_each_method_flag_selects_its_method(name):
     config = Config.from_dict(dict({name: True}, train_path="t", val_path="v"))
     assert config.method is METHODS[name] and str(config.method) == name
+
+
+def test_write_json_writes_whole_keeping_links_permissions_and_devices(tmp_path):
+    """cli.write_json (the data scripts' outputs): a temporary file renamed onto the name,
+    but a symbolic link keeps pointing at its target (which is written), an existing file
+    keeps its mode, a new one gets open()'s, and a device such as /dev/null is written in
+    place, not replaced by a file."""
+    import stat
+
+    from cli import write_json
+
+    real = tmp_path / "real.json"
+    real.write_text("[]")
+    real.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_json(str(link), [1, "é"], ensure_ascii=False)
+    assert link.is_symlink() and json.loads(real.read_text(encoding="utf-8")) == [1, "é"]
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640
+    umask = os.umask(0)
+    os.umask(umask)
+    write_json(str(tmp_path / "made" / "new.json"), {"a": 1})
+    assert stat.S_IMODE((tmp_path / "made" / "new.json").stat().st_mode) == 0o666 & ~umask
+    write_json(os.devnull, [1])
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["link.json", "made", "new.json", "real.json"]
