@@ -343,14 +343,26 @@ def extract_answer(text: str) -> str:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key written twice (PyYAML silently keeps the last). A
-    merge key (`<<: *defaults`) is YAML's own way to repeat keys, and its keys yield to
-    the mapping's own: it is left to PyYAML."""
+    """SafeLoader that rejects a key written twice (PyYAML silently keeps the last), in a
+    mapping and in each mapping a merge key (`<<: {lr: 1e-4}`) brings in, and a second
+    merge key. A merged key the mapping also has is YAML's override, not a repeat: the
+    mapping's own wins (PyYAML merges)."""
 
     def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
+        self._check_unique_keys(node, deep)
+        return super().construct_mapping(node, deep=deep)
+
+    def _check_unique_keys(self, node, deep):
+        seen, merges = set(), 0
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
+                merges += 1
+                if merges > 1:
+                    raise yaml.constructor.ConstructorError(None, None, "key '<<' appears twice", key_node.start_mark)
+                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for mapping in merged:
+                    if isinstance(mapping, yaml.MappingNode):
+                        self._check_unique_keys(mapping, deep)
                 continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, Hashable):
@@ -360,7 +372,6 @@ class _StrictLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} appears twice", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _one_line_yaml_error(error: yaml.YAMLError) -> str:

@@ -386,6 +386,10 @@ def test_yaml_merge_keys_load_as_yaml_says(tmp_path):
     assert (config.lr, config.max_new_tokens) == (merged["lr"], merged["max_new_tokens"]) == (1e-4, 40)
     with pytest.raises(ConfigError, match="key 'mixed_precision' appears twice"):
         load_config(write(tmp_path, text + "mixed_precision: bf16\nmixed_precision: fp16\n"))
+    with pytest.raises(ConfigError, match="key 'max_new_tokens' appears twice"):  # inside the merged mapping
+        load_config(write(tmp_path, PROSQA_COCONUT_YAML + "<<: {max_new_tokens: 40, max_new_tokens: 41}\n"))
+    with pytest.raises(ConfigError, match="key '<<' appears twice"):
+        load_config(write(tmp_path, text + "<<: {max_new_tokens: 41}\n"))
 
 
 def test_a_key_that_is_not_a_plain_value_is_one_line(tmp_path):
