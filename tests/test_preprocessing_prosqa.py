@@ -191,7 +191,7 @@ def test_split_defaults_are_the_published_sizes():
     # looked hung for minutes before the same error
     ["--output", "x.json", "--mean_in_nodes", "0"],
     ["--output", "x.json", "--mean_in_nodes", "nan"],
-    ["--output", "x.json", "--mean_in_nodes", "100"],
+    ["--output", "x.json", "--mean_in_nodes", "6"],
     ["--output", "x.json", "--mean_in_nodes", "inf"],
 ])
 def test_cli_rejects_bad_arguments(argv, capsys):
@@ -199,7 +199,7 @@ def test_cli_rejects_bad_arguments(argv, capsys):
         prosqa.main(argv)
     assert err.value.code == 2
     if "--mean_in_nodes" in argv:
-        assert "--mean_in_nodes must be above 0 and at most 10" in capsys.readouterr().err
+        assert "--mean_in_nodes must be above 0 and at most 5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", [prosqa, prosqa_stats])
@@ -231,8 +231,12 @@ def test_stats_table_side_by_side(tmp_path, capsys, default_examples, small_exam
 def test_impossible_options_fail_cleanly(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(prosqa, "MAX_TRIES", 200)
     assert prosqa.main(["--num_nodes", "5", "--output", str(tmp_path / "x.json")]) == 2
-    assert "raise --num_nodes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "raise --num_nodes" in err and "--mean_in_nodes" not in err
     assert not (tmp_path / "x.json").exists()
+    # a sparse graph rarely reaches 3 hops: the error names the mean too
+    assert prosqa.main(["--mean_in_nodes", "0.001", "--output", str(tmp_path / "x.json")]) == 2
+    assert "or raise --mean_in_nodes (0.001: few edges)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, message", [
