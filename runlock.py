@@ -111,6 +111,8 @@ def clear(save_dir: str, warn: Callable[[str], object] = print) -> None:
     `checkpoints` for `checkpoints/demo`, or a project folder, is refused (UserError)."""
     if not os.path.lexists(save_dir):
         return
+    if not os.path.exists(save_dir):  # a link to a folder that is not there (an unmounted disk, say)
+        raise UserError(f"{save_dir}: is a broken symbolic link (to {os.readlink(save_dir)}); nothing removed")
     if not os.path.isdir(save_dir):
         raise UserError(f"{save_dir}: is a file, not a run folder; nothing removed")
     if os.listdir(save_dir) and not os.path.isfile(lock_path(save_dir)):

@@ -865,7 +865,9 @@ def test_clearing_refuses_what_is_not_a_run_folder(tmp_path, capsys):
     with runlock.hold(str(project / "run")):
         pass  # a run folder inside: the parent is still not one
     (tmp_path / "notes.txt").write_text("notes")
-    for target, says in ((project, "is not a run folder (no .run.lock"), (tmp_path / "notes.txt", "is a file")):
+    (tmp_path / "dangling").symlink_to(tmp_path / "unmounted")
+    for target, says in ((project, "is not a run folder (no .run.lock"), (tmp_path / "notes.txt", "is a file"),
+                         (tmp_path / "dangling", f"is a broken symbolic link (to {tmp_path / 'unmounted'})")):
         assert runlock.main(["--clear", str(target)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{target}: {says}" in err and "nothing removed" in err, err
