@@ -31,6 +31,8 @@ def check_mode(config) -> None:
 
 
 def init_wandb(config, env, log):
+    """The run's wandb run (first process of a run that logs), else None; UserError when
+    wandb.init refuses to start."""
     if not env.is_main or not logs(config):
         return None
     import wandb
@@ -75,7 +77,7 @@ def _default_base_url() -> str:
     """The server the installed wandb logs to by default."""
     try:
         from wandb.sdk.lib.urls import DEFAULT_BASE_URL
-    except ImportError:  # wandb before 0.31 had no such module: api.wandb.ai
+    except ImportError:  # a wandb without the module: one whose server was api.wandb.ai
         return "https://api.wandb.ai"
     return DEFAULT_BASE_URL
 
