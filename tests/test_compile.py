@@ -175,7 +175,7 @@ def test_captured_step_runs_compiled_for_the_prompts_latents_under_compiled_bloc
     from compiling import CapturedDecoder
 
     torch._dynamo.reset()
-    coconut = Coconut(make_gpt2(VOCAB), LATENT, START, END, EOS).eval()
+    coconut = Coconut(make_gpt2(VOCAB, n_layer=1), LATENT, START, END, EOS).eval()  # one block: less to trace
     compile_blocks(coconut, backend="eager")
     graph_calls = []
 
