@@ -227,39 +227,39 @@ def check_weight_files(key: str, name: str) -> None:
     def refuse(path, why):
         return UserError(f"{key} {name}: its weights file {os.path.basename(path)} {why}")
 
-    for path in sorted(glob.glob(os.path.join(glob.escape(name), "*.safetensors"))):
-        if _starts_with(path, LFS_POINTER):
+    safetensors = sorted(glob.glob(os.path.join(glob.escape(name), "*.safetensors")))
+    for path in safetensors:
+        if (_head(path) or b"").startswith(LFS_POINTER):  # unreadable: safe_open names it
             raise refuse(path, "is a Git LFS pointer, not the weights (git lfs pull fetches them)")
         try:
             with safe_open(path, framework="pt"):
                 pass
         except (SafetensorError, OSError) as e:
             raise refuse(path, f"is damaged ({first_line(e)})") from None
-    if glob.glob(os.path.join(glob.escape(name), "*.safetensors")):
+    if safetensors:
         return  # what transformers loads
     for path in sorted(glob.glob(os.path.join(glob.escape(name), "pytorch_model*.bin"))):
-        if _starts_with(path, LFS_POINTER):
+        head = _head(path)
+        if head is None:
+            continue  # what cannot be read is named where it is loaded
+        if head.startswith(LFS_POINTER):
             raise refuse(path, "is a Git LFS pointer, not the weights (git lfs pull fetches them)")
-        if not _is_torch_file(path):
+        if not _is_torch_file(head):
             raise refuse(path, "is not a PyTorch weights file (torch.save writes a zip archive)")
 
 
-def _starts_with(path: str, prefix: bytes) -> bool:
+def _head(path: str) -> Optional[bytes]:
+    """The first bytes of a file, enough to tell its format; None when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            return f.read(len(prefix)) == prefix
+            return f.read(263)
     except OSError:
-        return False  # what cannot be read is named where it is loaded
+        return None
 
 
-def _is_torch_file(path: str) -> bool:
-    """torch.save's zip archive, or the legacy formats torch.load still reads: a pickle
-    (protocol 2 or later starts with 0x80) or a tar archive."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(263)
-    except OSError:
-        return True  # what cannot be read is named where it is loaded
+def _is_torch_file(head: bytes) -> bool:
+    """Whether a file starting with `head` is torch.save's zip archive, or a legacy format
+    torch.load still reads: a pickle (protocol 2 or later starts with 0x80) or a tar archive."""
     return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80") or head[257:262] == b"ustar"
 
 
