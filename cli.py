@@ -203,15 +203,17 @@ def write_json(path: str, data, **dump_options) -> None:
     encoded = json.dumps(data, **dump_options).encode("utf-8")
     target = os.path.realpath(path)
     try:
-        folder = os.path.dirname(target)
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         exists = os.path.exists(target)
-        if exists and (not os.path.isfile(target) or cannot_write_in(folder) is not None):
-            with open(target, "wb") as f:
-                f.write(encoded)
-            return
-        mode = stat.S_IMODE(os.stat(target).st_mode) if exists else None
-        atomic_write(target, lambda f: f.write(encoded), mode)
+        if not exists or os.path.isfile(target):
+            try:
+                atomic_write(target, lambda f: f.write(encoded), stat.S_IMODE(os.stat(target).st_mode) if exists else None)
+                return
+            except PermissionError:  # no new file in the folder: an existing one is written in place
+                if not exists:
+                    raise
+        with open(target, "wb") as f:
+            f.write(encoded)
     except OSError as e:
         raise OSError(e.errno, e.strerror, path) from None
 
