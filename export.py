@@ -69,9 +69,10 @@ def export(config_path: str, checkpoint_path: str, out_dir: str, log=_note) -> d
                                                           "(the weights are checkpoint_N, beside checkpoint_N.state)")
     if not os.path.isfile(checkpoint_path):
         raise checkpoint.CheckpointError(checkpoint_path, "no such file")
-    check_out_dir(out_dir, preflight.model_source(config))
-    preflight.resolve_model(*preflight.model_source(config))  # a folder that is not there, an offline hub: one line
-    preflight.check_weight_files(*preflight.model_source(config))  # a Git LFS pointer, a file cut short
+    source = preflight.model_source(config)
+    check_out_dir(out_dir, source)
+    preflight.resolve_model(*source)  # a folder that is not there, an offline hub: one line
+    preflight.check_weight_files(*source)  # a Git LFS pointer, a file cut short
     state = checkpoint.load_model_state(checkpoint_path)
     built = build_model(config, state, checkpoint_path, log)
     del state

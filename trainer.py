@@ -38,7 +38,6 @@ def log_on(env):
     return log
 
 
-# ------------------------------------------------------------------ setup
 # ------------------------------------------------------------------ data per stage
 class Stager:
     """The staged data sets of DESIGN §2 for one run: train, validation loss, questions."""
